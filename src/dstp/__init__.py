@@ -1,0 +1,1 @@
+"""dstp: decoding-stage shift-aware visual token pruning for HF multimodal LLMs."""
