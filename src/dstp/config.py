@@ -1,0 +1,81 @@
+"""Typed, frozen configuration passed explicitly (no environment variables, no hidden offsets)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dstp.errors import ConfigError
+
+
+def check_retention(retention: float) -> float:
+    if not isinstance(retention, (int, float)) or not (0.0 < float(retention) <= 1.0):
+        raise ConfigError(f"retention must be in (0, 1], got {retention!r}")
+    return float(retention)
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos tokens
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Prefill-time visual token pruning. `layer` is the prune point K (None: the method's default;
+    0 = before the LLM). k = ceil(retention * N) visual tokens are kept per image."""
+
+    method: str = "fastv"
+    retention: float = 1.0
+    layer: int | None = None
+    seed: int = 0
+    # visionzip: fraction of the kept budget spent on merged contextual tokens
+    contextual_fraction: float = 0.15
+
+    def __post_init__(self):
+        check_retention(self.retention)
+        if self.layer is not None and self.layer < 0:
+            raise ConfigError(f"prune layer must be >= 0, got {self.layer}")
+        if not 0.0 <= self.contextual_fraction < 1.0:
+            raise ConfigError(f"contextual_fraction must be in [0, 1), got {self.contextual_fraction}")
+
+
+SOURCES = ("recompute", "store")
+VARIANTS = ("dstp", "random", "hard", "every_step", "all_tokens")
+
+
+@dataclass(frozen=True)
+class DSTPConfig:
+    """Decoding-stage shift-aware token pruning (DESIGN §5)."""
+
+    tau: float = 0.75
+    window: int = 20
+    probe_layer: int | None = None  # None: P-1 for in-LLM pruners, 0 for pre-LLM ones
+    source: str = "recompute"
+    max_revived: int | None = None  # None: k (all_tokens: N - k)
+    variant: str = "dstp"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not -1.0 <= self.tau <= 1.0:
+            raise ConfigError(f"tau must be in [-1, 1], got {self.tau}")
+        if self.window < 1:
+            raise ConfigError(f"window must be >= 1, got {self.window}")
+        if self.source not in SOURCES:
+            raise ConfigError(f"unknown DSTP source {self.source!r}; known: {', '.join(SOURCES)}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"unknown DSTP variant {self.variant!r}; known: {', '.join(VARIANTS)}")
+        if self.max_revived is not None and self.max_revived < 1:
+            raise ConfigError(f"max_revived must be >= 1, got {self.max_revived}")
+        if self.probe_layer is not None and self.probe_layer < 0:
+            raise ConfigError(f"probe_layer must be >= 0, got {self.probe_layer}")

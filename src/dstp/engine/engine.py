@@ -1,0 +1,293 @@
+"""The generation engine: prefill with an optional prune point, then one-token decode steps.
+
+Layers [0, P) keep every prompt token in the `full` store; layers [P, L) see only text + kept visual
+tokens in the `pruned` store, laid out as  [kept prompt | revival slots | generated tokens].
+Without pruning P = L and the pruned store does not exist. Every token keeps its original position id.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dstp.engine.kv_store import KVStore
+from dstp.engine.prune_context import PruneContext, PruneResult, visual_layout
+from dstp.engine.sampling import next_token
+from dstp.engine.trace import StepTrace, Trace
+from dstp.config import GenerationConfig
+from dstp.errors import ConfigError
+from dstp.models.base import Adapter, PreparedInputs
+
+
+@dataclass
+class State:
+    prepared: PreparedInputs
+    P: int  # prune point (L: no pruning)
+    T: int  # padded prompt length
+    cos: torch.Tensor  # [B, T, hd] rotary tables of the prompt, at original positions
+    sin: torch.Tensor
+    full: KVStore | None  # layers [0, P)
+    pruned: KVStore | None  # layers [P, L)
+    Tk: int = 0  # kept prompt slots in `pruned`
+    R: int = 0  # revival slots in `pruned`
+    visual_pos: torch.Tensor | None = None  # [B, Nmax] original index of each visual token
+    visual_valid: torch.Tensor | None = None  # [B, Nmax]
+    kept: torch.Tensor | None = None  # [B, Nmax] bool: the prefill kept set S0
+    hidden_at_P: torch.Tensor | None = None  # [B, T, D] input of layer P (for recomputing revived K/V)
+    reserve: KVStore | None = None  # store source: K/V of every prompt token at layers [P, L)
+    step: int = 0
+    shift_state: object = None
+
+    @property
+    def batch(self) -> int:
+        return self.cos.shape[0]
+
+
+class Engine:
+    def __init__(self, adapter: Adapter):
+        self.adapter = adapter
+        cfg = adapter.text_config
+        self.hidden_size = cfg.hidden_size
+        self.vocab_size = cfg.vocab_size
+        self.linear_params = adapter.linear_params_per_layer()
+
+    # ---------------------------------------------------------------------------------------------
+    def _new_store(self, layers: range, batch: int, capacity: int) -> KVStore:
+        a = self.adapter
+        return KVStore(layers, batch, a.n_kv_heads, a.head_dim, capacity, a.dtype, a.device)
+
+    def _run_layers(self, layers: range, h, store: KVStore, start: int, query_order, cos, sin, token_index,
+                    extras, capture: dict | None = None, rows=None):
+        mask = store.mask(query_order)
+        for i in layers:
+            if capture is not None and i in capture:
+                capture[i] = h
+            h = self.adapter.run_layer(i, h, mask, cos, sin, store.view(start, rows))
+            h = self.adapter.after_layer(i, h, token_index, extras)
+        return h, int(mask.sum())
+
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        return self.adapter.lm_head(self.adapter.final_norm(h_last))[:, -1].float()
+
+    def attention_rows(self, layer: int, layer_input: torch.Tensor, query_pos: torch.Tensor, store: KVStore,
+                       cos, sin) -> torch.Tensor:
+        """Softmax attention [B, H, Q, used] of prompt tokens at `query_pos` [B, Q] at `layer` of `store`,
+        from q_proj of the layer's input and the cached (rotated) keys."""
+        a = self.adapter
+        D, hd = layer_input.shape[-1], cos.shape[-1]
+        hq = layer_input.gather(1, query_pos[..., None].expand(-1, -1, D))
+        cq = cos.gather(1, query_pos[..., None].expand(-1, -1, hd))
+        sq = sin.gather(1, query_pos[..., None].expand(-1, -1, hd))
+        q = a.query(layer, hq, cq, sq)  # [B, H, Q, hd]
+        keys = store.k[store.local(layer), :, :, : store.used]
+        keys = keys.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+        scores = (q.float() @ keys.float().transpose(-1, -2)) * a.attention_scale(layer)
+        order = store.order.gather(1, query_pos) if store.used else query_pos
+        allowed = store.mask(order)  # [B, 1, Q, used]
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+
+    # ---------------------------------------------------------------------------------------------
+    def prefill(self, prepared: PreparedInputs, max_new_tokens: int, pruner=None, retention: float = 1.0,
+                shift=None, relevant: torch.Tensor | None = None, seed: int = 0):
+        a = self.adapter
+        L = a.n_layers
+        h = prepared.inputs_embeds
+        B, T, _ = h.shape
+        P = L if pruner is None else pruner.layer
+        if not 0 <= P <= L:
+            raise ConfigError(f"prune layer {P} is outside the model: it has {L} layers (valid: 0..{L})")
+        order = torch.arange(T, device=h.device).expand(B, T)
+        cos, sin = a.rotary(h, prepared.position_ids)
+        state = State(prepared=prepared, P=P, T=T, cos=cos, sin=sin, full=None, pruned=None)
+        flops = 0.0
+        probe = shift.probe_layer(P, L) if shift is not None else None
+        capture = {i: None for i in {P - 1, probe} if i is not None and 0 <= i < P}
+
+        if P > 0:
+            state.full = self._new_store(range(0, P), B, T + max_new_tokens)
+            state.full.claim(0, order, prepared.attention_mask)
+            h, pairs = self._run_layers(range(0, P), h, state.full, 0, order, cos, sin, order,
+                                        prepared.extras, capture)
+            flops += self._flops(P, int(prepared.attention_mask.sum()), pairs)
+        if P == L:
+            return state, self._logits(h[:, -1:]), flops
+
+        # ---- the prune point --------------------------------------------------------------------
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        ctx = PruneContext(self, prepared, P, h, retention, state.full, capture.get(P - 1), cos, sin, gen,
+                           relevant)
+        result: PruneResult = pruner.select(ctx)
+        state.visual_pos, state.visual_valid = ctx.visual_pos, ctx.visual_valid
+        state.kept = result.kept & ctx.visual_valid
+        if result.hidden is not None:
+            D = h.shape[-1]
+            merged = torch.where(state.kept[..., None], result.hidden, ctx.visual_hidden())
+            h = h.scatter(1, ctx.visual_pos[..., None].expand(-1, -1, D), merged)
+        keep_tok = prepared.attention_mask & ~prepared.visual_mask
+        keep_tok = keep_tok.scatter(1, ctx.visual_pos, state.kept | keep_tok.gather(1, ctx.visual_pos))
+        Tk = int(keep_tok.sum(-1).max())
+        # right-aligned compaction: each row's kept tokens in order, padding first
+        idx = torch.argsort(keep_tok.to(torch.int8), dim=-1, stable=True)[:, T - Tk:]
+        kvalid = keep_tok.gather(1, idx)
+        pad_tag = -1 - torch.arange(Tk, device=h.device).expand(B, Tk)  # unique: a pad slot sees itself
+        korder = torch.where(kvalid, idx, pad_tag)
+        R = shift.revival_slots(state) if shift is not None else 0
+        state.Tk, state.R = Tk, R
+        state.pruned = self._new_store(range(P, L), B, Tk + R + max_new_tokens)
+        state.pruned.claim(0, korder, kvalid)
+        if R:
+            state.pruned.claim(Tk, -1 - Tk - torch.arange(R, device=h.device).expand(B, R),
+                               torch.zeros(B, R, dtype=torch.bool, device=h.device))
+        state.hidden_at_P = h
+        D, hd = h.shape[-1], cos.shape[-1]
+        token_index = torch.where(kvalid, idx, -1)
+
+        if shift is not None and shift.needs_full_kv:
+            # store source: run layers >= P on every prompt token, then copy the kept ones out
+            state.reserve = self._new_store(range(P, L), B, T)
+            state.reserve.claim(0, order, prepared.attention_mask)
+            h_full, pairs = self._run_layers(range(P, L), h, state.reserve, 0, order, cos, sin, order,
+                                             prepared.extras)
+            flops += self._flops(L - P, int(prepared.attention_mask.sum()), pairs)
+            slot = idx[:, None, :, None].expand(-1, a.n_kv_heads, -1, a.head_dim)
+            for li in range(L - P):
+                state.pruned.k[li, :, :, :Tk] = state.reserve.k[li].gather(2, slot)
+                state.pruned.v[li, :, :, :Tk] = state.reserve.v[li].gather(2, slot)
+            logits = self._logits(h_full[:, -1:])
+        else:
+            hk = h.gather(1, idx[..., None].expand(-1, -1, D))
+            ck = cos.gather(1, idx[..., None].expand(-1, -1, hd))
+            sk = sin.gather(1, idx[..., None].expand(-1, -1, hd))
+            hk, pairs = self._run_layers(range(P, L), hk, state.pruned, 0, korder, ck, sk, token_index,
+                                         prepared.extras)
+            flops += self._flops(L - P, int(kvalid.sum()), pairs)
+            logits = self._logits(hk[:, -1:])
+        if shift is not None:
+            state.shift_state = shift.setup(self, state, capture.get(probe))
+        return state, logits, flops
+
+    # ---------------------------------------------------------------------------------------------
+    def decode_step(self, state: State, tokens: torch.Tensor, shift=None):
+        """Run one new token per row through every layer; returns logits [B, V], flops, StepTrace."""
+        a = self.adapter
+        L, P, B = a.n_layers, state.P, state.batch
+        h = a.embed_tokens(tokens[:, None])
+        pos = state.prepared.next_position + state.step
+        cos, sin = a.rotary(h, a.decode_position_ids(pos))
+        order = torch.full((B, 1), state.T + state.step, dtype=torch.long, device=h.device)
+        no_index = torch.full((B, 1), -1, dtype=torch.long, device=h.device)
+        ones = torch.ones(B, 1, dtype=torch.bool, device=h.device)
+        flops, q_probe = 0.0, None
+        probe = shift.probe_layer(P, L) if shift is not None else None
+        if probe == 0 and P == 0:
+            q_probe = a.query(0, h, cos, sin)
+        if P > 0:
+            slot = state.T + state.step
+            state.full.claim(slot, order, ones)
+            capture = {probe: None} if probe is not None else None
+            h, pairs = self._run_layers(range(0, P), h, state.full, slot, order, cos, sin, no_index,
+                                        state.prepared.extras, capture)
+            flops += self._flops(P, B, pairs)
+            if probe is not None:
+                q_probe = a.query(probe, capture[probe], cos, sin)
+        step_trace = StepTrace(visual_attended=torch.zeros(B, dtype=torch.long))
+        if P < L:
+            if shift is not None:
+                step_trace = shift.step(self, state, q_probe)
+            slot = state.Tk + state.R + state.step
+            state.pruned.claim(slot, order, ones)
+            h, pairs = self._run_layers(range(P, L), h, state.pruned, slot, order, cos, sin, no_index,
+                                        state.prepared.extras)
+            flops += self._flops(L - P, B, pairs)
+            step_trace.visual_attended = self.visual_attended(state, pruned=True)
+        else:
+            step_trace.visual_attended = self.visual_attended(state, pruned=False)
+        state.step += 1
+        return self._logits(h), flops, step_trace
+
+    def visual_attended(self, state: State, pruned: bool) -> torch.Tensor:
+        """Visual tokens a new token attends to at the last layer, per row."""
+        vm = state.prepared.visual_mask
+        if not pruned:
+            return (vm & state.prepared.attention_mask).sum(-1)
+        s = state.pruned
+        order, valid = s.order[:, : s.used], s.valid[:, : s.used]
+        is_visual = vm.gather(1, order.clamp(0, state.T - 1)) & (order >= 0) & (order < state.T)
+        return (is_visual & valid).sum(-1)
+
+    # ---------------------------------------------------------------------------------------------
+    def _flops(self, n_layers: int, n_tokens: int, attn_pairs: int) -> float:
+        """Analytic FLOPs: 2 * weights per token per layer, plus QK^T and PV (4 * H * hd per
+        query-key pair per layer). `attn_pairs` counts allowed (query, key) pairs for one layer."""
+        a = self.adapter
+        return n_layers * (2.0 * self.linear_params * n_tokens + 4.0 * a.n_heads * a.head_dim * attn_pairs)
+
+    def lm_head_flops(self, n_tokens: int) -> float:
+        return 2.0 * self.hidden_size * self.vocab_size * n_tokens
+
+    def kv_bytes(self, state: State) -> int:
+        a = self.adapter
+        per_slot = 2 * a.n_kv_heads * a.head_dim * torch.finfo(a.dtype).bits // 8 * state.batch
+        total = 0
+        for store in (state.full, state.pruned, state.reserve):
+            if store is not None:
+                total += store.used * len(store.layers) * per_slot
+        return total
+
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prepared: PreparedInputs, config: GenerationConfig, pruner=None, retention: float = 1.0,
+                 shift=None, relevant=None, return_logits: bool = False):
+        a = self.adapter
+        stop = list(config.stop_token_ids) if config.stop_token_ids is not None else a.eos_token_ids
+        stop_t = torch.tensor(stop or [-1], device=a.device)
+        gen = torch.Generator(device=a.device).manual_seed(config.seed)
+        sync = torch.cuda.synchronize if a.device.type == "cuda" else (lambda: None)
+
+        t0 = time.perf_counter()
+        state, logits, flops = self.prefill(prepared, config.max_new_tokens, pruner, retention, shift, relevant,
+                                            seed=getattr(pruner, "seed", 0))
+        B = state.batch
+        prefill_flops = flops + self.lm_head_flops(B)
+        sync()
+        t1 = time.perf_counter()
+        trace = Trace(n_visual=prepared.n_visual.tolist(), prune_layer=state.P,
+                      kept=[[] for _ in range(B)] if state.kept is None else
+                      [torch.nonzero(state.kept[b]).flatten().tolist() for b in range(B)])
+        trace.prefill_flops = prefill_flops
+        tokens, all_logits = [], []
+        finished = torch.zeros(B, dtype=torch.bool, device=a.device)
+        lengths = torch.zeros(B, dtype=torch.long, device=a.device)
+        for t in range(config.max_new_tokens):
+            if return_logits:
+                all_logits.append(logits)
+            tok = next_token(logits, config.do_sample, config.temperature, config.top_p, gen)
+            tok = torch.where(finished, torch.full_like(tok, a.pad_token_id), tok)
+            tokens.append(tok)
+            lengths += (~finished).long()
+            finished |= torch.isin(tok, stop_t)
+            if t == config.max_new_tokens - 1 or bool(finished.all()):
+                break
+            logits, f, step_trace = self.decode_step(state, tok, shift)
+            trace.decode_flops += f + self.lm_head_flops(B)
+            trace.steps.append(step_trace)
+        sync()
+        t2 = time.perf_counter()
+        trace.prefill_seconds, trace.decode_seconds = t1 - t0, t2 - t1
+        trace.kv_bytes_peak = self.kv_bytes(state)
+        trace.new_tokens = lengths.tolist()
+        if shift is not None:
+            shift.finish(trace, state)
+        out = torch.stack(tokens, dim=1)
+        return GenerationOutput(tokens=out, trace=trace, logits=torch.stack(all_logits, 1) if return_logits else None)
+
+
+@dataclass
+class GenerationOutput:
+    tokens: torch.Tensor  # [B, n] generated ids (pad after a row stops)
+    trace: Trace
+    logits: torch.Tensor | None = None  # [B, n, V] float32, when asked for
+
+
+__all__ = ["Engine", "State", "GenerationOutput", "visual_layout"]

@@ -1,0 +1,78 @@
+"""A preallocated KV store for a group of consecutive layers that share one slot layout.
+
+Every slot carries the ORIGINAL sequence index of its token (`order`) and a `valid` flag. Attention masks
+are built from those two vectors, so slots can hold any subset of the prompt (pruned), tokens revived
+later (DSTP) and generated tokens, in any physical arrangement. Writes go to slot ranges by index;
+nothing is concatenated or reallocated while decoding.
+"""
+from __future__ import annotations
+
+import torch
+
+NEVER = torch.iinfo(torch.long).max  # order tag of an empty slot
+
+
+class KVStore:
+    def __init__(self, layers: range, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.layers = layers
+        shape = (len(layers), batch, n_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.order = torch.full((batch, capacity), NEVER, dtype=torch.long, device=device)
+        self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
+        self.used = 0  # slots [0, used) may be attended to
+
+    @property
+    def capacity(self) -> int:
+        return self.order.shape[1]
+
+    def local(self, layer_idx: int) -> int:
+        return layer_idx - self.layers.start
+
+    def claim(self, start: int, order: torch.Tensor, valid: torch.Tensor):
+        """Tag slots [start, start + n) with their tokens' original indices `order` [B, n]."""
+        n = order.shape[1]
+        if start + n > self.capacity:
+            raise RuntimeError(f"KV store overflow: {start + n} slots needed, {self.capacity} allocated")
+        self.order[:, start:start + n] = order
+        self.valid[:, start:start + n] = valid
+        self.used = max(self.used, start + n)
+
+    def mask(self, query_order: torch.Tensor) -> torch.Tensor:
+        """Boolean attention mask [B, 1, Tq, used]: valid slots at or before each query's index."""
+        order, valid = self.order[:, : self.used], self.valid[:, : self.used]
+        allowed = valid[:, None, :] & (order[:, None, :] <= query_order[:, :, None])
+        # A padding query sees nothing; let it see itself so no row is all -inf (NaN would leak into V).
+        allowed |= order[:, None, :] == query_order[:, :, None]
+        return allowed[:, None]
+
+    def view(self, start: int, rows: torch.Tensor | None = None) -> "LayerCacheView":
+        return LayerCacheView(self, start, rows)
+
+
+class LayerCacheView:
+    """What a HF attention module sees as its cache: `update` writes this step's K/V into the slots
+    [start, start + Tq) and returns every slot in use. `rows` (bool [B]) restricts the write to some rows."""
+
+    def __init__(self, store: KVStore, start: int, rows: torch.Tensor | None):
+        self.store, self.start, self.rows = store, start, rows
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        s, li = self.store, self.store.local(layer_idx)
+        end = self.start + key_states.shape[2]
+        if self.rows is None:
+            s.k[li, :, :, self.start:end] = key_states
+            s.v[li, :, :, self.start:end] = value_states
+        else:
+            keep = self.rows[:, None, None, None]
+            s.k[li, :, :, self.start:end] = torch.where(keep, key_states, s.k[li, :, :, self.start:end])
+            s.v[li, :, :, self.start:end] = torch.where(keep, value_states, s.v[li, :, :, self.start:end])
+        return s.k[li, :, :, : s.used], s.v[li, :, :, : s.used]
+
+    # transformers calls these on some code paths; the store has no notion of a global length.
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.store.used
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self.store.used, 0

@@ -1,0 +1,184 @@
+"""The adapter interface: the one place that knows a model family's Hugging Face internals.
+
+The engine asks an adapter for four things and nothing else:
+  * `prepare(batch)`: input embeddings with the visual features in place, which positions are visual,
+    position ids (1-D `[B, T]` or M-RoPE `[3, B, T]`) and the first decode position;
+  * the decoder layers, the final norm and the LM head;
+  * `rotary(x, position_ids)`: cos/sin `[B, T, head_dim]` for any positions (kept tokens keep theirs);
+  * `query(...)` / `key(...)`: one layer's rotated q or k, for the few attention rows pruners need.
+Families with extra per-layer inputs (Qwen3-VL's DeepStack) override `after_layer`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dstp.errors import InputError
+from dstp.models import hf_compat
+
+
+@dataclass
+class PreparedInputs:
+    inputs_embeds: torch.Tensor  # [B, T, D]
+    attention_mask: torch.Tensor  # [B, T] bool, False on padding
+    position_ids: torch.Tensor  # [B, T] or [3, B, T]
+    next_position: torch.Tensor  # [B] long: position id of the first generated token
+    visual_mask: torch.Tensor  # [B, T] bool: which positions hold visual tokens
+    vision_scores: torch.Tensor | None = None  # [B, Nmax] encoder importance per visual token, if known
+    extras: dict = field(default_factory=dict)  # family-specific per-token inputs (e.g. DeepStack)
+
+    @property
+    def n_visual(self) -> torch.Tensor:
+        return self.visual_mask.sum(-1)
+
+
+class Adapter:
+    """Base adapter for a decoder-only LM with standard q/k/v projections and RoPE."""
+
+    family: str = "base"
+    architectures: tuple[str, ...] = ()
+    model_type: str = ""  # config.model_type that selects this adapter
+    example_id: str = ""
+
+    def __init__(self, model: nn.Module, processor=None):
+        self.model = model.eval()
+        self.processor = processor
+
+    # -- attribute paths (override per family) ------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.language_model.norm
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.model.lm_head
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(self.text_config, "eos_token_id", None)
+        if eos is None:
+            return []
+        return [eos] if isinstance(eos, int) else list(eos)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = getattr(self.model.generation_config, "pad_token_id", None)
+        if pad is None:
+            eos = self.eos_token_ids
+            pad = eos[0] if eos else 0
+        return pad
+
+    # -- shapes ---------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def n_heads(self) -> int:
+        return self.text_config.num_attention_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.text_config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        cfg = self.text_config
+        return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def prepare(self, batch) -> PreparedInputs:
+        raise NotImplementedError
+
+    def process(self, images, prompts):
+        """Run the family's HF processor on images + prompts (left padding for batched decoding)."""
+        if self.processor is None:
+            raise InputError("this model was loaded without a processor; pass processed inputs instead")
+        return self.processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+
+    def decode_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """Position ids `[B, 1]` (or `[3, B, 1]`) for one new token per row at `positions` `[B]`."""
+        return positions[:, None]
+
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor):
+        return self.language_model.rotary_emb(x, position_ids)
+
+    def after_layer(self, layer_idx: int, hidden: torch.Tensor, token_index: torch.Tensor, prepared_extras: dict):
+        """Hook after a decoder layer; `token_index` [B, Tq] gives each row's original prompt index (or -1)."""
+        return hidden
+
+    # -- probe projections ----------------------------------------------------------------------
+    def _attn(self, layer_idx: int):
+        return self.layers[layer_idx].self_attn
+
+    def _project(self, proj: nn.Module, norm: nn.Module | None, layer_idx, hidden, cos, sin):
+        layer = self.layers[layer_idx]
+        x = layer.input_layernorm(hidden)
+        B, T, _ = x.shape
+        y = proj(x).view(B, T, -1, self.head_dim)
+        if norm is not None:
+            y = norm(y)
+        y = y.transpose(1, 2)
+        return hf_compat.rotate(y, cos, sin)
+
+    def query(self, layer_idx: int, hidden: torch.Tensor, cos, sin) -> torch.Tensor:
+        """Rotated queries `[B, H, T, hd]` of layer `layer_idx` from that layer's input hidden states."""
+        attn = self._attn(layer_idx)
+        return self._project(attn.q_proj, getattr(attn, "q_norm", None), layer_idx, hidden, cos, sin)
+
+    def key(self, layer_idx: int, hidden: torch.Tensor, cos, sin) -> torch.Tensor:
+        """Rotated keys `[B, Hkv, T, hd]` of layer `layer_idx` from that layer's input hidden states."""
+        attn = self._attn(layer_idx)
+        return self._project(attn.k_proj, getattr(attn, "k_norm", None), layer_idx, hidden, cos, sin)
+
+    def attention_scale(self, layer_idx: int) -> float:
+        return self._attn(layer_idx).scaling
+
+    def run_layer(self, layer_idx: int, hidden, mask, cos, sin, cache):
+        return hf_compat.call_decoder_layer(self.layers[layer_idx], hidden, mask, (cos, sin), cache)
+
+    # -- FLOP accounting ------------------------------------------------------------------------
+    def linear_params_per_layer(self) -> int:
+        """Weights touched once per token per layer (attention projections + MLP)."""
+        layer = self.layers[0]
+        n = 0
+        for name, p in layer.named_parameters():
+            if p.dim() == 2:
+                n += p.numel()
+        return n
+
+
+def check_image_tokens(input_ids: torch.Tensor, image_token_id: int, expected: int, what: str = "image"):
+    found = int((input_ids == image_token_id).sum())
+    if found != expected:
+        raise InputError(
+            f"{what}-token count mismatch: the prompts hold {found} image placeholder tokens but the "
+            f"images give {expected} visual features; let the processor expand the image token"
+        )

@@ -1,0 +1,43 @@
+"""Which adapter serves which checkpoint, decided from the config's architecture."""
+from __future__ import annotations
+
+from dstp.errors import UnsupportedModelError
+from dstp.models.base import Adapter
+from dstp.models.llava import LlavaAdapter
+from dstp.models.qwen2_5_vl import Qwen25VLAdapter
+
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register(adapter: type[Adapter]) -> type[Adapter]:
+    for arch in adapter.architectures:
+        ADAPTERS[arch] = adapter
+    return adapter
+
+
+for _a in (LlavaAdapter, Qwen25VLAdapter):
+    register(_a)
+
+
+def supported() -> list[str]:
+    return sorted(ADAPTERS)
+
+
+def adapter_for_config(config) -> type[Adapter]:
+    archs = list(getattr(config, "architectures", None) or [])
+    for arch in archs:
+        if arch in ADAPTERS:
+            return ADAPTERS[arch]
+    by_type = {a.model_type: a for a in ADAPTERS.values()}
+    if getattr(config, "model_type", None) in by_type:
+        return by_type[config.model_type]
+    raise UnsupportedModelError(
+        f"unsupported model architecture {archs or config.model_type!r}; supported: {', '.join(supported())}"
+    )
+
+
+def adapter_for_model(model, processor=None) -> Adapter:
+    arch = type(model).__name__
+    if arch in ADAPTERS:
+        return ADAPTERS[arch](model, processor)
+    raise UnsupportedModelError(f"unsupported model class {arch!r}; supported: {', '.join(supported())}")

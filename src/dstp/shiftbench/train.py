@@ -1,0 +1,249 @@
+"""Train the ShiftBench model from a seed: ``python -m dstp.shiftbench.train --seed 0 [--out DIR]``.
+
+Recipe (DESIGN §7): d=128 Llama decoder, per-cell patch embedder, one token per cell tied to the
+cell's coordinate embedding, init std 0.08, AdamW lr 2e-3 with warm-up and cosine decay, several
+questions packed per image (dense supervision), curriculum lookup -> 1 hop -> 6 hops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import LlamaConfig
+
+from dstp.shiftbench.evaluate import evaluate
+from dstp.shiftbench.modeling import ShiftBenchConfig, ShiftBenchForConditionalGeneration
+from dstp.shiftbench.processor import ShiftBenchProcessor, images_to_pixels
+from dstp.shiftbench.render import render_grid
+from dstp.shiftbench.tasks import DEFAULT_WALK_HOPS, make_question, random_grid
+
+FINAL_EVAL_SEED = 20261124  # generate_samples stream; training draws from its own stream
+PROBE_EVAL_SEED = 777
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    layers: int = 6
+    hidden: int = 128
+    heads: int = 4
+    grid_size: int = 12
+    cell_pixels: int = 8
+    steps: int = 1800
+    batch: int = 32
+    text_tokens: int = 80  # tokens of packed questions after the image
+    lr: float = 2e-3
+    warmup: int = 200
+    init_std: float = 0.08
+    lookup_steps: int = 150  # lookups only
+    ramp_end: float = 0.45  # fraction of steps by which walks reach max_hops
+    max_hops: int = 6
+    tie_heads: int = 2  # layer-0 heads with k_proj initialised equal to q_proj
+
+
+def build_model(cfg: TrainConfig, processor: ShiftBenchProcessor) -> ShiftBenchForConditionalGeneration:
+    tok = processor.tokenizer
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden,
+        intermediate_size=4 * cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=512,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = ShiftBenchConfig(
+        text_config=text,
+        grid_size=cfg.grid_size,
+        cell_pixels=cfg.cell_pixels,
+        image_token_id=processor.image_token_id,
+        cell_token_offset=tok.convert_tokens_to_ids("r0c0"),
+        init_std=cfg.init_std,
+    )
+    torch.manual_seed(cfg.seed)
+    model = ShiftBenchForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, cfg.init_std)
+        attn = model.language_model.layers[0].self_attn
+        hd = cfg.hidden // cfg.heads
+        attn.k_proj.weight[: cfg.tie_heads * hd] = attn.q_proj.weight[: cfg.tie_heads * hd]
+    return model
+
+
+class Packer:
+    """Draws training sequences: BOS, G*G image tokens, then questions + targets + EOS packed."""
+
+    def __init__(self, cfg: TrainConfig, processor: ShiftBenchProcessor):
+        self.cfg = cfg
+        self.rng = np.random.default_rng([cfg.seed, 424242])
+        self.vocab = processor.tokenizer.get_vocab()
+        self.tok = processor.tokenizer
+
+    def ids(self, words):
+        return [self.vocab[w] for w in words]
+
+    def segment(self, task, symbols, hops):
+        while True:
+            q = make_question(task, symbols, self.rng, hops)
+            if q is not None:
+                return q
+
+    def sequence(self, max_hops: int):
+        cfg, rng = self.cfg, self.rng
+        symbols = random_grid(rng, cfg.grid_size)
+        ids = [self.tok.bos_token_id] + [self.vocab["<image>"]] * (cfg.grid_size**2)
+        labels = [-100] * len(ids)
+        while True:
+            if max_hops == 0:
+                task, hops = "lookup", 0
+            else:
+                task = rng.choice(["lookup", "pair", "walk"], p=[0.2, 0.15, 0.65])
+                hops = int(rng.integers(1, max_hops + 1)) if task == "walk" else 0
+            question, target, *_ = self.segment(task, symbols, hops)
+            seg_q, seg_t = self.ids(question), self.ids(target) + [self.tok.eos_token_id]
+            if len(ids) + len(seg_q) + len(seg_t) > 1 + cfg.grid_size**2 + cfg.text_tokens:
+                break
+            ids += seg_q + seg_t
+            labels += [-100] * len(seg_q) + seg_t
+        pad = 1 + cfg.grid_size**2 + cfg.text_tokens - len(ids)
+        ids += [self.tok.pad_token_id] * pad
+        labels += [-100] * pad
+        return render_grid(symbols, cfg.cell_pixels), ids, labels
+
+    def batch(self, max_hops: int):
+        rows = [self.sequence(max_hops) for _ in range(self.cfg.batch)]
+        return (
+            images_to_pixels([r[0] for r in rows]),
+            torch.tensor([r[1] for r in rows]),
+            torch.tensor([r[2] for r in rows]),
+        )
+
+
+def max_hops_at(step: int, cfg: TrainConfig) -> int:
+    if step < cfg.lookup_steps:
+        return 0
+    ramp = max(cfg.ramp_end * cfg.steps - cfg.lookup_steps, 1)
+    return min(cfg.max_hops, 1 + int((step - cfg.lookup_steps) / ramp * cfg.max_hops))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def final_metrics(model, processor, n: int, seed: int = FINAL_EVAL_SEED) -> dict:
+    out = {}
+    for task in ("lookup", "pair"):
+        out[task] = evaluate(model, processor, task, n, seed)["accuracy"]
+    out["walk"] = {h: evaluate(model, processor, "walk", n, seed + h, hops=h)["accuracy"] for h in DEFAULT_WALK_HOPS}
+    return out
+
+
+def train(cfg: TrainConfig, out_dir: Path, log_path: Path, minutes: float | None = None, eval_n: int = 500) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    torch.set_num_threads(2)
+    torch.manual_seed(cfg.seed)
+    processor = ShiftBenchProcessor.build(cfg.grid_size, cfg.cell_pixels)
+    model = build_model(cfg, processor)
+    model.train()
+    packer = Packer(cfg, processor)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98)
+    )
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("w")
+    log.write(json.dumps({"event": "config", **asdict(cfg), "params": sum(p.numel() for p in model.parameters())}) + "\n")
+    t0 = time.time()
+    loss_ema = acc_ema = None
+    columns = (TextColumn("[bold]shiftbench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns) as progress:
+        bar = progress.add_task("train", total=cfg.steps, info="")
+        for step in range(cfg.steps):
+            if minutes is not None and time.time() - t0 > 60 * minutes:
+                log.write(json.dumps({"event": "time_limit", "step": step}) + "\n")
+                break
+            hops = max_hops_at(step, cfg)
+            pixels, ids, labels = packer.batch(hops)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            out = model(input_ids=ids, pixel_values=pixels, labels=labels)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                mask = labels[:, 1:] != -100
+                acc = (out.logits[:, :-1].argmax(-1) == labels[:, 1:])[mask].float().mean().item()
+            loss = out.loss.item()
+            loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
+            acc_ema = acc if acc_ema is None else 0.95 * acc_ema + 0.05 * acc
+            record = {"step": step, "loss": round(loss, 4), "token_acc": round(acc, 4), "max_hops": hops, "lr": lr_at(step, cfg), "time_s": round(time.time() - t0, 1)}
+            if (step + 1) % 200 == 0 or step + 1 == cfg.steps:
+                model.eval()
+                with torch.no_grad():
+                    record["probe"] = {
+                        "lookup": evaluate(model, processor, "lookup", 50, PROBE_EVAL_SEED)["accuracy"],
+                        "walk": evaluate(model, processor, "walk", 100, PROBE_EVAL_SEED)["by_hops"],
+                    }
+                model.train()
+                progress.console.print(f"step {step + 1}: loss {loss_ema:.4f} token_acc {acc_ema:.4f} probe {record['probe']}")
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            progress.update(bar, advance=1, info=f"loss {loss_ema:.3f} acc {acc_ema:.3f} hops<={hops}")
+    train_s = time.time() - t0
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    with torch.no_grad():
+        metrics = final_metrics(model, processor, eval_n)
+    record = {"event": "final", "seed": cfg.seed, "steps_done": step + 1, "train_seconds": round(train_s, 1), "eval_n": eval_n, "eval_seed": FINAL_EVAL_SEED, "metrics": metrics, "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    log.write(json.dumps(record) + "\n")
+    log.close()
+    (out_dir / "training_record.json").write_text(json.dumps({"config": asdict(cfg), **record}, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+    return record
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="dstp shiftbench train", description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/shiftbench-seed<S>)")
+    parser.add_argument("--log", type=Path, default=None, help="JSON-lines log (default <out>/../<name>.train.jsonl under runs/)")
+    parser.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--layers", type=int, default=TrainConfig.layers)
+    parser.add_argument("--eval-n", type=int, default=500, help="fresh samples per task / hop count at the end")
+    args = parser.parse_args(argv)
+    out = args.out or Path("runs") / f"shiftbench-seed{args.seed}"
+    log = args.log or Path("runs") / f"shiftbench-seed{args.seed}.train.jsonl"
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers)
+    train(cfg, out, log, args.minutes, args.eval_n)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
