@@ -65,8 +65,11 @@ class DSTPConfig:
     max_revived: int | None = None  # None: k (all_tokens: N - k)
     variant: str = "dstp"
     seed: int = 0
+    force_every: int | None = None  # benchmarks/tests: also declare a shift at every n-th decode step
 
     def __post_init__(self):
+        if self.force_every is not None and self.force_every < 1:
+            raise ConfigError(f"force_every must be >= 1, got {self.force_every}")
         if not -1.0 <= self.tau <= 1.0:
             raise ConfigError(f"tau must be in [-1, 1], got {self.tau}")
         if self.window < 1:

@@ -29,8 +29,8 @@ class State:
     sin: torch.Tensor
     full: KVStore | None  # layers [0, P)
     pruned: KVStore | None  # layers [P, L)
-    Tk: int = 0  # kept prompt slots in `pruned`
-    R: int = 0  # revival slots in `pruned`
+    Tk: int = 0  # kept prompt slots in `pruned`, followed by generated tokens
+    R: int = 0  # revival slots at the end of `pruned`
     visual_pos: torch.Tensor | None = None  # [B, Nmax] original index of each visual token
     visual_valid: torch.Tensor | None = None  # [B, Nmax]
     kept: torch.Tensor | None = None  # [B, Nmax] bool: the prefill kept set S0
@@ -42,6 +42,11 @@ class State:
     @property
     def batch(self) -> int:
         return self.cos.shape[0]
+
+    @property
+    def rev0(self) -> int:
+        """First revival slot of the pruned store."""
+        return self.pruned.tail
 
 
 class Engine:
@@ -58,8 +63,8 @@ class Engine:
         return KVStore(layers, batch, a.n_kv_heads, a.head_dim, capacity, a.dtype, a.device)
 
     def _run_layers(self, layers: range, h, store: KVStore, start: int, query_order, cos, sin, token_index,
-                    extras, capture: dict | None = None, rows=None):
-        mask = store.mask(query_order)
+                    extras, capture: dict | None = None, rows=None, mask=None):
+        mask = store.mask(query_order) if mask is None else mask
         for i in layers:
             if capture is not None and i in capture:
                 capture[i] = h
@@ -134,11 +139,9 @@ class Engine:
         korder = torch.where(kvalid, idx, pad_tag)
         R = shift.revival_slots(state) if shift is not None else 0
         state.Tk, state.R = Tk, R
-        state.pruned = self._new_store(range(P, L), B, Tk + R + max_new_tokens)
+        state.pruned = self._new_store(range(P, L), B, Tk + max_new_tokens + R)
+        state.pruned.reserve_tail(R)
         state.pruned.claim(0, korder, kvalid)
-        if R:
-            state.pruned.claim(Tk, -1 - Tk - torch.arange(R, device=h.device).expand(B, R),
-                               torch.zeros(B, R, dtype=torch.bool, device=h.device))
         state.hidden_at_P = h
         D, hd = h.shape[-1], cos.shape[-1]
         token_index = torch.where(kvalid, idx, -1)
@@ -195,7 +198,7 @@ class Engine:
         if P < L:
             if shift is not None:
                 step_trace = shift.step(self, state, q_probe)
-            slot = state.Tk + state.R + state.step
+            slot = state.Tk + state.step
             state.pruned.claim(slot, order, ones)
             h, pairs = self._run_layers(range(P, L), h, state.pruned, slot, order, cos, sin, no_index,
                                         state.prepared.extras)
@@ -212,7 +215,7 @@ class Engine:
         if not pruned:
             return (vm & state.prepared.attention_mask).sum(-1)
         s = state.pruned
-        order, valid = s.order[:, : s.used], s.valid[:, : s.used]
+        order, valid = s.order[:, : s.span], s.valid[:, : s.span]
         is_visual = vm.gather(1, order.clamp(0, state.T - 1)) & (order >= 0) & (order < state.T)
         return (is_visual & valid).sum(-1)
 
@@ -232,7 +235,7 @@ class Engine:
         total = 0
         for store in (state.full, state.pruned, state.reserve):
             if store is not None:
-                total += store.used * len(store.layers) * per_slot
+                total += (store.used + store.capacity - store.tail) * len(store.layers) * per_slot
         return total
 
     # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ class KVStore:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.order = torch.full((batch, capacity), NEVER, dtype=torch.long, device=device)
         self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
-        self.used = 0  # slots [0, used) may be attended to
+        self.used = 0  # slots [0, used) are filled from the front (prompt, then generated tokens)
+        self.tail = capacity  # slots [tail, capacity) are filled on demand (DSTP revival)
+        self.tail_active = False  # attend to the tail too; while off, the tail costs nothing
 
     @property
     def capacity(self) -> int:
@@ -33,15 +35,27 @@ class KVStore:
     def claim(self, start: int, order: torch.Tensor, valid: torch.Tensor):
         """Tag slots [start, start + n) with their tokens' original indices `order` [B, n]."""
         n = order.shape[1]
-        if start + n > self.capacity:
+        if start + n > self.tail:
             raise RuntimeError(f"KV store overflow: {start + n} slots needed, {self.capacity} allocated")
         self.order[:, start:start + n] = order
         self.valid[:, start:start + n] = valid
         self.used = max(self.used, start + n)
 
+    def reserve_tail(self, n: int):
+        """Set the last n slots aside, empty, for tokens that come and go (DSTP revival)."""
+        self.tail = self.capacity - n
+        tags = -1 - torch.arange(self.tail, self.capacity, device=self.order.device)  # unique: pads see themselves
+        self.order[:, self.tail:] = tags
+        self.valid[:, self.tail:] = False
+
+    @property
+    def span(self) -> int:
+        """How many leading slots attention reads."""
+        return self.capacity if self.tail_active else self.used
+
     def mask(self, query_order: torch.Tensor) -> torch.Tensor:
-        """Boolean attention mask [B, 1, Tq, used]: valid slots at or before each query's index."""
-        order, valid = self.order[:, : self.used], self.valid[:, : self.used]
+        """Boolean attention mask [B, 1, Tq, span]: valid slots at or before each query's index."""
+        order, valid = self.order[:, : self.span], self.valid[:, : self.span]
         allowed = valid[:, None, :] & (order[:, None, :] <= query_order[:, :, None])
         # A padding query sees nothing; let it see itself so no row is all -inf (NaN would leak into V).
         allowed |= order[:, None, :] == query_order[:, :, None]
@@ -68,11 +82,11 @@ class LayerCacheView:
             keep = self.rows[:, None, None, None]
             s.k[li, :, :, self.start:end] = torch.where(keep, key_states, s.k[li, :, :, self.start:end])
             s.v[li, :, :, self.start:end] = torch.where(keep, value_states, s.v[li, :, :, self.start:end])
-        return s.k[li, :, :, : s.used], s.v[li, :, :, : s.used]
+        return s.k[li, :, :, : s.span], s.v[li, :, :, : s.span]
 
     # transformers calls these on some code paths; the store has no notion of a global length.
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.store.used
+        return self.store.span
 
     def get_mask_sizes(self, *args, **kwargs):
-        return self.store.used, 0
+        return self.store.span, 0

@@ -46,6 +46,13 @@ class Adapter:
         self.model = model.eval()
         self.processor = processor
 
+    @classmethod
+    def model_class(cls, architecture: str):
+        """The transformers class to load a checkpoint of this family with."""
+        import transformers
+
+        return getattr(transformers, architecture, None)
+
     # -- attribute paths (override per family) ------------------------------------------------
     @property
     def language_model(self) -> nn.Module:

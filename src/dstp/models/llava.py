@@ -1,10 +1,22 @@
-"""LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP vision tower, MLP projector, Llama LM, 1-D RoPE."""
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP vision tower, MLP projector, Llama LM, 1-D RoPE.
+
+Vision scores (VisionZip): the CLS token's head-mean attention on each patch in the CLIP layer that
+produces the vision feature layer, from that layer's q/k projections (captured with a hook on its
+input norm, so the tower keeps its own attention implementation)."""
 from __future__ import annotations
 
 import torch
 
 from dstp.errors import InputError
 from dstp.models.base import Adapter, PreparedInputs, check_image_tokens
+
+
+def scores_by_row(visual_mask: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Per-visual-token scores laid out [B, Nmax] by rank among each row's visual tokens (0 on padding),
+    from `flat` in the order the features fill the visual positions."""
+    n = visual_mask.sum(-1)
+    valid = torch.arange(int(n.max()), device=n.device)[None, :] < n[:, None]
+    return torch.zeros(valid.shape, dtype=torch.float32, device=n.device).masked_scatter(valid, flat.float())
 
 
 def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -27,12 +39,44 @@ class LlavaAdapter(Adapter):
         ).pooler_output
         return torch.cat(list(out), dim=0) if not torch.is_tensor(out) else out.flatten(0, 1)
 
+    def features_and_scores(self, pixel_values: torch.Tensor):
+        """(features [n_tokens, D], CLS-attention vision scores [n_tokens]), in placeholder order."""
+        layer = self.score_layer()
+        seen = {}
+        hook = layer.layer_norm1.register_forward_hook(lambda mod, args, out: seen.update(x=out))
+        try:
+            feats = self.image_features(pixel_values)
+        finally:
+            hook.remove()
+        scores = self.cls_attention(layer.self_attn, seen["x"])
+        if self.model.config.vision_feature_select_strategy == "default":
+            scores = scores[:, 1:]  # the CLS token itself is not a visual token
+        return feats, scores.flatten()
+
+    def score_layer(self):
+        """The CLIP layer whose output is the vision feature layer (the last one when several are used)."""
+        tower = self.model.model.vision_tower
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        fl = self.model.config.vision_feature_layer
+        fl = fl if isinstance(fl, int) else fl[-1]
+        return layers[max(fl % (len(layers) + 1) - 1, 0)]  # hidden_states[j] is layer j-1's output
+
+    @staticmethod
+    @torch.no_grad()
+    def cls_attention(attn, x: torch.Tensor) -> torch.Tensor:
+        """Head-mean softmax attention [n_images, S] of the CLS query on every token, from the layer's
+        q/k projections of its normed input `x` [n_images, S, D] (CLIP's vision attention has no mask)."""
+        n, S, _ = x.shape
+        q = attn.q_proj(x[:, :1]).view(n, 1, attn.num_heads, -1).transpose(1, 2).float()
+        k = attn.k_proj(x).view(n, S, attn.num_heads, -1).transpose(1, 2).float()
+        return torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1).mean(1)[:, 0]
+
     def prepare(self, batch) -> PreparedInputs:
         input_ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
         if "pixel_values" not in batch or batch["pixel_values"] is None:
             raise InputError("LLaVA inputs have no pixel_values: pass an image with every prompt")
-        feats = self.image_features(batch["pixel_values"].to(self.device))
+        feats, scores = self.features_and_scores(batch["pixel_values"].to(self.device))
         image_token = self.model.config.image_token_id
         check_image_tokens(input_ids, image_token, feats.shape[0])
         visual = input_ids == image_token
@@ -44,4 +88,5 @@ class LlavaAdapter(Adapter):
             position_ids=text_positions(mask),
             next_position=mask.long().sum(-1),
             visual_mask=visual,
+            vision_scores=scores_by_row(visual, scores),
         )

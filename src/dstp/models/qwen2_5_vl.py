@@ -1,12 +1,21 @@
 """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): window-attention ViT, patch merger, Qwen2 LM with
 3-axis M-RoPE. Image tokens get (t, h, w) positions; text continues after the image's largest one, and
-decoding continues from `max position + 1` (transformers' rope delta)."""
+decoding continues from `max position + 1` (transformers' rope delta).
+
+Vision scores (VisionZip; the ViT has no CLS token): the mean attention each patch receives in the last
+vision block (head-mean, averaged over the queries of its attention segment: the whole image when that
+block attends globally, as in the released configs, else its window), averaged over the patches of each
+merged token. Computed from the block's own qkv and rotary inputs, captured with a hook."""
 from __future__ import annotations
 
 import torch
 
 from dstp.errors import InputError
+from dstp.models import hf_compat
 from dstp.models.base import Adapter, PreparedInputs, check_image_tokens
+from dstp.models.llava import scores_by_row
+
+QUERY_CHUNK = 1024  # query rows per softmax block when scoring (bounds memory on large images)
 
 
 class Qwen25VLAdapter(Adapter):
@@ -20,6 +29,54 @@ class Qwen25VLAdapter(Adapter):
         feats = out.pooler_output
         return torch.cat(list(feats), dim=0) if not torch.is_tensor(feats) else feats
 
+    def features_and_scores(self, pixel_values, image_grid_thw):
+        """(features [n_tokens, D], received-attention vision scores [n_tokens]), in placeholder order."""
+        visual = self.model.model.visual
+        block, seen = visual.blocks[-1], {}
+
+        def grab(module, args, kwargs):
+            seen.update(x=args[0] if args else kwargs["hidden_states"], cu=kwargs["cu_seqlens"],
+                        rope=kwargs["position_embeddings"])
+
+        hook = block.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            feats = self.image_features(pixel_values, image_grid_thw)
+        finally:
+            hook.remove()
+        received = self.received_attention(block, seen["x"], seen["cu"], seen["rope"])
+        merged = received.view(-1, visual.spatial_merge_unit).mean(-1)  # window order, like the merger
+        return feats, merged[torch.argsort(self.window_index(image_grid_thw))]
+
+    @staticmethod
+    @torch.no_grad()
+    def received_attention(block, x, cu_seqlens, rope) -> torch.Tensor:
+        """[S]: head-mean attention each token receives, averaged over the queries of its segment."""
+        attn = block.attn
+        S = x.shape[0]
+        q, k, _ = attn.qkv(block.norm1(x)).reshape(S, 3, attn.num_heads, -1).float().unbind(1)
+        cos, sin = (t.float()[:, None, :] for t in rope)
+        q, k = (t * cos + hf_compat.rotate_half(t) * sin for t in (q, k))  # [S, H, hd]
+        out = torch.zeros(S, device=x.device)
+        bounds = cu_seqlens.tolist()
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            keys = k[s:e].transpose(0, 1)  # [H, n, hd]
+            for c in range(s, e, QUERY_CHUNK):
+                qc = q[c:min(c + QUERY_CHUNK, e)].transpose(0, 1)
+                probs = torch.softmax(qc @ keys.transpose(1, 2) * attn.scaling, dim=-1)
+                out[s:e] += probs.sum((0, 1))
+            out[s:e] /= attn.num_heads * (e - s)
+        return out
+
+    def window_index(self, grid) -> torch.Tensor:
+        """The ViT's merged-token order (window order), as its forward computes it."""
+        visual = self.model.model.visual
+        try:
+            from transformers.vision_utils import get_vision_window_index
+        except ImportError:  # older transformers 5.x: a method of the vision model
+            return visual.get_window_index(grid)[0]
+        return get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                       window_size=visual.window_size, patch_size=visual.patch_size)[0]
+
     def prepare(self, batch) -> PreparedInputs:
         cfg = self.model.config
         input_ids = batch["input_ids"].to(self.device)
@@ -27,7 +84,7 @@ class Qwen25VLAdapter(Adapter):
         if batch.get("pixel_values") is None or batch.get("image_grid_thw") is None:
             raise InputError("Qwen2.5-VL inputs need pixel_values and image_grid_thw: pass an image with every prompt")
         grid = batch["image_grid_thw"].to(self.device)
-        feats = self.image_features(batch["pixel_values"].to(self.device, self.dtype), grid)
+        feats, scores = self.features_and_scores(batch["pixel_values"].to(self.device, self.dtype), grid)
         check_image_tokens(input_ids, cfg.image_token_id, feats.shape[0])
         visual = input_ids == cfg.image_token_id
         embeds = self.embed_tokens(input_ids).masked_scatter(visual[..., None], feats.to(self.dtype))
@@ -38,6 +95,7 @@ class Qwen25VLAdapter(Adapter):
             position_ids=position_ids,
             next_position=mask.long().sum(-1) + deltas.reshape(-1),
             visual_mask=visual,
+            vision_scores=scores_by_row(visual, scores),
         )
 
     def rope_index(self, input_ids, visual, grid, mask):

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dstp.errors import UnsupportedModelError
 from dstp.models.base import Adapter
+from dstp.models.internvl import InternVLAdapter
 from dstp.models.llava import LlavaAdapter
 from dstp.models.qwen2_5_vl import Qwen25VLAdapter
+from dstp.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -15,7 +17,7 @@ def register(adapter: type[Adapter]) -> type[Adapter]:
     return adapter
 
 
-for _a in (LlavaAdapter, Qwen25VLAdapter):
+for _a in (LlavaAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter):
     register(_a)
 
 

@@ -1,0 +1,26 @@
+"""Prefill-time visual token pruners behind one interface, looked up by name."""
+from __future__ import annotations
+
+from dstp.config import PruneConfig
+from dstp.errors import ConfigError
+from dstp.pruners.base import Pruner
+from dstp.pruners.divprune import DivPrune
+from dstp.pruners.fastv import FastV
+from dstp.pruners.oracle import Oracle
+from dstp.pruners.random import Random
+from dstp.pruners.sparsevlm import SparseVLM
+from dstp.pruners.uniform import Uniform
+from dstp.pruners.visionzip import VisionZip
+
+PRUNERS: dict[str, type[Pruner]] = {p.name: p for p in (FastV, DivPrune, VisionZip, SparseVLM, Random, Uniform,
+                                                        Oracle)}
+
+
+def get_pruner(config: PruneConfig, n_layers: int) -> Pruner:
+    """The pruner `config.method` names, for a language model of `n_layers` layers."""
+    if config.method not in PRUNERS:
+        raise ConfigError(f"unknown pruning method {config.method!r}; known: {', '.join(sorted(PRUNERS))}")
+    return PRUNERS[config.method](config, n_layers)
+
+
+__all__ = ["Pruner", "PRUNERS", "get_pruner"]

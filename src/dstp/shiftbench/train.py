@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig
 
-from dstp.shiftbench.evaluate import evaluate
+from dstp.shiftbench.evaluation import evaluate
 from dstp.shiftbench.modeling import ShiftBenchConfig, ShiftBenchForConditionalGeneration
 from dstp.shiftbench.processor import ShiftBenchProcessor, images_to_pixels
 from dstp.shiftbench.render import render_grid

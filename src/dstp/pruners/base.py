@@ -1,0 +1,79 @@
+"""The pruner interface and the small tensor helpers every selector shares.
+
+A pruner declares its prune point `layer` (0 = before the LLM) and what it `needs`, and `select(ctx)`
+returns a `PruneResult` whose `kept` mask holds exactly k[b] = ceil(retention * N_b) visual tokens per
+row (visual tokens are addressed by rank 0..N_b-1 among the row's visual tokens, padded to Nmax).
+"""
+from __future__ import annotations
+
+import torch
+
+from dstp.config import PruneConfig
+from dstp.engine.prune_context import PruneContext, PruneResult, topk_mask
+from dstp.errors import ConfigError
+
+NEEDS = ("attention", "vision_scores", "embeddings", "relevant")
+
+
+class Pruner:
+    name: str = ""
+    default_layer: int = 0
+    needs: tuple[str, ...] = ()
+
+    def __init__(self, config: PruneConfig, n_layers: int):
+        self.config = config
+        self.seed = config.seed  # Engine.generate seeds ctx.generator from it
+        self.layer = self.default_layer if config.layer is None else config.layer
+        if self.layer > n_layers:
+            raise ConfigError(f"{self.name}: prune layer {self.layer} is outside the model, which has "
+                              f"{n_layers} layers (valid: 0..{n_layers})")
+        if "attention" in self.needs and self.layer == 0:
+            raise ConfigError(f"{self.name} needs attention from layer K-1, so its prune layer K must be >= 1 "
+                              f"(got 0)")
+
+    def select(self, ctx: PruneContext) -> PruneResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer}, retention={self.config.retention})"
+
+
+def budget(ctx: PruneContext) -> torch.Tensor:
+    """k[b], never more than the row's visual tokens (a row without an image keeps nothing)."""
+    return torch.minimum(ctx.k, ctx.n_visual)
+
+
+def require(ctx: PruneContext, method: str, what: str, value):
+    """`value` from the context, or a ConfigError naming the method and what the model did not give."""
+    if value is None:
+        family = getattr(getattr(ctx.engine, "adapter", None), "family", "this model")
+        raise ConfigError(f"{method} needs {what}, which is None for {family}: this family's adapter does "
+                          f"not provide it")
+    if value.shape[:2] != (ctx.batch, ctx.nmax):
+        raise ConfigError(f"{method}: {what} has shape {tuple(value.shape)}, expected "
+                          f"({ctx.batch}, {ctx.nmax}, ...) (batch, visual tokens)")
+    return value.to(ctx.visual_valid.device)
+
+
+def evenly_spaced(mask: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Bool [B, N]: count[b] entries of mask[b] at evenly spaced ranks (centred: rank (2i+1)M // 2count)
+    among its M True entries, in index order. Requires count <= M."""
+    B, N = mask.shape
+    m = mask.sum(-1)
+    members = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)  # True entries first, in order
+    i = torch.arange(N, device=mask.device)[None, :]
+    c = count[:, None].clamp(min=1)
+    rank = ((2 * i + 1) * m[:, None]) // (2 * c)
+    take = i < count[:, None]
+    picked = members.gather(1, rank.clamp(max=N - 1))
+    return scatter_true(picked, take, N)
+
+
+def scatter_true(index: torch.Tensor, take: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool [B, n], True at index[b, j] wherever take[b, j]."""
+    index = torch.where(take, index, n)  # a spare column swallows the entries not taken
+    out = torch.zeros(index.shape[0], n + 1, dtype=torch.bool, device=index.device)
+    return out.scatter_(1, index, True)[:, :n]
+
+
+__all__ = ["Pruner", "PruneResult", "topk_mask", "budget", "require", "evenly_spaced", "scatter_true", "NEEDS"]

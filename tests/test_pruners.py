@@ -1,0 +1,266 @@
+"""Prefill pruners: selection properties on synthetic contexts, agreement with transformers' own
+attention weights and with direct references, and behaviour inside the engine."""
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from dstp.config import GenerationConfig, PruneConfig
+from dstp.engine.engine import Engine
+from dstp.engine.prune_context import budget, topk_mask, visual_layout
+from dstp.errors import ConfigError
+from dstp.models.llava import text_positions
+from dstp.models.registry import adapter_for_model
+from dstp.pruners import PRUNERS, get_pruner
+from dstp.pruners.divprune import max_min_diverse
+from dstp.pruners.visionzip import zip_tokens
+import tiny_models as tm
+
+METHODS = sorted(PRUNERS)
+D = 8
+
+
+# -- synthetic contexts ------------------------------------------------------------------------------
+def make_row(n, before, after, seed):
+    """One row's data, drawn from its own seed: token kinds, embeddings, head-mean attention, scores."""
+    g = torch.Generator().manual_seed(seed)
+    T = 1 + before + n + after
+    visual = torch.zeros(T, dtype=torch.bool)
+    visual[1 + before:1 + before + n] = True
+    logits = torch.randn(T, T, generator=g) * 3
+    attn = torch.softmax(logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")), -1)
+    return dict(visual=visual, hidden=torch.randn(T, D, generator=g), attn=attn,
+                scores=torch.rand(n, generator=g), relevant=torch.rand(n, generator=g) < 0.3)
+
+
+class FakeContext:
+    """The PruneContext interface over synthetic rows (left-padded, each row independent)."""
+
+    def __init__(self, rows, retention, seed=0):
+        B, T = len(rows), max(len(r["visual"]) for r in rows)
+        self.engine, self.layer = None, 2
+        self.hidden = torch.zeros(B, T, D)
+        self._attn = torch.zeros(B, T, T)
+        visual, valid = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            t = len(r["visual"])
+            visual[b, T - t:], valid[b, T - t:] = r["visual"], True
+            self.hidden[b, T - t:] = r["hidden"]
+            self._attn[b, T - t:, T - t:] = r["attn"]
+        self.visual_pos, self.visual_valid, self.n_visual = visual_layout(visual)
+        N = self.visual_pos.shape[1]
+        pad = lambda key, dtype: torch.stack([F.pad(r[key].to(dtype), (0, N - len(r[key]))) for r in rows])
+        self.prepared = SimpleNamespace(attention_mask=valid, visual_mask=visual,
+                                        vision_scores=pad("scores", torch.float32))
+        self.relevant = pad("relevant", torch.bool)
+        self.k = budget(self.n_visual, retention)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    batch = property(lambda self: self.hidden.shape[0])
+    nmax = property(lambda self: self.visual_pos.shape[1])
+
+    def visual_hidden(self):
+        return self.hidden.gather(1, self.visual_pos[..., None].expand(-1, -1, D))
+
+    def visual_attention(self, query_pos):
+        a = self._attn.gather(1, query_pos[..., None].expand(-1, -1, self._attn.shape[-1]))
+        a = a.gather(2, self.visual_pos[:, None, :].expand(-1, a.shape[1], -1))
+        return a.masked_fill(~self.visual_valid[:, None, :], 0.0)
+
+    def last_token_position(self):
+        return torch.full((self.batch, 1), self.hidden.shape[1] - 1, dtype=torch.long)
+
+
+def kept_lists(kept, n):
+    return [torch.nonzero(kept[b, : int(n[b])]).flatten().tolist() for b in range(kept.shape[0])]
+
+
+row_spec = st.tuples(st.integers(1, 24), st.integers(0, 4), st.integers(0, 4), st.integers(0, 10_000))
+
+
+@settings(max_examples=30, deadline=None)
+@given(method=st.sampled_from(METHODS), rows=st.lists(row_spec, min_size=1, max_size=4),
+       others=st.lists(row_spec, min_size=1, max_size=3), retention=st.floats(0.01, 1.0), seed=st.integers(0, 99))
+def test_selection_properties(method, rows, others, retention, seed):
+    pruner = get_pruner(PruneConfig(method, retention, seed=seed), n_layers=4)
+
+    def run(specs):
+        ctx = FakeContext([make_row(*s) for s in specs], retention, seed)
+        return ctx, pruner.select(ctx)
+
+    ctx, res = run(rows)
+    assert res.kept.shape == (ctx.batch, ctx.nmax) and res.kept.dtype == torch.bool
+    assert not (res.kept & ~ctx.visual_valid).any()  # indices in range
+    assert torch.equal(res.kept.sum(-1), torch.minimum(ctx.k, ctx.n_visual))  # exactly k, unique
+    mine = kept_lists(res.kept, ctx.n_visual)
+    assert kept_lists(run(rows)[1].kept, ctx.n_visual) == mine  # deterministic under the seed
+    # row 0 keeps the same set whatever the other rows hold (other sizes, contents)
+    ctx2, res2 = run([rows[0]] + [(n, b, a, s + 1) for n, b, a, s in others])
+    assert kept_lists(res2.kept, ctx2.n_visual)[0] == mine[0]
+    if res.hidden is not None:
+        assert res.hidden.shape == (ctx.batch, ctx.nmax, D)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 30), retention=st.floats(0.01, 1.0), seed=st.integers(0, 10_000))
+def test_divprune_equals_direct_greedy(n, retention, seed):
+    x = torch.randn(1, n, D, generator=torch.Generator().manual_seed(seed))
+    k = budget(torch.tensor([n]), retention)
+    got = torch.nonzero(max_min_diverse(x, torch.ones(1, n, dtype=torch.bool), k)[0]).flatten().tolist()
+    v = x[0].double()
+    dist = [[1 - float(F.cosine_similarity(v[i], v[j], dim=0)) for j in range(n)] for i in range(n)]
+    chosen = [max(range(n), key=lambda i: min([dist[i][j] for j in range(n) if j != i] or [float("inf")]))]
+    while len(chosen) < int(k):
+        rest = [i for i in range(n) if i not in chosen]
+        chosen.append(max(rest, key=lambda i: min(dist[i][j] for j in chosen)))
+    assert got == sorted(chosen)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 30), retention=st.floats(0.01, 1.0), fraction=st.floats(0.0, 0.9), seed=st.integers(0, 999))
+def test_visionzip_dominant_and_merge(n, retention, fraction, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, scores = torch.randn(1, n, D, generator=g), torch.rand(1, n, generator=g)
+    valid, k = torch.ones(1, n, dtype=torch.bool), budget(torch.tensor([n]), retention)
+    kept, hidden = zip_tokens(scores, x, valid, k, fraction)
+    k_ctx = min(round(fraction * int(k)), int(k) - 1)
+    dominant = scores[0].argsort(descending=True)[: int(k) - k_ctx].tolist()
+    assert int(kept.sum()) == int(k) and kept[0, dominant].all()
+    targets = [i for i in range(n) if kept[0, i] and i not in dominant]
+    assert len(targets) == k_ctx
+    groups = {t: [t] for t in targets}
+    for i in range(n):
+        if not kept[0, i] and targets:
+            sims = [float(F.cosine_similarity(x[0, i], x[0, t], dim=0)) for t in targets]
+            groups[targets[max(range(len(targets)), key=sims.__getitem__)]].append(i)
+    for t, members in groups.items():
+        assert torch.allclose(hidden[0, t], x[0, members].mean(0), atol=1e-5)
+    assert torch.equal(hidden[0, ~kept[0]], x[0, ~kept[0]])
+
+
+# -- tiny models ---------------------------------------------------------------------------------------
+FAMILIES = {
+    "llava": (tm.tiny_llava, lambda: tm.llava_batch([3, 7, 1])),
+    "qwen2_5_vl": (tm.tiny_qwen2_5_vl, lambda: tm.qwen_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    make, batch = FAMILIES[request.param]
+    model = make()
+    adapter = adapter_for_model(model)
+    b = batch()
+    return SimpleNamespace(name=request.param, model=model, adapter=adapter, batch=b, prepared=adapter.prepare(b))
+
+
+def eager_copy(model):
+    m = copy.deepcopy(model)
+    m.set_attn_implementation("eager")
+    return m
+
+
+def all_relevant(prepared, p=0.25):
+    n = prepared.n_visual
+    return torch.rand(len(n), int(n.max()), generator=torch.Generator().manual_seed(0)) < p
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_fastv_matches_transformers_eager_attention(family, K):
+    b = family.batch
+    kwargs = {"position_ids": text_positions(b["attention_mask"].bool())} if family.name == "llava" else {}
+    with torch.no_grad():
+        out = eager_copy(family.model)(**b, output_attentions=True, **kwargs)
+    att = out.attentions[K - 1][:, :, -1].mean(1)  # [B, T]: last prompt token, head mean
+    prepared = family.prepared
+    pos, valid, n = visual_layout(prepared.visual_mask)
+    k = budget(n, 0.3)
+    expect = topk_mask(att.gather(1, pos), valid, k)
+    pruner = get_pruner(PruneConfig("fastv", 0.3, layer=K), family.adapter.n_layers)
+    state, _, _ = Engine(family.adapter).prefill(prepared, 2, pruner=pruner, retention=0.3)
+    assert torch.equal(state.kept, expect)
+
+
+def test_llava_cls_attention_matches_clip_eager(family):
+    if family.name != "llava":
+        pytest.skip("CLS attention: LLaVA (CLIP) only")
+    tower = eager_copy(family.model).model.vision_tower
+    with torch.no_grad():
+        out = tower(family.batch["pixel_values"], output_attentions=True)
+    layer = family.model.config.vision_feature_layer  # hidden_states[-2] is the output of attentions[-2]'s layer
+    expect = out.attentions[layer].mean(1)[:, 0, 1:]
+    assert torch.allclose(family.prepared.vision_scores, expect, atol=1e-6)
+
+
+def test_qwen_received_attention_matches_eager(family, monkeypatch):
+    if family.name != "qwen2_5_vl":
+        pytest.skip("received attention: Qwen2.5-VL only")
+    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as mq
+    seen, original = [], mq.eager_attention_forward
+
+    def record(*args, **kwargs):
+        out, weights = original(*args, **kwargs)
+        seen.append(weights)
+        return out, weights
+
+    monkeypatch.setattr(mq, "eager_attention_forward", record)
+    model = eager_copy(family.model)
+    grid = family.batch["image_grid_thw"]
+    with torch.no_grad():
+        model.model.get_image_features(family.batch["pixel_values"], grid)
+    last = seen[-len(grid):]  # the last block attends over each whole image (fullatt_block_indexes=[1])
+    received = torch.cat([w[0].mean((0, 1)) for w in last]).view(-1, 4).mean(-1)
+    expect = received[torch.argsort(family.adapter.window_index(grid))]
+    n = family.prepared.n_visual
+    flat = torch.cat([family.prepared.vision_scores[b, : int(n[b])] for b in range(len(n))])
+    assert torch.allclose(flat, expect, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_retention_one_equals_unpruned(family, method):
+    engine, prepared, cfg = Engine(family.adapter), family.prepared, GenerationConfig(max_new_tokens=6)
+    base = engine.generate(prepared, cfg)
+    pruner = get_pruner(PruneConfig(method, 1.0), family.adapter.n_layers)
+    out = engine.generate(prepared, cfg, pruner=pruner, retention=1.0, relevant=all_relevant(prepared))
+    assert torch.equal(out.tokens, base.tokens)
+    assert out.trace.kept == [list(range(int(n))) for n in prepared.n_visual]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pruned_generation_attends_k_visual_tokens(family, method):
+    engine, prepared = Engine(family.adapter), family.prepared
+    pruner = get_pruner(PruneConfig(method, 0.3, seed=1), family.adapter.n_layers)
+    out = engine.generate(prepared, GenerationConfig(max_new_tokens=3), pruner=pruner, retention=0.3,
+                          relevant=all_relevant(prepared))
+    k = budget(prepared.n_visual, 0.3)
+    assert out.trace.steps[0].visual_attended.tolist() == k.tolist()
+    assert [len(kept) for kept in out.trace.kept] == k.tolist()
+
+
+# -- configuration errors ------------------------------------------------------------------------------
+def test_config_errors():
+    with pytest.raises(ConfigError, match="unknown pruning method 'nope'.*divprune.*fastv"):
+        get_pruner(PruneConfig("nope", 0.5), 4)
+    with pytest.raises(ConfigError, match="outside the model"):
+        get_pruner(PruneConfig("random", 0.5, layer=5), 4)
+    for method in ("fastv", "sparsevlm"):
+        with pytest.raises(ConfigError, match=f"{method} needs attention"):
+            get_pruner(PruneConfig(method, 0.5, layer=0), 4)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ConfigError, match="retention"):
+            PruneConfig("fastv", bad)
+    assert get_pruner(PruneConfig("fastv", 0.5), 4).layer == 2
+    assert get_pruner(PruneConfig("visionzip", 0.5), 4).layer == 0
+
+
+def test_missing_inputs_name_method_and_thing():
+    ctx = FakeContext([make_row(9, 1, 2, 0)], 0.5)
+    ctx.prepared.vision_scores = None
+    with pytest.raises(ConfigError, match="visionzip needs .*vision_scores"):
+        get_pruner(PruneConfig("visionzip", 0.5), 4).select(ctx)
+    ctx.relevant = None
+    with pytest.raises(ConfigError, match="oracle needs ctx.relevant"):
+        get_pruner(PruneConfig("oracle", 0.5), 4).select(ctx)
