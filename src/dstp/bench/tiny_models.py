@@ -1,0 +1,165 @@
+"""Tiny random-weight models of every supported family, built in-process (no downloads).
+
+Used by the tests (exactness against transformers) and by `dstp fidelity`."""
+from __future__ import annotations
+
+import torch
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
+from transformers import (InternVLConfig, InternVLForConditionalGeneration, Qwen3VLConfig,
+                          Qwen3VLForConditionalGeneration)
+
+VOCAB = 128
+IMAGE_TOKEN = 100
+
+
+def _init(model, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0.0, 0.08)
+            elif p.dim() == 1 and p.numel() > 1:
+                p.normal_(1.0 if p.abs().sum() == p.numel() else 0.0, 0.02)
+    return model.eval()
+
+
+def tiny_llava(seed: int = 0, layers: int = 4):
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=30, patch_size=6, projection_dim=32)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=25)
+    cfg._attn_implementation = "sdpa"
+    model = LlavaForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return _init(model, seed)
+
+
+def llava_batch(batch_sizes_prefix: list[int], suffix: int = 5, seed: int = 0):
+    """Left-padded LLaVA inputs: row b = BOS + prefix[b] text + 25 image tokens + suffix text."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in batch_sizes_prefix:
+        text1 = torch.randint(3, 90, (n,), generator=g)
+        text2 = torch.randint(3, 90, (suffix,), generator=g)
+        rows.append(torch.cat([torch.tensor([1]), text1, torch.full((25,), IMAGE_TOKEN), text2]))
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = r
+        mask[b, T - len(r):] = 1
+    pixels = torch.randn(len(rows), 3, 30, 30, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def tiny_qwen2_5_vl(seed: int = 0, layers: int = 4):
+    cfg = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                           fullatt_block_indexes=[1], in_channels=3),
+        image_token_id=IMAGE_TOKEN, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg._attn_implementation = "sdpa"
+    model = Qwen2_5_VLForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return _init(model, seed)
+
+
+def qwen_batch(grids: list[tuple[int, int]], prefix: list[int], suffix: int = 4, seed: int = 0, patch=4,
+               temporal=2, merge=2):
+    """Left-padded Qwen2.5-VL inputs with images of different grid sizes (h, w in patches)."""
+    g = torch.Generator().manual_seed(seed)
+    rows, pixels, thw = [], [], []
+    for (gh, gw), n in zip(grids, prefix):
+        n_img = gh * gw // (merge * merge)
+        text1 = torch.randint(3, 90, (n,), generator=g)
+        text2 = torch.randint(3, 90, (suffix,), generator=g)
+        rows.append(torch.cat([text1, torch.tensor([102]), torch.full((n_img,), IMAGE_TOKEN), torch.tensor([103]),
+                               text2]))
+        pixels.append(torch.randn(gh * gw, 3 * temporal * patch * patch, generator=g))
+        thw.append([1, gh, gw])
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = r
+        mask[b, T - len(r):] = 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
+            "image_grid_thw": torch.tensor(thw), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
+
+
+INTERNVL_TILE_TOKENS = 16  # 32x32 tile, patch 4 -> 8x8 patches, pixel shuffle 0.5 -> 4x4 tokens
+IMG_START, IMG_END = 102, 103
+
+
+def tiny_qwen3_vl(seed: int = 0, layers: int = 4):
+    """head_dim 32 so the interleaved M-RoPE sections [6, 5, 5] have the real model's layout; DeepStack
+    from vision blocks 0, 1, 2 into LLM layers 0, 1, 2 (so it straddles a prune point at layer 2)."""
+    cfg = Qwen3VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                         pad_token_id=0,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [6, 5, 5], "mrope_interleaved": True}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2]),
+        image_token_id=IMAGE_TOKEN, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
+    cfg._attn_implementation = "sdpa"
+    model = Qwen3VLForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return _init(model, seed)
+
+
+def qwen3_vl_batch(grids: list[tuple[int, int]], prefix: list[int], suffix: int = 4, seed: int = 0):
+    """Left-padded Qwen3-VL inputs (same layout as Qwen2.5-VL's: 4x4 patches, 2 frames, 2x2 merge)."""
+    return qwen_batch(grids, prefix, suffix, seed)
+
+
+def tiny_internvl(seed: int = 0, layers: int = 4):
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=4)
+    text = dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                         image_seq_length=INTERNVL_TILE_TOKENS, downsample_ratio=0.5,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    cfg._attn_implementation = "sdpa"
+    model = InternVLForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return _init(model, seed)
+
+
+def internvl_batch(tiles: list[int], prefix: list[int], suffix: int = 5, seed: int = 0):
+    """Left-padded InternVL inputs: row b = prefix[b] text + <img> + 16 tokens per tile + </img> + suffix,
+    with tiles[b] 32x32 tiles (pixel_values holds every row's tiles in order)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n_tiles, n in zip(tiles, prefix):
+        text1 = torch.randint(3, 90, (n,), generator=g)
+        text2 = torch.randint(3, 90, (suffix,), generator=g)
+        rows.append(torch.cat([text1, torch.tensor([IMG_START]),
+                               torch.full((n_tiles * INTERNVL_TILE_TOKENS,), IMAGE_TOKEN),
+                               torch.tensor([IMG_END]), text2]))
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = r
+        mask[b, T - len(r):] = 1
+    pixels = torch.randn(sum(tiles), 3, 32, 32, generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}

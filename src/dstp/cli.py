@@ -1,0 +1,121 @@
+"""`dstp` command line: bench, generate, analyze, speed, fidelity, shiftbench train."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dstp.errors import DSTPError
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dstp", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="ShiftBench sweep: methods x {vanilla, +DSTP} x retention x tasks")
+    b.add_argument("--model", default=None, help="model dir or hub id (default: the shipped ShiftBench model)")
+    b.add_argument("--methods", type=_csv, default=None, help="comma list of pruners; 'none' = unpruned only")
+    b.add_argument("--tasks", type=_csv, default=None, help="comma list of lookup,pair,walk")
+    b.add_argument("--retentions", type=_floats, default=None, help="e.g. 0.666,0.333,0.111")
+    b.add_argument("--seed", type=int, default=1234, help="seed of the fresh evaluation samples")
+    b.add_argument("--n", type=int, default=None, help="samples per task")
+    b.add_argument("--batch-size", type=int, default=16)
+    b.add_argument("--out", default="results", help="output folder for bench.json and plots")
+    b.add_argument("--quick", action="store_true", help="a one-minute version")
+    b.add_argument("--ablation", action="store_true", help="DSTP variants and tau/window sweeps on walk at 33.3%%")
+
+    g = sub.add_parser("generate", help="answer one image + prompt")
+    g.add_argument("--model", default=None)
+    g.add_argument("--image", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--prune", default=None, help="pruner name (default: none)")
+    g.add_argument("--retention", type=float, default=1.0)
+    g.add_argument("--layer", type=int, default=None, help="prune layer K (default: the method's)")
+    g.add_argument("--dstp", action="store_true", help="add DSTP on top of the pruner")
+    g.add_argument("--tau", type=float, default=0.75)
+    g.add_argument("--window", type=int, default=20)
+    g.add_argument("--source", default="recompute")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--trace", action="store_true", help="print the per-step trace as JSON")
+
+    a = sub.add_parser("analyze", help="RVIS analysis of one image + prompt: shift curve and heatmaps")
+    a.add_argument("--model", default=None)
+    a.add_argument("--image", default=None, help="image file (default: a ShiftBench walk sample)")
+    a.add_argument("--prompt", default=None)
+    a.add_argument("--seed", type=int, default=7, help="seed of the ShiftBench sample when no image is given")
+    a.add_argument("--steps", type=lambda s: [int(x) for x in _csv(s)], default=None,
+                   help="decoding steps to draw heatmaps for (default: start, events, end)")
+    a.add_argument("--max-new-tokens", type=int, default=64)
+    a.add_argument("--out", default="results/analyze")
+
+    s = sub.add_parser("speed", help="prefill/decode timing: HF generate vs engine vs pruned vs DSTP")
+    s.add_argument("--out", default="results")
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--small", action="store_true", help="a small config for a quick look")
+
+    f = sub.add_parser("fidelity", help="engine vs transformers generate() on tiny models of every family")
+    f.add_argument("--new-tokens", type=int, default=32)
+    f.add_argument("--out", default=None, help="write the rows as JSON here")
+
+    sb = sub.add_parser("shiftbench", help="ShiftBench model tools")
+    sbs = sb.add_subparsers(dest="shiftbench_command", required=True)
+    sbs.add_parser("train", help="train the ShiftBench model (all remaining args go to the trainer)",
+                   add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["shiftbench", "train"]:
+        from dstp.shiftbench.train import main as train_main
+
+        return train_main(argv[2:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (DSTPError, FileNotFoundError) as e:
+        print(f"dstp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
+    if args.command == "fidelity":
+        from dstp.bench.fidelity import run_fidelity
+
+        rows = run_fidelity(new_tokens=args.new_tokens, out_path=args.out)
+        return 0 if all(r["tokens_identical"] and r["max_abs_logit_diff"] < 1e-5 for r in rows) else 1
+    if args.command == "generate":
+        from dstp.generate_cli import run_generate
+
+        return run_generate(args)
+    if args.command == "bench":
+        from dstp.bench.sweep import run_bench_cli
+
+        return run_bench_cli(args)
+    if args.command == "analyze":
+        from dstp.rvis import run_analyze_cli
+
+        return run_analyze_cli(args)
+    if args.command == "speed":
+        from dstp.bench.speed import run_speed_cli
+
+        return run_speed_cli(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
