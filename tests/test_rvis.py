@@ -1,0 +1,55 @@
+"""RVIS relevance against transformers' own eager attention weights, and the event rule."""
+import copy
+
+import numpy as np
+import torch
+
+from dstp.config import GenerationConfig
+from dstp.engine.engine import Engine
+from dstp.models.registry import adapter_for_model
+from dstp.rvis import events, relevance, report, shift_curve
+import tiny_models as tm
+
+
+def test_relevance_matches_eager_output_attentions():
+    model = tm.tiny_llava()
+    batch = tm.llava_batch([3, 7, 1])
+    adapter = adapter_for_model(model)
+    engine = Engine(adapter)
+    prepared = adapter.prepare(batch)
+    out = engine.generate(prepared, GenerationConfig(max_new_tokens=6))
+    rel = relevance(engine, prepared, out.tokens)  # [B, L, 7, N]
+
+    eager = copy.deepcopy(model)
+    eager.config._attn_implementation = "eager"
+    for sub in (eager.model.language_model,):
+        sub.config._attn_implementation = "eager"
+    ids = torch.cat([batch["input_ids"], out.tokens[:, :-1]], 1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(out.tokens[:, :-1])], 1)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = eager(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"], position_ids=pos,
+                    output_attentions=True)
+    T = batch["input_ids"].shape[1]
+    vis = batch["input_ids"] == tm.IMAGE_TOKEN
+    for layer, att in enumerate(ref.attentions):
+        for b in range(3):
+            expect = att[b, :, T - 1:, :T][:, :, vis[b]].mean(0)  # [steps, N]
+            assert (rel[b, layer] - expect).abs().max() < 1e-5
+
+
+def test_events_are_local_minima_below_threshold():
+    curve = [1.0, 0.9, 0.6, 0.8, 0.65, 0.65, 0.9, 0.5]
+    assert events(curve) == [2, 4, 7]
+    assert events([1.0, 0.8, 0.75, 0.9]) == []  # a minimum above the threshold is no event
+    assert events([1.0]) == []
+
+
+def test_report_shift_curve_starts_at_one_and_masses_are_shares():
+    torch.manual_seed(0)
+    r = torch.softmax(torch.randn(5, 16), -1)
+    rep = report(r, layer=0, n_valid=16, retention=0.25)
+    assert abs(rep.curve[0] - 1.0) < 1e-6
+    assert rep.overlap_with_prefill_topk[0] == 1.0
+    assert all(0.0 <= m <= 1.0 for m in rep.mass_in_prefill_topk)
+    assert np.allclose(shift_curve(r).numpy(), rep.curve, atol=1e-6)
