@@ -94,7 +94,7 @@ def load(model_id_or_path: str, prune: PruneConfig | None = None, shift: DSTPCon
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     model = model_cls.from_pretrained(model_id_or_path, dtype=torch_dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
-    processor = transformers.AutoProcessor.from_pretrained(model_id_or_path)
+    processor = adapter_cls.load_processor(model_id_or_path)
     return Pipeline(adapter_cls(model, processor), prune=prune, shift=shift)
 
 

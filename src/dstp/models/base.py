@@ -53,6 +53,12 @@ class Adapter:
 
         return getattr(transformers, architecture, None)
 
+    @classmethod
+    def load_processor(cls, path):
+        import transformers
+
+        return transformers.AutoProcessor.from_pretrained(path)
+
     # -- attribute paths (override per family) ------------------------------------------------
     @property
     def language_model(self) -> nn.Module:
@@ -79,7 +85,7 @@ class Adapter:
 
     @property
     def eos_token_ids(self) -> list[int]:
-        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if eos is None:
             eos = getattr(self.text_config, "eos_token_id", None)
         if eos is None:
@@ -88,7 +94,7 @@ class Adapter:
 
     @property
     def pad_token_id(self) -> int:
-        pad = getattr(self.model.generation_config, "pad_token_id", None)
+        pad = getattr(getattr(self.model, "generation_config", None), "pad_token_id", None)
         if pad is None:
             eos = self.eos_token_ids
             pad = eos[0] if eos else 0

@@ -6,6 +6,7 @@ from dstp.models.base import Adapter
 from dstp.models.internvl import InternVLAdapter
 from dstp.models.llava import LlavaAdapter
 from dstp.models.qwen2_5_vl import Qwen25VLAdapter
+from dstp.models.shiftbench import ShiftBenchAdapter
 from dstp.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -17,7 +18,7 @@ def register(adapter: type[Adapter]) -> type[Adapter]:
     return adapter
 
 
-for _a in (LlavaAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter):
+for _a in (LlavaAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, ShiftBenchAdapter):
     register(_a)
 
 

@@ -1,0 +1,56 @@
+"""The ShiftBench testbed model (`ShiftBenchForConditionalGeneration`): a per-cell patch embedder in front of
+a Llama decoder, 1-D RoPE. Its own `embed_multimodal` builds the input embeddings."""
+from __future__ import annotations
+
+import torch
+
+from dstp.errors import InputError
+from dstp.models.base import Adapter, PreparedInputs
+from dstp.models.llava import text_positions
+
+
+class ShiftBenchAdapter(Adapter):
+    family = "shiftbench"
+    architectures = ("ShiftBenchForConditionalGeneration",)
+    model_type = "dstp_shiftbench"
+    example_id = "dstp.shiftbench.default_checkpoint_dir()"
+
+    @classmethod
+    def model_class(cls, architecture: str):
+        from dstp.shiftbench.modeling import ShiftBenchForConditionalGeneration
+
+        return ShiftBenchForConditionalGeneration
+
+    @classmethod
+    def load_processor(cls, path):
+        from dstp.shiftbench.processor import ShiftBenchProcessor
+
+        return ShiftBenchProcessor.from_pretrained(path)
+
+    @property
+    def language_model(self):
+        return self.model.language_model
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # tokens that name a cell carry that cell's coordinate key, generated ones included
+        return self.model.embed_multimodal(input_ids, None)[0]
+
+    def process(self, images, prompts):
+        try:
+            return self.processor(images=images, text=prompts, padding_side="left")
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+    @torch.no_grad()
+    def prepare(self, batch) -> PreparedInputs:
+        input_ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device).bool()
+        pixels = batch.get("pixel_values")
+        try:
+            embeds, visual = self.model.embed_multimodal(input_ids, None if pixels is None else pixels.to(self.device))
+        except ValueError as e:
+            raise InputError(f"ShiftBench inputs: {e}") from None
+        if not bool(visual.any()):
+            raise InputError("ShiftBench prompts need an <image>: no image tokens found")
+        return PreparedInputs(inputs_embeds=embeds, attention_mask=mask, position_ids=text_positions(mask),
+                              next_position=mask.long().sum(-1), visual_mask=visual)
