@@ -32,8 +32,11 @@ class ShiftBenchAdapter(Adapter):
         return self.model.language_model
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # tokens that name a cell carry that cell's coordinate key, generated ones included
-        return self.model.embed_multimodal(input_ids, None)[0]
+        # tokens that name a cell carry that cell's coordinate key, generated ones included; a generated
+        # image token (a broken model may emit one) gets its plain word embedding
+        image = input_ids == self.model.config.image_token_id
+        emb = self.model.embed_multimodal(input_ids.masked_fill(image, self.pad_token_id), None)[0]
+        return torch.where(image[..., None], self.language_model.embed_tokens(input_ids), emb)
 
     def process(self, images, prompts):
         try:
