@@ -77,7 +77,7 @@ def load(model_id_or_path: str, prune: PruneConfig | None = None, shift: DSTPCon
     """Load a supported HF multimodal model (hub id or local directory) for dstp generation."""
     import transformers
 
-    import dstp.shiftbench  # noqa: F401  registers the ShiftBench model with transformers' Auto classes
+    import dstp.shiftbench.modeling  # noqa: F401  registers the ShiftBench model with transformers' Auto classes
 
     if os.path.sep in str(model_id_or_path) or str(model_id_or_path).startswith("."):
         if not os.path.isdir(model_id_or_path):

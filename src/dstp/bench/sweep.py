@@ -1,0 +1,255 @@
+"""`dstp bench`: the ShiftBench study. Unpruned, and every pruner vanilla and + DSTP, at each retention, on
+every task: accuracy, RVIS events, visual tokens attended per step, FLOPs, KV bytes, wall time.
+Writes `bench.json` (a list of records) and PNG plots into the output folder."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from dstp.api import Pipeline
+from dstp.config import DSTPConfig, GenerationConfig, PruneConfig, check_retention
+from dstp.errors import ConfigError
+from dstp.pruners import PRUNERS
+from dstp.rvis import events, relevance, shift_curve
+
+DEFAULT_METHODS = ("fastv", "divprune", "visionzip", "sparsevlm", "random", "oracle")
+DEFAULT_RETENTIONS = (0.666, 0.333, 0.111)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    model: str | None = None
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    tasks: tuple[str, ...] = ("lookup", "pair", "walk")
+    retentions: tuple[float, ...] = DEFAULT_RETENTIONS
+    n: int = 120
+    seed: int = 1234
+    batch_size: int = 32
+    dstp: DSTPConfig = field(default_factory=DSTPConfig)
+    shifts: tuple[str, ...] = ("none", "dstp")  # what to run on top of each pruner
+    include_unpruned: bool = True
+
+
+@dataclass
+class TaskData:
+    task: str
+    samples: list
+    chunks: list  # [(prepared, relevant, samples)]
+    max_new_tokens: int
+    events: list[int] = field(default_factory=list)  # RVIS events per sample (unpruned run)
+    rvis_layer: int = 0
+
+
+def _variants(cfg: BenchConfig) -> list[tuple[str, str, DSTPConfig | None]]:
+    """(shift name, label, DSTPConfig or None) for each thing run on top of a pruner."""
+    out = []
+    for s in cfg.shifts:
+        if s == "none":
+            out.append(("none", "vanilla", None))
+        elif s == "dstp":
+            out.append(("dstp", "+DSTP", cfg.dstp))
+        else:
+            raise ConfigError(f"unknown shift {s!r}")
+    return out
+
+
+def load_pipeline(model: str | None):
+    import dstp
+    from dstp.shiftbench import default_checkpoint_dir
+
+    path = model or str(default_checkpoint_dir())
+    if model is None and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ConfigError(f"the shipped ShiftBench checkpoint is missing at {path}: run `dstp shiftbench train`")
+    return dstp.load(path)
+
+
+def prepare_task(pipe: Pipeline, task: str, cfg: BenchConfig) -> TaskData:
+    from dstp.shiftbench import generate_samples
+
+    samples = generate_samples(task, cfg.n, seed=cfg.seed)
+    tok = pipe.processor.tokenizer
+    longest = max(len(s.target.split()) for s in samples)
+    chunks = []
+    n_vis = pipe.processor.num_image_tokens
+    for i in range(0, len(samples), cfg.batch_size):
+        part = samples[i:i + cfg.batch_size]
+        prepared = pipe.prepare([Image.fromarray(s.image) for s in part], [s.prompt for s in part])
+        relevant = torch.zeros(len(part), n_vis, dtype=torch.bool)
+        for b, s in enumerate(part):
+            relevant[b, s.cells_needed] = True
+        chunks.append((prepared, relevant, part))
+    del tok
+    return TaskData(task=task, samples=samples, chunks=chunks, max_new_tokens=longest + 2)
+
+
+def run_config(pipe: Pipeline, data: TaskData, prune: PruneConfig | None, shift: DSTPConfig | None, seed: int):
+    """Generate every sample of a task under one configuration; per-sample outcomes and cost totals."""
+    from dstp.shiftbench import check_answer
+
+    p = Pipeline(pipe.adapter, prune=prune, shift=shift)
+    gen = GenerationConfig(max_new_tokens=data.max_new_tokens, seed=seed)
+    correct, texts, vis, shifts_per_answer = [], [], [], []
+    prefill_flops = decode_flops = kv = 0.0
+    t0 = time.perf_counter()
+    for prepared, relevant, part in data.chunks:
+        res = p.generate_prepared(prepared, gen, relevant=relevant)
+        tr = res.trace
+        for b, (s, text) in enumerate(zip(part, res.texts)):
+            correct.append(bool(check_answer(s, text)))
+            texts.append(text)
+            steps = tr.steps[: max(0, tr.new_tokens[b] - 1)]
+            vis.append(float(np.mean([int(st.visual_attended[b]) for st in steps])) if steps else
+                       float(len(tr.kept[b]) if tr.kept[b] else tr.n_visual[b]))
+            if shift is not None:
+                shifts_per_answer.append(sum(bool(st.shift[b]) for st in steps))
+        prefill_flops += tr.prefill_flops
+        decode_flops += tr.decode_flops
+        kv = max(kv, tr.kv_bytes_peak / len(part))
+    seconds = time.perf_counter() - t0
+    n = len(correct)
+    return dict(correct=correct, texts=texts, accuracy=float(np.mean(correct)), visual_tokens_per_step=float(np.mean(vis)),
+                prefill_flops=prefill_flops / n, decode_flops=decode_flops / n, kv_bytes_peak=int(kv),
+                seconds=seconds, shifts_per_answer=float(np.mean(shifts_per_answer)) if shifts_per_answer else 0.0)
+
+
+def rvis_events(pipe: Pipeline, data: TaskData, unpruned_texts: list[str]) -> None:
+    """RVIS events per sample from the unpruned run, at the layer that reads the needed cells most."""
+    tok = pipe.processor.tokenizer
+    per_layer_mass, rels = [], []
+    for (prepared, _, part), start in zip(data.chunks, range(0, len(data.samples), len(data.chunks[0][2]))):
+        texts = unpruned_texts[start:start + len(part)]
+        ids = [tok.convert_tokens_to_ids(t.split()) + [tok.eos_token_id] for t in texts]
+        width = max(len(i) for i in ids)
+        tokens = torch.full((len(part), width), tok.pad_token_id, dtype=torch.long)
+        for b, i in enumerate(ids):
+            tokens[b, :len(i)] = torch.tensor(i)
+        r = relevance(pipe.engine, prepared, tokens)  # [B, L, S, N]
+        rels.append((r, [len(i) for i in ids]))
+        mass = torch.zeros(r.shape[1])
+        count = 0
+        for b, s in enumerate(part):
+            for step, cells in enumerate(s.token_reads[: r.shape[2]]):
+                if cells:
+                    mass += r[b, :, step, list(cells)].sum(-1)
+                    count += 1
+        per_layer_mass.append(mass / max(count, 1))
+    layer = int(torch.stack(per_layer_mass).mean(0).argmax())
+    data.rvis_layer = layer
+    data.events = []
+    for r, lengths in rels:
+        curves = shift_curve(r[:, layer])
+        for b, n in enumerate(lengths):
+            data.events.append(len(events(curves[b, :n].tolist())))
+
+
+def run_bench(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
+    console = console or Console(width=150)
+    for m in cfg.methods:
+        if m not in PRUNERS and m != "none":
+            raise ConfigError(f"unknown method {m!r}; known: none, {', '.join(sorted(PRUNERS))}")
+    for r in cfg.retentions:
+        check_retention(r)
+    torch.manual_seed(cfg.seed)
+    pipe = load_pipeline(cfg.model)
+    methods = [m for m in cfg.methods if m != "none"]
+    variants = _variants(cfg)
+    jobs = [(t, None, None, 1.0) for t in cfg.tasks] if cfg.include_unpruned or not methods else []
+    jobs += [(t, m, v, r) for t in cfg.tasks for m in methods for v in variants for r in cfg.retentions]
+    records, data = [], {}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("ShiftBench", total=len(jobs))
+        for task, method, variant, retention in jobs:
+            if task not in data:
+                progress.update(bar, description=f"{task}: preparing samples")
+                data[task] = prepare_task(pipe, task, cfg)
+            d = data[task]
+            shift_name = "none" if variant is None else variant[0]
+            progress.update(bar, description=f"{task} {method or 'unpruned'} {shift_name} {retention:.3f}")
+            prune = PruneConfig(method=method, retention=retention, seed=cfg.seed) if method else None
+            out = run_config(pipe, d, prune, None if variant is None else variant[2], cfg.seed)
+            if method is None:
+                rvis_events(pipe, d, out["texts"])
+            rec = dict(task=task, method=method or "none", shift=shift_name, retention=retention, n=len(d.samples),
+                       accuracy=out["accuracy"], rvis_events_mean=float(np.mean(d.events)) if d.events else None,
+                       rvis_layer=d.rvis_layer, visual_tokens_per_step=out["visual_tokens_per_step"],
+                       prefill_flops=out["prefill_flops"], decode_flops=out["decode_flops"],
+                       kv_bytes_peak=out["kv_bytes_peak"], seconds=out["seconds"],
+                       shifts_per_answer=out["shifts_per_answer"], model=cfg.model or "shiftbench (shipped)",
+                       seed=cfg.seed, correct=out["correct"], events=d.events,
+                       hops=[s.hops for s in d.samples])
+            if variant is not None and variant[2] is not None:
+                rec["dstp"] = asdict(variant[2])
+            records.append(rec)
+            progress.advance(bar)
+    return records
+
+
+def print_table(records: list[dict], console: Console | None = None):
+    console = console or Console(width=150)
+    table = Table(title="ShiftBench: exact-answer accuracy (and visual tokens attended per decode step)")
+    for col in ("task", "method", "shift", "retention", "accuracy", "vis tok/step", "GFLOPs/sample", "KV KiB/sample",
+                "shifts/answer", "RVIS events", "s"):
+        table.add_column(col, justify="right")
+    for r in records:
+        table.add_row(r["task"], r["method"], r["shift"], f"{r['retention']:.3f}", f"{r['accuracy']:.3f}",
+                      f"{r['visual_tokens_per_step']:.1f}", f"{(r['prefill_flops'] + r['decode_flops']) / 1e9:.3f}",
+                      f"{r['kv_bytes_peak'] / 1024:.0f}", f"{r['shifts_per_answer']:.1f}",
+                      "-" if r["rvis_events_mean"] is None else f"{r['rvis_events_mean']:.2f}", f"{r['seconds']:.1f}")
+    console.print(table)
+
+
+def save(records: list[dict], out: str) -> str:
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "bench.json")
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+    return path
+
+
+def run_bench_cli(args) -> int:
+    from dstp.bench.plots import plot_all
+
+    cfg = BenchConfig(model=args.model, seed=args.seed, batch_size=args.batch_size)
+    if args.quick:
+        cfg = replace(cfg, n=24, methods=("fastv", "divprune"), retentions=(0.333,))
+    if args.ablation:
+        from dstp.bench.ablation import ablation_config
+
+        cfg = ablation_config(cfg)
+    if args.methods is not None:
+        cfg = replace(cfg, methods=tuple(args.methods))
+    if args.tasks is not None:
+        from dstp.shiftbench import TASKS
+
+        bad = [t for t in args.tasks if t not in TASKS]
+        if bad:
+            raise ConfigError(f"unknown task {bad[0]!r}; known: {', '.join(TASKS)}")
+        cfg = replace(cfg, tasks=tuple(args.tasks))
+    if args.retentions is not None:
+        cfg = replace(cfg, retentions=tuple(args.retentions))
+    if args.n is not None:
+        if args.n < 1:
+            raise ConfigError(f"--n must be >= 1, got {args.n}")
+        cfg = replace(cfg, n=args.n)
+    console = Console(width=150)
+    if args.ablation:
+        from dstp.bench.ablation import run_ablation
+
+        records = run_ablation(cfg, console)
+    else:
+        records = run_bench(cfg, console)
+    print_table(records, console)
+    path = save(records, args.out)
+    plots = plot_all(records, args.out)
+    console.print(f"wrote {path}" + "".join(f", {p}" for p in plots))
+    return 0
