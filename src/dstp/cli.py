@@ -19,9 +19,14 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, as for every other bad input
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dstp", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="dstp", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     b = sub.add_parser("bench", help="ShiftBench sweep: methods x {vanilla, +DSTP} x retention x tasks")
     b.add_argument("--model", default=None, help="model dir or hub id (default: the shipped ShiftBench model)")
@@ -71,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default=None, help="write the rows as JSON here")
 
     sb = sub.add_parser("shiftbench", help="ShiftBench model tools")
-    sbs = sb.add_subparsers(dest="shiftbench_command", required=True)
+    sbs = sb.add_subparsers(dest="shiftbench_command", required=True, parser_class=_Parser)
     sbs.add_parser("train", help="train the ShiftBench model (all remaining args go to the trainer)",
                    add_help=False)
     return p
@@ -85,11 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_transformers()
     try:
         return _dispatch(args)
     except (DSTPError, FileNotFoundError) as e:
         print(f"dstp {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+def _quiet_transformers():
+    """The CLI reports its own progress; transformers' loading bars and config notes are noise there."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def _dispatch(args) -> int:

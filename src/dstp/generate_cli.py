@@ -28,6 +28,10 @@ def default_model() -> str:
 def run_generate(args) -> int:
     import dstp
 
+    from dstp.pruners import check_method
+
+    if args.prune:
+        check_method(args.prune)
     prune = PruneConfig(method=args.prune, retention=args.retention, layer=args.layer) if args.prune else None
     if args.prune is None and args.retention != 1.0:
         raise InputError("--retention needs --prune METHOD")

@@ -16,11 +16,15 @@ PRUNERS: dict[str, type[Pruner]] = {p.name: p for p in (FastV, DivPrune, VisionZ
                                                         Oracle)}
 
 
+def check_method(method: str) -> str:
+    if method not in PRUNERS:
+        raise ConfigError(f"unknown pruning method {method!r}; known: {', '.join(sorted(PRUNERS))}")
+    return method
+
+
 def get_pruner(config: PruneConfig, n_layers: int) -> Pruner:
     """The pruner `config.method` names, for a language model of `n_layers` layers."""
-    if config.method not in PRUNERS:
-        raise ConfigError(f"unknown pruning method {config.method!r}; known: {', '.join(sorted(PRUNERS))}")
-    return PRUNERS[config.method](config, n_layers)
+    return PRUNERS[check_method(config.method)](config, n_layers)
 
 
-__all__ = ["Pruner", "PRUNERS", "get_pruner"]
+__all__ = ["Pruner", "PRUNERS", "get_pruner", "check_method"]

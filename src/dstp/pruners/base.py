@@ -43,12 +43,13 @@ def budget(ctx: PruneContext) -> torch.Tensor:
     return torch.minimum(ctx.k, ctx.n_visual)
 
 
-def require(ctx: PruneContext, method: str, what: str, value):
-    """`value` from the context, or a ConfigError naming the method and what the model did not give."""
+def require(ctx: PruneContext, method: str, what: str, value, source: str | None = None):
+    """`value` from the context, or a ConfigError naming the method and what is missing (`source`: where
+    it should have come from; default: the model family's adapter)."""
     if value is None:
-        family = getattr(getattr(ctx.engine, "adapter", None), "family", "this model")
-        raise ConfigError(f"{method} needs {what}, which is None for {family}: this family's adapter does "
-                          f"not provide it")
+        family = getattr(getattr(ctx.engine, "adapter", None), "family", "this model's")
+        source = source or f"the {family} adapter does not provide it"
+        raise ConfigError(f"{method} needs {what}, which is None: {source}")
     if value.shape[:2] != (ctx.batch, ctx.nmax):
         raise ConfigError(f"{method}: {what} has shape {tuple(value.shape)}, expected "
                           f"({ctx.batch}, {ctx.nmax}, ...) (batch, visual tokens)")

@@ -20,6 +20,6 @@ class Oracle(Pruner):
     needs = ("relevant",)
 
     def select(self, ctx) -> PruneResult:
-        relevant = require(ctx, self.name, "ctx.relevant (which visual tokens each answer needs; only ShiftBench "
-                                           "knows it: pass relevant= to generate)", ctx.relevant)
+        relevant = require(ctx, self.name, "ctx.relevant", ctx.relevant,
+                           "pass relevant= (which visual tokens each answer needs; ShiftBench knows them)")
         return PruneResult(kept=oracle_mask(relevant.bool(), ctx.visual_valid, budget(ctx)))
