@@ -168,20 +168,42 @@ def all_relevant(prepared, p=0.25):
     return torch.rand(len(n), int(n.max()), generator=torch.Generator().manual_seed(0)) < p
 
 
-@pytest.mark.parametrize("K", [1, 2])
-def test_fastv_matches_transformers_eager_attention(family, K):
+@pytest.fixture(scope="module")
+def eager_attentions(family):
+    """transformers' own eager attention weights of every LLM layer, [B, H, T, T] each."""
     b = family.batch
     kwargs = {"position_ids": text_positions(b["attention_mask"].bool())} if family.name == "llava" else {}
     with torch.no_grad():
-        out = eager_copy(family.model)(**b, output_attentions=True, **kwargs)
-    att = out.attentions[K - 1][:, :, -1].mean(1)  # [B, T]: last prompt token, head mean
+        return eager_copy(family.model)(**b, output_attentions=True, **kwargs).attentions
+
+
+def engine_kept(family, method, K, retention=0.3):
+    pruner = get_pruner(PruneConfig(method, retention, layer=K), family.adapter.n_layers)
+    state, _, _ = Engine(family.adapter).prefill(family.prepared, 2, pruner=pruner, retention=retention)
+    return state.kept
+
+
+@pytest.mark.parametrize("K", [1, 2])
+def test_fastv_matches_transformers_eager_attention(family, eager_attentions, K):
+    att = eager_attentions[K - 1][:, :, -1].mean(1)  # [B, T]: last prompt token, head mean
+    pos, valid, n = visual_layout(family.prepared.visual_mask)
+    expect = topk_mask(att.gather(1, pos), valid, budget(n, 0.3))
+    assert torch.equal(engine_kept(family, "fastv", K), expect)
+
+
+def test_sparsevlm_matches_rule_on_eager_attention(family, eager_attentions):
+    att = eager_attentions[1].mean(1)  # layer K-1 = 1, head mean, [B, T, T]
     prepared = family.prepared
-    pos, valid, n = visual_layout(prepared.visual_mask)
-    k = budget(n, 0.3)
-    expect = topk_mask(att.gather(1, pos), valid, k)
-    pruner = get_pruner(PruneConfig("fastv", 0.3, layer=K), family.adapter.n_layers)
-    state, _, _ = Engine(family.adapter).prefill(prepared, 2, pruner=pruner, retention=0.3)
-    assert torch.equal(state.kept, expect)
+    kept = engine_kept(family, "sparsevlm", 2)
+    for b in range(att.shape[0]):
+        vis = torch.nonzero(prepared.visual_mask[b]).flatten()
+        text = torch.nonzero(prepared.attention_mask[b] & ~prepared.visual_mask[b]).flatten()
+        cand = text[text > vis[0]] if (text > vis[0]).any() else text
+        mass = att[b][cand][:, vis].sum(-1)
+        raters = cand[mass >= mass.mean()]
+        scores = att[b][raters][:, vis].sum(0)
+        k = int(budget(prepared.n_visual[b:b + 1], 0.3))
+        assert torch.nonzero(kept[b]).flatten().tolist() == sorted(scores.argsort(descending=True)[:k].tolist())
 
 
 def test_llava_cls_attention_matches_clip_eager(family):
@@ -264,3 +286,9 @@ def test_missing_inputs_name_method_and_thing():
     ctx.relevant = None
     with pytest.raises(ConfigError, match="oracle needs ctx.relevant"):
         get_pruner(PruneConfig("oracle", 0.5), 4).select(ctx)
+
+
+def test_random_depends_on_seed():
+    rows = [make_row(24, 1, 2, 0), make_row(17, 0, 3, 1)]
+    pick = lambda seed: get_pruner(PruneConfig("random", 0.25, seed=seed), 4).select(FakeContext(rows, 0.25, seed)).kept
+    assert torch.equal(pick(3), pick(3)) and not torch.equal(pick(3), pick(4))

@@ -179,7 +179,6 @@ class Engine:
         pos = state.prepared.next_position + state.step
         cos, sin = a.rotary(h, a.decode_position_ids(pos))
         order = torch.full((B, 1), state.T + state.step, dtype=torch.long, device=h.device)
-        no_index = torch.full((B, 1), -1, dtype=torch.long, device=h.device)
         ones = torch.ones(B, 1, dtype=torch.bool, device=h.device)
         flops, q_probe = 0.0, None
         probe = shift.probe_layer(P, L) if shift is not None else None
@@ -189,7 +188,7 @@ class Engine:
             slot = state.T + state.step
             state.full.claim(slot, order, ones)
             capture = {probe: None} if probe is not None else None
-            h, pairs = self._run_layers(range(0, P), h, state.full, slot, order, cos, sin, no_index,
+            h, pairs = self._run_layers(range(0, P), h, state.full, slot, order, cos, sin, None,
                                         state.prepared.extras, capture)
             flops += self._flops(P, B, pairs)
             if probe is not None:
@@ -200,7 +199,7 @@ class Engine:
                 step_trace = shift.step(self, state, q_probe)
             slot = state.Tk + state.step
             state.pruned.claim(slot, order, ones)
-            h, pairs = self._run_layers(range(P, L), h, state.pruned, slot, order, cos, sin, no_index,
+            h, pairs = self._run_layers(range(P, L), h, state.pruned, slot, order, cos, sin, None,
                                         state.prepared.extras)
             flops += self._flops(L - P, B, pairs)
             step_trace.visual_attended = self.visual_attended(state, pruned=True)

@@ -144,7 +144,8 @@ class Adapter:
         return self.language_model.rotary_emb(x, position_ids)
 
     def after_layer(self, layer_idx: int, hidden: torch.Tensor, token_index: torch.Tensor, prepared_extras: dict):
-        """Hook after a decoder layer; `token_index` [B, Tq] gives each row's original prompt index (or -1)."""
+        """Hook after a decoder layer; `token_index` [B, Tq] gives each query's original prompt index (-1 for
+        padding), or is None when every query is a generated token."""
         return hidden
 
     # -- probe projections ----------------------------------------------------------------------
@@ -195,3 +196,16 @@ def check_image_tokens(input_ids: torch.Tensor, image_token_id: int, expected: i
             f"{what}-token count mismatch: the prompts hold {found} image placeholder tokens but the "
             f"images give {expected} visual features; let the processor expand the image token"
         )
+
+
+def scores_by_row(visual_mask: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """Per-visual-token scores laid out [B, Nmax] by rank among each row's visual tokens (0 on padding),
+    from `flat` in the order the features fill the visual positions."""
+    n = visual_mask.sum(-1)
+    valid = torch.arange(int(n.max()), device=n.device)[None, :] < n[:, None]
+    return torch.zeros(valid.shape, dtype=torch.float32, device=n.device).masked_scatter(valid, flat.float())
+
+
+def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """1-D positions that skip left padding, as transformers' generate() builds them."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(~attention_mask, 0)

@@ -7,8 +7,7 @@ from __future__ import annotations
 import torch
 
 from dstp.errors import InputError
-from dstp.models.base import Adapter, PreparedInputs, check_image_tokens
-from dstp.models.llava import text_positions
+from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, text_positions
 
 
 class InternVLAdapter(Adapter):

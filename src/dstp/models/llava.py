@@ -8,20 +8,7 @@ from __future__ import annotations
 import torch
 
 from dstp.errors import InputError
-from dstp.models.base import Adapter, PreparedInputs, check_image_tokens
-
-
-def scores_by_row(visual_mask: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """Per-visual-token scores laid out [B, Nmax] by rank among each row's visual tokens (0 on padding),
-    from `flat` in the order the features fill the visual positions."""
-    n = visual_mask.sum(-1)
-    valid = torch.arange(int(n.max()), device=n.device)[None, :] < n[:, None]
-    return torch.zeros(valid.shape, dtype=torch.float32, device=n.device).masked_scatter(valid, flat.float())
-
-
-def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """1-D positions that skip left padding, as transformers' generate() builds them."""
-    return (attention_mask.long().cumsum(-1) - 1).masked_fill(~attention_mask, 0)
+from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, scores_by_row, text_positions
 
 
 class LlavaAdapter(Adapter):

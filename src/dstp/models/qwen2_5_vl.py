@@ -12,8 +12,7 @@ import torch
 
 from dstp.errors import InputError
 from dstp.models import hf_compat
-from dstp.models.base import Adapter, PreparedInputs, check_image_tokens
-from dstp.models.llava import scores_by_row
+from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, scores_by_row
 
 QUERY_CHUNK = 1024  # query rows per softmax block when scoring (bounds memory on large images)
 

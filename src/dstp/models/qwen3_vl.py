@@ -50,11 +50,9 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
 
     def after_layer(self, layer_idx, hidden, token_index, prepared_extras):
         deepstack = prepared_extras.get("deepstack")
-        if deepstack is None or layer_idx >= deepstack.shape[0]:
-            return hidden
+        if token_index is None or deepstack is None or layer_idx >= deepstack.shape[0]:
+            return hidden  # generated tokens (token_index None) get no DeepStack features
         present = token_index >= 0
-        if not bool(present.any()):  # decode tokens: nothing to add
-            return hidden
         index = token_index.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1])
         feats = deepstack[layer_idx].gather(1, index)
         return hidden + torch.where(present[..., None], feats, 0.0)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from dstp.errors import InputError
-from dstp.models.base import Adapter, PreparedInputs
-from dstp.models.llava import text_positions
+from dstp.models.base import Adapter, PreparedInputs, text_positions
 
 
 class ShiftBenchAdapter(Adapter):
