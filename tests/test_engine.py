@@ -96,3 +96,31 @@ def test_kept_tokens_keep_original_positions(family):
         assert order.tolist() == expect
         # the rotary tables used for those slots are the ones of the original positions
     assert state.Tk == int((prepared.attention_mask & ~prepared.visual_mask).sum(-1).max()) + 3
+
+
+def test_sampling_is_deterministic_under_a_seed_and_stops_at_stop_tokens():
+    model = tm.tiny_llava()
+    adapter = adapter_for_model(model)
+    engine = Engine(adapter)
+    prepared = adapter.prepare(tm.llava_batch([3, 7, 1]))
+    cfg = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.9, seed=3)
+    a = engine.generate(prepared, cfg).tokens
+    b = engine.generate(prepared, cfg).tokens
+    c = engine.generate(prepared, GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.9,
+                                                   seed=4)).tokens
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # a stop token ends its row: the row is padded afterwards and its length reported
+    greedy = engine.generate(prepared, GenerationConfig(max_new_tokens=16)).tokens
+    stop = int(greedy[1, 4])
+    out = engine.generate(prepared, GenerationConfig(max_new_tokens=16, stop_token_ids=(stop,)))
+    first = int((greedy[1] == stop).nonzero()[0])
+    assert out.trace.new_tokens[1] == first + 1
+    assert torch.equal(out.tokens[1, : first + 1], greedy[1, : first + 1])
+    assert (out.tokens[1, first + 1:] == adapter.pad_token_id).all()
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_p():
+    from dstp.engine.sampling import logits_to_probs
+
+    probs = logits_to_probs(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), temperature=1.0, top_p=0.8)
+    assert torch.allclose(probs, torch.tensor([[0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]]))
