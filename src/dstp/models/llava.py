@@ -58,11 +58,12 @@ class LlavaAdapter(Adapter):
         k = attn.k_proj(x).view(n, S, attn.num_heads, -1).transpose(1, 2).float()
         return torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1).mean(1)[:, 0]
 
+    @torch.no_grad()
     def prepare(self, batch) -> PreparedInputs:
         input_ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
         if "pixel_values" not in batch or batch["pixel_values"] is None:
-            raise InputError("LLaVA inputs have no pixel_values: pass an image with every prompt")
+            raise InputError(f"{self.family} inputs have no pixel_values: pass an image with every prompt")
         feats, scores = self.features_and_scores(batch["pixel_values"].to(self.device))
         image_token = self.model.config.image_token_id
         check_image_tokens(input_ids, image_token, feats.shape[0])
@@ -75,5 +76,5 @@ class LlavaAdapter(Adapter):
             position_ids=text_positions(mask),
             next_position=mask.long().sum(-1),
             visual_mask=visual,
-            vision_scores=scores_by_row(visual, scores),
+            vision_scores=None if scores is None else scores_by_row(visual, scores),
         )

@@ -76,17 +76,26 @@ class Qwen25VLAdapter(Adapter):
         return get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
                                        window_size=visual.window_size, patch_size=visual.patch_size)[0]
 
+    def visual_inputs(self, pixel_values, grid, visual, embeds):
+        """(features [n_tokens, D], vision scores [n_tokens] or None, extras) for `prepare`."""
+        feats, scores = self.features_and_scores(pixel_values, grid)
+        return feats, scores, {}
+
+    @torch.no_grad()
     def prepare(self, batch) -> PreparedInputs:
         cfg = self.model.config
         input_ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
         if batch.get("pixel_values") is None or batch.get("image_grid_thw") is None:
-            raise InputError("Qwen2.5-VL inputs need pixel_values and image_grid_thw: pass an image with every prompt")
+            raise InputError(f"{self.family} inputs need pixel_values and image_grid_thw: pass an image with "
+                             f"every prompt")
         grid = batch["image_grid_thw"].to(self.device)
-        feats, scores = self.features_and_scores(batch["pixel_values"].to(self.device, self.dtype), grid)
-        check_image_tokens(input_ids, cfg.image_token_id, feats.shape[0])
         visual = input_ids == cfg.image_token_id
-        embeds = self.embed_tokens(input_ids).masked_scatter(visual[..., None], feats.to(self.dtype))
+        embeds = self.embed_tokens(input_ids)
+        feats, scores, extras = self.visual_inputs(batch["pixel_values"].to(self.device, self.dtype), grid, visual,
+                                                   embeds)
+        check_image_tokens(input_ids, cfg.image_token_id, feats.shape[0])
+        embeds = embeds.masked_scatter(visual[..., None], feats.to(self.dtype))
         position_ids, deltas = self.rope_index(input_ids, visual, grid, mask)
         return PreparedInputs(
             inputs_embeds=embeds,
@@ -94,7 +103,8 @@ class Qwen25VLAdapter(Adapter):
             position_ids=position_ids,
             next_position=mask.long().sum(-1) + deltas.reshape(-1),
             visual_mask=visual,
-            vision_scores=scores_by_row(visual, scores),
+            vision_scores=None if scores is None else scores_by_row(visual, scores),
+            extras=extras,
         )
 
     def rope_index(self, input_ids, visual, grid, mask):

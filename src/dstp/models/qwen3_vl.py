@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dstp.errors import InputError
-from dstp.models.base import PreparedInputs, check_image_tokens
+from dstp.models.base import check_image_tokens
 from dstp.models.qwen2_5_vl import Qwen25VLAdapter
 
 
@@ -21,32 +20,14 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
     model_type = "qwen3_vl"
     example_id = "Qwen/Qwen3-VL-4B-Instruct"
 
-    @torch.no_grad()
-    def prepare(self, batch) -> PreparedInputs:
-        cfg = self.model.config
-        input_ids = batch["input_ids"].to(self.device)
-        mask = batch["attention_mask"].to(self.device).bool()
-        if batch.get("pixel_values") is None or batch.get("image_grid_thw") is None:
-            raise InputError("Qwen3-VL inputs need pixel_values and image_grid_thw: pass an image with every prompt")
-        grid = batch["image_grid_thw"].to(self.device)
-        out = self.model.model.get_image_features(pixel_values=batch["pixel_values"].to(self.device, self.dtype),
-                                                  image_grid_thw=grid)
-        feats = torch.cat(list(out.pooler_output), dim=0).to(self.dtype)
-        check_image_tokens(input_ids, cfg.image_token_id, feats.shape[0])
-        visual = input_ids == cfg.image_token_id
-        embeds = self.embed_tokens(input_ids).masked_scatter(visual[..., None], feats)
+    def visual_inputs(self, pixel_values, grid, visual, embeds):
+        out = self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid)
+        feats = torch.cat(list(out.pooler_output), dim=0)
+        check_image_tokens(visual.long(), 1, feats.shape[0])
         deepstack = embeds.new_zeros(len(out.deepstack_features), *embeds.shape)
         if len(out.deepstack_features):
-            deepstack[:, visual] = torch.stack(list(out.deepstack_features)).to(self.dtype)
-        position_ids, deltas = self.rope_index(input_ids, visual, grid, mask)
-        return PreparedInputs(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=position_ids,
-            next_position=mask.long().sum(-1) + deltas.reshape(-1),
-            visual_mask=visual,
-            extras={"deepstack": deepstack},
-        )
+            deepstack[:, visual] = torch.stack(list(out.deepstack_features)).to(embeds.dtype)
+        return feats, None, {"deepstack": deepstack}
 
     def after_layer(self, layer_idx, hidden, token_index, prepared_extras):
         deepstack = prepared_extras.get("deepstack")
