@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--steps", type=lambda s: [int(x) for x in _csv(s)], default=None,
                    help="decoding steps to draw heatmaps for (default: start, events, end)")
     a.add_argument("--max-new-tokens", type=int, default=64)
+    a.add_argument("--layer", type=int, default=None, help="layer to analyse (default: the most focused one)")
     a.add_argument("--out", default="results/analyze")
 
     s = sub.add_parser("speed", help="prefill/decode timing: HF generate vs engine vs pruned vs DSTP")

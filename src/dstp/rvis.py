@@ -125,6 +125,13 @@ def report(r_layer: torch.Tensor, layer: int, n_valid: int, retention: float = 0
                       overlap_with_prefill_topk=topk_overlap(r, kept, k).tolist())
 
 
+def most_focused_layer(r: torch.Tensor) -> int:
+    """The layer whose relevance is most concentrated (lowest mean entropy over steps): where the model reads."""
+    p = r.float() / r.float().sum(-1, keepdim=True).clamp(min=1e-12)
+    entropy = -(p * p.clamp(min=1e-12).log()).sum(-1).mean(-1)
+    return int(entropy.argmin())
+
+
 # ---- plots ---------------------------------------------------------------------------------------
 def grid_shape(n: int, hint: tuple[int, int] | None = None) -> tuple[int, int]:
     if hint is not None and hint[0] * hint[1] == n:
@@ -175,10 +182,11 @@ def plot_heatmaps(image: np.ndarray, r: torch.Tensor, steps: list[int], path: st
 
     h, w = grid_shape(r.shape[-1], grid)
     fig, axes = plt.subplots(1, len(steps), figsize=(3 * len(steps), 3.2), squeeze=False)
+    gray = np.asarray(image, dtype=float).mean(-1) if np.asarray(image).ndim == 3 else np.asarray(image, float)
     for ax, s, title in zip(axes[0], steps, titles or [None] * len(steps)):
-        ax.imshow(image)
+        ax.imshow(gray, cmap="gray", alpha=0.35)
         heat = r[s].reshape(h, w).float().numpy()
-        ax.imshow(heat, cmap="inferno", alpha=0.6, extent=(0, image.shape[1], image.shape[0], 0),
+        ax.imshow(heat, cmap="magma", alpha=0.75, extent=(0, gray.shape[1], gray.shape[0], 0),
                   interpolation="nearest")
         ax.set_title(title or f"step {s}", fontsize=8)
         ax.axis("off")
@@ -213,8 +221,8 @@ def run_analyze_cli(args) -> int:
     nv = int(prepared.n_visual[0])
     tok = pipe.processor.tokenizer
     fed = ["<prompt>"] + [tok.decode([t]) for t in tokens[0, :-1].tolist()]
-    layer = min(1, rel.shape[0] - 1)
     reports = [report(rel[i], i, nv) for i in range(rel.shape[0])]
+    layer = args.layer if args.layer is not None else most_focused_layer(rel[:, :, :nv])
     rep = reports[layer]
     # what DSTP does on the same input, on top of FastV at 33.3%
     from dstp.config import DSTPConfig, PruneConfig
