@@ -222,7 +222,7 @@ class ShiftPolicy:
         mask &= ~tail | (s.order[:, None, None, :] == order[:, None, :, None])
         _, pairs = engine._run_layers(range(state.P, L), h, s, state.rev0, order, cos, sin, token_index,
                                       state.prepared.extras, rows=rows, mask=mask)
-        state.shift_state.extra_flops += engine._flops(L - state.P, int((rvalid & rows[:, None]).sum()), pairs)
+        state.shift_state.extra_flops += engine._flops(L - state.P, (rvalid & rows[:, None]).sum(), pairs)
 
     @staticmethod
     def _active_count(state) -> torch.Tensor:

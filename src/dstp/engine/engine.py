@@ -70,7 +70,7 @@ class Engine:
                 capture[i] = h
             h = self.adapter.run_layer(i, h, mask, cos, sin, store.view(start, rows))
             h = self.adapter.after_layer(i, h, token_index, extras)
-        return h, int(mask.sum())
+        return h, mask.sum()  # a tensor: counting must not sync the host while decoding
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.adapter.lm_head(self.adapter.final_norm(h_last))[:, -1].float()
@@ -281,6 +281,7 @@ class Engine:
         trace.new_tokens = lengths.tolist()
         if shift is not None:
             shift.finish(trace, state)
+        trace.prefill_flops, trace.decode_flops = float(trace.prefill_flops), float(trace.decode_flops)
         out = torch.stack(tokens, dim=1)
         return GenerationOutput(tokens=out, trace=trace, logits=torch.stack(all_logits, 1) if return_logits else None)
 
