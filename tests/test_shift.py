@@ -59,14 +59,16 @@ def test_all_tokens_store_window_equals_unpruned(llava, P):
     assert [int(x) for x in out.trace.steps[0].visual_attended] == [int(n) for n in prepared.n_visual]
 
 
-@pytest.mark.parametrize("P", [0, 2])
-def test_recomputed_kv_equals_prefill_that_kept_them(llava, P):
+@pytest.mark.parametrize("P,steps", [(0, 1), (2, 1), (2, 4)])
+def test_recomputed_kv_equals_prefill_that_kept_them(llava, P, steps):
+    """After `steps` forced shifts (later ones reuse the per-sequence cache of computed tokens)."""
     adapter, engine = llava
     prepared = adapter.prepare(tm.llava_batch([3, 7, 1]))
     kept = kept_sets(prepared, drop=6)
-    policy = ShiftPolicy(DSTPConfig(force_every=100, window=5), P)
-    state, logits, _ = engine.prefill(prepared, 4, pruner=FixedPruner(P, kept), shift=policy)
-    engine.decode_step(state, logits.argmax(-1), policy)
+    policy = ShiftPolicy(DSTPConfig(force_every=1, window=5, variant="random" if steps > 1 else "dstp"), P)
+    state, logits, _ = engine.prefill(prepared, 8, pruner=FixedPruner(P, kept), shift=policy)
+    for _ in range(steps):
+        logits, _, _ = engine.decode_step(state, logits.argmax(-1), policy)
     revived = state.shift_state.revived
     assert revived.any()
     s = state.pruned

@@ -36,7 +36,10 @@ class ShiftState:
     base_valid: torch.Tensor  # [B, Tk] validity of the kept prompt slots at prefill
     slot_rank: torch.Tensor  # [B, Tk] visual rank held by each kept slot (-1: text or padding)
     generator: torch.Generator
-    history: list  # per step: (similarity, shift, active, revived mask)
+    history: list
+    cache_k: torch.Tensor | None = None  # recompute: [L-P, B, Hkv, Nmax, hd] K/V of visual tokens computed so far
+    cache_v: torch.Tensor | None = None
+    computed: torch.Tensor | None = None  # [B, Nmax] bool  # per step: (similarity, shift, active, revived mask)
     extra_flops: float = 0.0
     detect_seconds: float = 0.0
     revive_seconds: float = 0.0
@@ -108,7 +111,16 @@ class ShiftPolicy:
             in_window=torch.zeros(B, dtype=torch.bool, device=vpos.device),
             revived=torch.zeros(B, N, dtype=torch.bool, device=vpos.device),
             base_valid=base_valid, slot_rank=slot_rank,
-            generator=torch.Generator(device="cpu").manual_seed(self.config.seed), history=[])
+            generator=torch.Generator(device="cpu").manual_seed(self.config.seed), history=[],
+            **self._revived_cache(state))
+
+    def _revived_cache(self, state) -> dict:
+        if self.config.source != "recompute" or state.R == 0:
+            return {}
+        s, N = state.pruned, state.visual_pos.shape[1]
+        shape = (len(s.layers), s.k.shape[1], s.k.shape[2], N, s.k.shape[-1])
+        return dict(cache_k=s.k.new_zeros(shape), cache_v=s.v.new_zeros(shape),
+                    computed=torch.zeros(state.kept.shape, dtype=torch.bool, device=s.k.device))
 
     @staticmethod
     def _attend(q: torch.Tensor, keys: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
@@ -170,59 +182,83 @@ class ShiftPolicy:
     def _activate(self, engine, state, rows, target):
         st, s, Tk, R, r0, cfg = state.shift_state, state.pruned, state.Tk, state.R, state.rev0, self.config
         kept = state.kept
-        revive = target & ~kept
+        revive = target & ~kept & rows[:, None]
+        if R > 0:
+            s.tail_active = True
+            # revived ranks, best first, at most R of them, then in rank order
+            score = revive.float() * 2 - torch.arange(revive.shape[1], device=revive.device) * 1e-6
+            rank = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :R]
+            rvalid = revive.gather(1, rank)
+            rank = torch.sort(torch.where(rvalid, rank, rank.new_full((), 1 << 40)), dim=-1).values
+            rvalid = rank < (1 << 40)
+            rank = rank.clamp(max=revive.shape[1] - 1)
+            new_revived = torch.zeros_like(revive).scatter(1, rank, rvalid)
+            st.revived = torch.where(rows[:, None], new_revived, st.revived)
+            pos = state.visual_pos.gather(1, rank)
+            if cfg.source == "store":
+                self._fill_tail(state, rows, state.reserve.k, state.reserve.v, pos)
+            else:
+                self._compute_missing(engine, state, new_revived)
+                self._fill_tail(state, rows, st.cache_k, st.cache_v, rank)
+            pad_tag = -1 - torch.arange(r0, r0 + R, device=pos.device).expand_as(pos)
+            s.order[:, r0:] = torch.where(rows[:, None], torch.where(rvalid, pos, pad_tag), s.order[:, r0:])
+            s.valid[:, r0:] = torch.where(rows[:, None], rvalid, s.valid[:, r0:])
         if cfg.variant == "hard":  # replace: S0 tokens outside T_l leave for the window
             in_target = target.gather(1, st.slot_rank.clamp(min=0)) | (st.slot_rank < 0)
             s.valid[:, :Tk] = torch.where(rows[:, None], st.base_valid & in_target, s.valid[:, :Tk])
         else:
             s.valid[:, :Tk] = torch.where(rows[:, None], st.base_valid, s.valid[:, :Tk])
-        if R == 0:
-            return
-        s.tail_active = True
-        # revived ranks, best first, at most R of them
-        score = revive.float() * 2 - torch.arange(revive.shape[1], device=revive.device) * 1e-6
-        rank = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :R]
-        rvalid = revive.gather(1, rank)
-        rank = torch.sort(torch.where(rvalid, rank, rank.new_full((), 1 << 40)), dim=-1).values
-        rvalid = rank < (1 << 40)
-        rank = rank.clamp(max=revive.shape[1] - 1)
-        pos = state.visual_pos.gather(1, rank)
-        pad_tag = -1 - torch.arange(r0, r0 + R, device=pos.device).expand_as(pos)
-        order = torch.where(rvalid, pos, pad_tag)
-        s.order[:, r0:] = torch.where(rows[:, None], order, s.order[:, r0:])
-        s.valid[:, r0:] = torch.where(rows[:, None], rvalid, s.valid[:, r0:])
-        new_revived = torch.zeros_like(revive).scatter(1, rank, rvalid)
-        st.revived = torch.where(rows[:, None], new_revived, st.revived)
-        if cfg.source == "store":
-            self._copy_from_store(state, rows, pos)
-        else:
-            self._recompute(engine, state, rows, pos, order, rvalid)
 
-    def _copy_from_store(self, state, rows, pos):
-        s, res, r0 = state.pruned, state.reserve, state.rev0
-        idx = pos[:, None, :, None].expand(-1, s.k.shape[2], -1, s.k.shape[-1])
+    @staticmethod
+    def _fill_tail(state, rows, src_k, src_v, index):
+        """Revival slots of `rows` <- K/V of `src` at `index` [B, R] (its token axis), every layer >= P."""
+        s, r0 = state.pruned, state.rev0
+        idx = index[:, None, :, None].expand(-1, s.k.shape[2], -1, s.k.shape[-1])
         keep = rows[:, None, None, None]
         for li in range(len(s.layers)):
-            s.k[li, :, :, r0:] = torch.where(keep, res.k[li].gather(2, idx), s.k[li, :, :, r0:])
-            s.v[li, :, :, r0:] = torch.where(keep, res.v[li].gather(2, idx), s.v[li, :, :, r0:])
+            s.k[li, :, :, r0:] = torch.where(keep, src_k[li].gather(2, idx), s.k[li, :, :, r0:])
+            s.v[li, :, :, r0:] = torch.where(keep, src_v[li].gather(2, idx), s.v[li, :, :, r0:])
 
-    def _recompute(self, engine, state, rows, pos, order, rvalid):
-        """Run layers P..L-1 for the revived tokens only, each attending causally to the kept prompt tokens
-        before it (not to other revived tokens): exactly the K/V a prefill that had also kept that one token
-        would hold. A revived token's K/V thus depend on S0 alone, whichever window revives it."""
+    def _compute_missing(self, engine, state, wanted):
+        """`recompute` source: K/V at layers P..L-1 of the wanted visual tokens not computed yet, into the
+        per-sequence cache (bounded by N tokens). Each token attends causally to the text prefix and S0 before
+        it (not to other revived tokens), so its K/V equal those of a prefill that had also kept that one token
+        and stay valid for the rest of the sequence, whichever window revives it again."""
+        st, s, r0, Tk = state.shift_state, state.pruned, state.rev0, state.Tk
+        need = wanted & ~st.computed
+        count = need.sum(-1)
+        if not bool(need.any()):
+            return
+        m = int(count.max())
+        rank = torch.argsort((~need).to(torch.int8), dim=-1, stable=True)[:, :m]
+        nvalid = torch.arange(m, device=rank.device)[None] < count[:, None]
+        rows = count > 0
+        pos = state.visual_pos.gather(1, rank)
+        order = torch.where(nvalid, pos, -1 - torch.arange(r0, r0 + m, device=pos.device).expand_as(pos))
+        # the revival slots of the rows computing serve as scratch; every query sees only S0 and itself
+        s.order[:, r0:r0 + m] = torch.where(rows[:, None], order, s.order[:, r0:r0 + m])
+        kept_valid = s.valid[:, :Tk].clone()
+        s.valid[:, :Tk] = st.base_valid
+        mask = s.mask(order)
+        tail = torch.arange(s.capacity, device=pos.device) >= r0
+        mask &= ~tail | (s.order[:, None, None, :] == order[:, None, :, None])
         hid = state.hidden_at_P
         D, hd = hid.shape[-1], state.cos.shape[-1]
         h = hid.gather(1, pos[..., None].expand(-1, -1, D))
         cos = state.cos.gather(1, pos[..., None].expand(-1, -1, hd))
         sin = state.sin.gather(1, pos[..., None].expand(-1, -1, hd))
-        token_index = torch.where(rvalid, pos, -1)
-        L, s = engine.adapter.n_layers, state.pruned
-        mask = s.mask(order)
-        tail = torch.arange(s.capacity, device=pos.device) >= state.rev0
-        mask &= ~tail | (s.order[:, None, None, :] == order[:, None, :, None])
-        _, pairs = engine._run_layers(range(state.P, L), h, s, state.rev0, order, cos, sin, token_index,
-                                      state.prepared.extras, rows=rows, mask=mask)
-        state.shift_state.extra_flops += engine._flops(L - state.P, (rvalid & rows[:, None]).sum(), pairs)
+        L = engine.adapter.n_layers
+        engine._run_layers(range(state.P, L), h, s, r0, order, cos, sin, torch.where(nvalid, pos, -1),
+                           state.prepared.extras, rows=rows, mask=mask)
+        s.valid[:, :Tk] = kept_valid
+        st.extra_flops += engine._flops(L - state.P, need.sum(), (mask[:, 0] & nvalid[:, :, None]).sum())
+        idx = rank[:, None, :, None].expand(-1, s.k.shape[2], -1, s.k.shape[-1])
+        put = nvalid[:, None, :, None]
+        for li in range(len(s.layers)):
+            for cache, fresh in ((st.cache_k, s.k), (st.cache_v, s.v)):
+                old = cache[li].gather(2, idx)
+                cache[li].scatter_(2, idx, torch.where(put, fresh[li, :, :, r0:r0 + m], old))
+        st.computed |= need
 
     @staticmethod
     def _active_count(state) -> torch.Tensor:
