@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from dstp.errors import InputError
-from dstp.models.base import Adapter, PreparedInputs, text_positions
+from dstp.models.base import Adapter, PreparedInputs, scores_by_row, text_positions
 
 
 class ShiftBenchAdapter(Adapter):
@@ -54,5 +54,8 @@ class ShiftBenchAdapter(Adapter):
             raise InputError(f"ShiftBench inputs: {e}") from None
         if not bool(visual.any()):
             raise InputError("ShiftBench prompts need an <image>: no image tokens found")
+        # The per-cell front end has no attention for VisionZip to read; its stand-in for "how much the encoder
+        # attends to a token" is the token's feature norm (query-agnostic saliency, as VisionZip's score is).
+        scores = scores_by_row(visual, embeds[visual].float().norm(dim=-1))
         return PreparedInputs(inputs_embeds=embeds, attention_mask=mask, position_ids=text_positions(mask),
-                              next_position=mask.long().sum(-1), visual_mask=visual)
+                              next_position=mask.long().sum(-1), visual_mask=visual, vision_scores=scores)
