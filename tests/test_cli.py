@@ -68,3 +68,22 @@ def test_generate_prints_answer_and_trace(model_dir, image_file, capsys):
     trace = json.loads(out[out.index("{"):])
     assert trace["n_visual"] == 144 and len(trace["kept"]) == 48
     assert all("similarity" in s for s in trace["steps"])
+
+
+def test_bench_writes_records_and_plots(model_dir, tmp_path):
+    out = tmp_path / "res"
+    code = run_cli(["bench", "--model", model_dir, "--n", "4", "--methods", "fastv,divprune", "--tasks", "walk",
+                    "--retentions", "0.333", "--out", str(out), "--batch-size", "4"])
+    assert code == 0
+    records = json.loads((out / "bench.json").read_text())
+    keys = {"task", "method", "shift", "retention", "n", "accuracy", "rvis_events_mean", "visual_tokens_per_step",
+            "prefill_flops", "decode_flops", "kv_bytes_peak", "seconds", "model", "seed"}
+    assert all(keys <= set(r) for r in records)
+    combos = {(r["method"], r["shift"]) for r in records}
+    assert combos == {("none", "none"), ("fastv", "none"), ("fastv", "dstp"), ("divprune", "none"),
+                      ("divprune", "dstp")}
+    by = {(r["method"], r["shift"]): r for r in records}
+    assert by[("fastv", "none")]["visual_tokens_per_step"] == 48  # ceil(0.333 * 144) really attended
+    assert by[("fastv", "none")]["prefill_flops"] < by[("none", "none")]["prefill_flops"]
+    for png in ("accuracy_vs_retention.png", "accuracy_vs_tflops.png", "success_by_rvis_events.png"):
+        assert (out / png).stat().st_size > 1000
