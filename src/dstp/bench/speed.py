@@ -1,6 +1,7 @@
 """`dstp speed`: do the savings show up as time? One run, side by side (DESIGN §8):
 transformers' generate(), the engine unpruned, FastV at 33.3%, and FastV + DSTP (store and recompute,
 forced to shift every `shift_every` steps so runs compare). Random weights, visual KV dominates.
+`tokens_per_s` is decoding throughput (batch x new tokens per second of decoding); prefill is its own column.
 
 On random weights CPTS's top-k rarely leaves S0 (S0's softmax over k keys out-scores the reserve's over N - k),
 so the forced shifts use DSTP's `random` target: each shift then revives about (1 - retention) * k tokens, as
@@ -139,17 +140,16 @@ def run_speed(cfg: SpeedConfig, device: str = "cpu", dtype: str = "float32") -> 
 
     base_prefill, base_decode, base_trace = measured["engine_unpruned"]
     rows.append(dict(name="hf_generate", prefill_s=t1, decode_ms_per_token=1000 * (tn - t1) / (n - 1),
-                     tokens_per_s=cfg.batch * n / tn, kv_bytes_peak=kv_hf,
+                     tokens_per_s=cfg.batch * (n - 1) / (tn - t1), kv_bytes_peak=kv_hf,
                      flops=base_trace.prefill_flops + base_trace.decode_flops, ratio_to_ideal=None,
                      prefill_ratio_to_ideal=None, visual_tokens_per_step=cfg.grid ** 2))
     for name, (prefill, decode, trace) in measured.items():
         flops = trace.prefill_flops + trace.decode_flops
         ideal_prefill = base_prefill * trace.prefill_flops / base_trace.prefill_flops
         ideal_decode = base_decode * trace.decode_flops / base_trace.decode_flops
-        total = prefill + decode * len(trace.steps)
         attended = sum(float(s.visual_attended.float().mean()) for s in trace.steps) / max(1, len(trace.steps))
         rows.append(dict(name=name, prefill_s=prefill, decode_ms_per_token=1000 * decode,
-                         tokens_per_s=cfg.batch * (len(trace.steps) + 1) / total, kv_bytes_peak=trace.kv_bytes_peak,
+                         tokens_per_s=cfg.batch / decode, kv_bytes_peak=trace.kv_bytes_peak,
                          flops=flops, ratio_to_ideal=decode / ideal_decode, prefill_ratio_to_ideal=prefill / ideal_prefill,
                          visual_tokens_per_step=attended))
     device_name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else \
