@@ -8,8 +8,8 @@ import torch
 
 from dstp.shiftbench import TASKS, check_answer, default_checkpoint_dir, evaluate, generate_samples, load_shiftbench
 from dstp.shiftbench.processor import ShiftBenchProcessor
-from dstp.shiftbench.render import BAR, DIRECTION_COLOURS, GRID_LINE, render_grid
-from dstp.shiftbench.symbols import SYMBOLS, apply_move, cell_name, parse_cell_name
+from dstp.shiftbench.render import GRID_LINE, PALETTE, render_grid
+from dstp.shiftbench.symbols import cell_name, parse_cell_name
 
 
 @pytest.fixture(scope="module")
@@ -32,31 +32,31 @@ def test_generator_is_deterministic(task):
 
 def test_grid_is_at_least_12x12_and_image_matches():
     s = generate_samples("walk", 1, seed=0)[0]
-    assert s.symbols.shape == (12, 12)
+    assert s.pointers.shape == (12, 12)
     assert s.image.shape == (96, 96, 3) and s.image.dtype == np.uint8
-    assert np.array_equal(render_grid(s.symbols), s.image)
+    assert np.array_equal(render_grid(s.pointers), s.image)
+    assert (s.pointers.reshape(-1) != np.arange(144)).all()  # no cell points at itself
 
 
 def test_renderer_pixels_of_a_cell():
     p = 8
-    symbols = np.zeros((4, 4), dtype=np.int64)
-    symbols[2, 1] = SYMBOLS.index("L3")
-    symbols[0, 3] = SYMBOLS.index("D1")
-    image = render_grid(symbols, p)
+    pointers = np.zeros((4, 4), dtype=np.int64)
+    pointers[2, 1] = 3 * 4 + 0  # cell (2, 1) points at (3, 0)
+    image = render_grid(pointers, p)
     cell = image[2 * p : 3 * p, 1 * p : 2 * p]
     assert tuple(cell[0, 4]) == GRID_LINE and tuple(cell[4, 0]) == GRID_LINE
-    assert tuple(cell[2, 4]) == DIRECTION_COLOURS["L"]  # between bars
-    for row in (1, 3, 5):  # three bars for distance 3
-        assert tuple(cell[row, 4]) == BAR
-    assert tuple(cell[7, 4]) == DIRECTION_COLOURS["L"]
-    other = image[0:p, 3 * p : 4 * p]
-    assert tuple(other[1, 4]) == BAR and tuple(other[3, 4]) == DIRECTION_COLOURS["D"]  # one bar only
-    # a cell's pixels depend on that cell's symbol only
-    changed = symbols.copy()
-    changed[2, 1] = SYMBOLS.index("R1")
+    for row in (1, 2, 3):  # top band: the pointed-to row
+        assert tuple(cell[row, 5]) == PALETTE[3]
+    for row in (4, 5, 6, 7):  # bottom band: the pointed-to column
+        assert tuple(cell[row, 5]) == PALETTE[0]
+    assert tuple(image[1, 5]) == PALETTE[0] and tuple(image[5, 5]) == PALETTE[0]  # cell (0, 0) -> (0, 0)
+    # a cell's pixels depend on that cell's pointer only
+    changed = pointers.copy()
+    changed[2, 1] = 1 * 4 + 2
     diff = np.any(render_grid(changed, p) != image, axis=-1)
     rows, cols = np.nonzero(diff)
     assert rows.min() >= 2 * p and rows.max() < 3 * p and cols.min() >= p and cols.max() < 2 * p
+    assert tuple(render_grid(changed, p)[2 * p + 1, p + 5]) == PALETTE[1]
 
 
 def test_answer_checker():
@@ -73,38 +73,40 @@ def test_answer_checker():
 
 def test_walk_dependencies_follow_the_grid():
     for s in generate_samples("walk", 20, seed=5, hops=range(2, 7)):
-        g = s.symbols.shape[0]
+        g = s.pointers.shape[0]
+        flat = s.pointers.reshape(-1)
         words = s.target.split()
-        start = parse_cell_name(s.prompt.split()[-1])
-        cells = [start]
+        r, c = parse_cell_name(s.prompt.split()[-1])
+        cells = [r * g + c]
         for _ in range(s.hops):
-            cells.append(apply_move(cells[-1], int(s.symbols[cells[-1]])))
-        index = [r * g + c for r, c in cells]
-        assert len(set(index)) == s.hops + 1  # no cell visited twice
-        assert s.cells_needed == index[:-1]
-        assert s.answer == cell_name(*cells[-1]) == words[-1] and words[-2] == "="
-        assert len(words) == len(s.token_dependencies) == len(s.token_reads) == 2 * s.hops + 2
+            cells.append(int(flat[cells[-1]]))
+        assert len(set(cells)) == s.hops + 1  # no cell visited twice
+        assert s.cells_needed == cells[:-1]
+        assert s.answer == cell_name(cells[-1] // g, cells[-1] % g) == words[-1] and words[-2] == "="
+        assert len(words) == len(s.token_dependencies) == len(s.token_reads) == s.hops + 2
         for i in range(s.hops):
-            assert words[2 * i] == SYMBOLS[int(s.symbols[cells[i]])]
-            assert words[2 * i + 1] == cell_name(*cells[i + 1])
-            assert s.token_reads[2 * i] == {index[i]}
-            assert s.token_dependencies[2 * i] == set(index[: i + 1])
-        assert s.token_dependencies[-1] == set(index[:-1])
+            assert words[i] == cell_name(cells[i + 1] // g, cells[i + 1] % g)
+            assert s.token_reads[i] == {cells[i]}
+            assert s.token_dependencies[i] == set(cells[: i + 1])
+        assert s.token_dependencies[-1] == set(cells[:-1])
 
 
 def test_lookup_and_pair_dependencies():
     for s in generate_samples("lookup", 10, seed=1):
         r, c = parse_cell_name(s.prompt.split()[-1])
         assert s.cells_needed == [r * 12 + c]
-        assert s.answer == SYMBOLS[int(s.symbols[r, c])]
+        target = int(s.pointers[r, c])
+        assert s.answer == cell_name(target // 12, target % 12)
         assert s.token_dependencies[-1] == {r * 12 + c}
     answers = set()
     for s in generate_samples("pair", 40, seed=1):
         (ra, ca), (rb, cb) = (parse_cell_name(w) for w in s.prompt.split()[-2:])
         assert s.cells_needed == [ra * 12 + ca, rb * 12 + cb]
-        same = s.symbols[ra, ca] == s.symbols[rb, cb]
+        same = s.pointers[ra, ca] == s.pointers[rb, cb]
         assert s.answer == ("same" if same else "diff")
         assert s.token_dependencies[-1] == set(s.cells_needed)
+        pa, pb = int(s.pointers[ra, ca]), int(s.pointers[rb, cb])
+        assert s.target.split() == [cell_name(pb // 12, pb % 12), cell_name(pa // 12, pa % 12), "=", s.answer]
         answers.add(s.answer)
     assert answers == {"same", "diff"}
 
@@ -113,9 +115,12 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="unknown ShiftBench task 'count'.*lookup, pair, walk"):
         generate_samples("count", 1, seed=0)
     with pytest.raises(ValueError, match="too small"):
-        generate_samples("lookup", 1, seed=0, grid_size=3)
-    with pytest.raises(ValueError, match="too small for walks of 8 hops"):
-        generate_samples("walk", 1, seed=0, grid_size=4, hops=8)
+        generate_samples("lookup", 1, seed=0, grid_size=1)
+    with pytest.raises(ValueError, match="too large"):
+        generate_samples("lookup", 1, seed=0, grid_size=17)
+    with pytest.raises(ValueError, match="too small for walks of 5 hops"):
+        generate_samples("walk", 1, seed=0, grid_size=3, hops=5)
+    assert len(generate_samples("walk", 2, seed=0, grid_size=4, hops=5)) == 2
     with pytest.raises(ValueError, match="hops must be in"):
         generate_samples("walk", 1, seed=0, hops=0)
     with pytest.raises(ValueError, match="only to the walk"):
@@ -148,12 +153,10 @@ def test_shipped_checkpoint_is_small_and_loads(shipped):
 def test_visual_token_i_is_cell_i(shipped):
     model, proc = shipped
     s = generate_samples("lookup", 1, seed=9)[0]
-    symbols = s.symbols.copy()
-    symbols[5, 7] = (symbols[5, 7] + 1) % len(SYMBOLS)
-    if not 0 <= apply_move((5, 7), int(symbols[5, 7]))[0] < 12:
-        symbols[5, 7] = SYMBOLS.index("L1")
+    pointers = s.pointers.copy()
+    pointers[5, 7] = 0 if pointers[5, 7] != 0 else 1
+    b = proc([render_grid(pointers)], [s.prompt])
     a = proc([s.image], [s.prompt])
-    b = proc([render_grid(symbols)], [s.prompt])
     with torch.no_grad():
         ea, vis = model.embed_multimodal(a["input_ids"], a["pixel_values"])
         eb, _ = model.embed_multimodal(b["input_ids"], b["pixel_values"])

@@ -6,15 +6,24 @@ from collections import defaultdict
 
 import torch
 
+from dstp.shiftbench.symbols import parse_cell_name
 from dstp.shiftbench.tasks import check_answer, generate_samples
+
+
+def _banned_ids(processor) -> torch.Tensor:
+    """Tokens greedy decoding never emits: <image> (it has no pixels), <bos>, <pad>."""
+    tok = processor.tokenizer
+    return torch.tensor([processor.image_token_id, tok.bos_token_id, tok.pad_token_id])
 
 
 @torch.no_grad()
 def greedy_generate(model, processor, samples, max_new_tokens: int | None = None, batch_size: int = 250) -> list[str]:
-    """Plain greedy decoding with the HF KV cache (left padding, positions = cumsum(mask) - 1)."""
+    """Plain greedy decoding with the HF KV cache (left padding, positions = cumsum(mask) - 1).
+    <image>, <bos> and <pad> are never emitted."""
     if max_new_tokens is None:
         max_new_tokens = max(2 * s.hops for s in samples) + 8 if samples else 0
     eos = processor.tokenizer.eos_token_id
+    banned = _banned_ids(processor)
     texts = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
@@ -28,7 +37,7 @@ def greedy_generate(model, processor, samples, max_new_tokens: int | None = None
         done = torch.zeros(len(chunk), dtype=torch.bool)
         generated = []
         for _ in range(max_new_tokens):
-            nxt = logits.argmax(-1)
+            nxt = logits.index_fill(-1, banned, float("-inf")).argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
             generated.append(nxt)
             done |= nxt == eos
@@ -146,3 +155,98 @@ def prefill_recall(model, processor, task: str, retention: float, layer: int, n:
         recall.append(sum(hit) / len(hit))
         complete.append(all(hit))
     return {"task": task, "retention": retention, "layer": layer, "k": k, "recall": sum(recall) / n, "all_kept": sum(complete) / n}
+
+
+def _layer_stack(model, embeds, pos, masks):
+    """Run the decoder layers with one additive 4-D mask per layer; logits of every position."""
+    lm = model.language_model
+    position_embeddings = lm.rotary_emb(embeds, pos)
+    hidden = embeds
+    for layer, mask in zip(lm.layers, masks):
+        out = layer(hidden, attention_mask=mask, position_ids=pos, position_embeddings=position_embeddings)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return model.lm_head(lm.norm(hidden))
+
+
+@torch.no_grad()
+def pruned_accuracy(model, processor, task: str, retention: float, prune_layer: int, method: str = "fastv", n: int = 100, seed: int = 4545, hops=None) -> float:
+    """Exact-answer accuracy when visual tokens are pruned once at prefill (a small simulation for
+    the model card, not the dstp engine): from layer ``prune_layer`` on, only the kept visual
+    tokens can be attended, by prompt and generated tokens alike. ``method``: ``fastv`` keeps the
+    top-k by the last prompt token's head-mean attention at layer ``prune_layer - 1``;
+    ``random`` keeps a random k; ``prompt_oracle`` keeps the cells the prompt names, then random
+    ones (what a pruner that knew the question's cells could keep at prefill). Greedy, no cache (every step recomputes the sequence)."""
+    samples = generate_samples(task, n, seed, grid_size=processor.grid_size, hops=hops)
+    model.eval()
+    batch = processor([s.image for s in samples], [s.prompt for s in samples], padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    _, visual_mask = model.embed_multimodal(ids, batch["pixel_values"])
+    n_visual = processor.num_image_tokens
+    k = max(1, int(-(-retention * n_visual // 1)))
+    if method == "fastv":
+        if prune_layer < 1:
+            raise ValueError("fastv needs prune_layer >= 1")
+        _, _, attentions = _prompt_attentions(model, batch)
+        scores = attentions[prune_layer - 1][:, :, -1].mean(1)  # [B, T]
+        scores = scores.masked_fill(~visual_mask, -1.0)
+        keep_pos = scores.topk(k, dim=-1).indices
+    elif method == "random":
+        gen = torch.Generator().manual_seed(seed)
+        keep_pos = torch.stack([row.nonzero().squeeze(-1)[torch.randperm(n_visual, generator=gen)[:k]] for row in visual_mask])
+    elif method == "prompt_oracle":  # the cells the prompt names, then random ones up to k
+        gen = torch.Generator().manual_seed(seed)
+        rows = []
+        for row, s in zip(visual_mask, samples):
+            named = [r * processor.grid_size + c for r, c in filter(None, map(parse_cell_name, s.prompt.split()))]
+            rest = [int(i) for i in torch.randperm(n_visual, generator=gen) if int(i) not in named]
+            rows.append(row.nonzero().squeeze(-1)[torch.tensor((named + rest)[:k])])
+        keep_pos = torch.stack(rows)
+    else:
+        raise ValueError(f"unknown method {method!r}; known: fastv, random, prompt_oracle")
+    dropped = visual_mask.clone()
+    dropped.scatter_(1, keep_pos, False)  # visual tokens that are pruned
+    eos = processor.tokenizer.eos_token_id
+    max_new = max(s.hops for s in samples) + 4 if task == "walk" else 8
+    pixels = batch["pixel_values"]
+    generated = torch.empty(len(samples), 0, dtype=torch.long)
+    done = torch.zeros(len(samples), dtype=torch.bool)
+    neg = torch.finfo(torch.float32).min
+    for _ in range(max_new):
+        full_ids = torch.cat([ids, generated], 1)
+        full_mask = torch.cat([mask, torch.ones_like(generated)], 1)
+        t = full_ids.shape[1]
+        drop = torch.cat([dropped, torch.zeros_like(generated, dtype=torch.bool)], 1)
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        base = causal[None] & full_mask.bool()[:, None, :]
+        pruned = base & ~drop[:, None, :]
+        masks = [
+            torch.zeros(base.shape).masked_fill(~(pruned if i >= prune_layer else base), neg)[:, None]
+            for i in range(len(model.language_model.layers))
+        ]
+        embeds, _ = model.embed_multimodal(full_ids, pixels)
+        pos = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = _layer_stack(model, embeds, pos, masks)[:, -1]
+        nxt = logits.index_fill(-1, _banned_ids(processor), float("-inf")).argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+        done |= nxt == eos
+        generated = torch.cat([generated, nxt[:, None]], 1)
+        if bool(done.all()):
+            break
+    texts = []
+    for row in generated.tolist():
+        texts.append(processor.decode(row[: row.index(eos)] if eos in row else row))
+    return sum(check_answer(s, t) for s, t in zip(samples, texts)) / len(samples)
+
+
+def _prompt_attentions(model, batch):
+    embeds, visual_mask = model.embed_multimodal(batch["input_ids"], batch["pixel_values"])
+    mask = batch["attention_mask"]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    lm_config = model.language_model.config
+    previous = lm_config._attn_implementation
+    lm_config._attn_implementation = "eager"
+    try:
+        out = model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_attentions=True)
+    finally:
+        lm_config._attn_implementation = previous
+    return embeds, visual_mask, out.attentions

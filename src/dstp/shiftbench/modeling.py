@@ -2,8 +2,9 @@
 
 Visual token i = MLP(pixels of cell i) + CELL[i], where CELL is a learned per-cell coordinate table
 (a position embedding: the content comes only from the pixels). A text token that names a cell
-(``r3c7``) gets CELL[cell] added to its word embedding, so its query can equal the key's
-coordinate part. That is all the input-embedding logic, and it lives in :meth:`embed_multimodal`.
+(``r3c7``) gets CELL[cell] added to its word embedding, rolled by ``cell_query_roll`` dimensions
+(so a query head can read the name's copy while its key head reads the visual token's copy, and
+the name token does not match its own key). That is all the input-embedding logic, and it lives in :meth:`embed_multimodal`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class ShiftBenchConfig(PretrainedConfig):
         cell_token_offset: int = 30,
         vision_hidden_size: int = 256,
         init_std: float = 0.08,
+        cell_query_roll: int = 0,
         **kwargs,
     ):
         if isinstance(text_config, dict):
@@ -40,6 +42,7 @@ class ShiftBenchConfig(PretrainedConfig):
         self.cell_token_offset = cell_token_offset
         self.vision_hidden_size = vision_hidden_size
         self.init_std = init_std
+        self.cell_query_roll = cell_query_roll
         super().__init__(**kwargs)
 
     @property
@@ -105,6 +108,8 @@ class ShiftBenchForConditionalGeneration(PreTrainedModel):
         cell = input_ids - cfg.cell_token_offset
         is_cell = (cell >= 0) & (cell < cfg.num_image_tokens)
         cell_keys = self.vision.cell_pos(cell.clamp(0, cfg.num_image_tokens - 1))
+        if cfg.cell_query_roll:  # the name carries the coordinate in other dims than the key
+            cell_keys = torch.roll(cell_keys, cfg.cell_query_roll, dims=-1)
         embeds = embeds + cell_keys * is_cell.unsqueeze(-1).to(embeds.dtype)
         visual_mask = input_ids == cfg.image_token_id
         if visual_mask.any():

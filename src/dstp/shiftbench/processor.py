@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BatchFeature, PreTrainedTokenizerFast
 
-from dstp.shiftbench.symbols import SYMBOLS, cell_name
+from dstp.shiftbench.symbols import cell_name
 from dstp.shiftbench.tasks import IMAGE_TOKEN, MAX_HOPS, TASKS
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", IMAGE_TOKEN)
@@ -20,7 +20,7 @@ PROCESSOR_CONFIG = "shiftbench_processor.json"
 def vocabulary(grid_size: int) -> list[str]:
     """All words, specials first; cell tokens ``r{r}c{c}`` last, in cell-index order."""
     words = list(SPECIALS) + list(TASKS) + [f"h{h}" for h in range(1, MAX_HOPS + 1)]
-    words += ["=", "same", "diff"] + list(SYMBOLS)
+    words += ["=", "same", "diff"]
     words += [cell_name(r, c) for r in range(grid_size) for c in range(grid_size)]
     return words
 

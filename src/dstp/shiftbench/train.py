@@ -1,7 +1,7 @@
 """Train the ShiftBench model from a seed: ``python -m dstp.shiftbench.train --seed 0 [--out DIR]``.
 
 Recipe (DESIGN §7): d=128 Llama decoder, per-cell patch embedder, one token per cell tied to the
-cell's coordinate embedding, init std 0.08, AdamW lr 2e-3 with warm-up and cosine decay, several
+cell's coordinate embedding (heads of one layer initialised as a name -> cell matched filter), init std 0.08, AdamW lr 2e-3 with warm-up and cosine decay, several
 questions packed per image (dense supervision), curriculum lookup -> 1 hop -> 6 hops.
 """
 
@@ -36,16 +36,20 @@ class TrainConfig:
     heads: int = 4
     grid_size: int = 12
     cell_pixels: int = 8
-    steps: int = 1800
+    steps: int = 1200
     batch: int = 32
-    text_tokens: int = 80  # tokens of packed questions after the image
+    text_tokens: int = 128  # tokens of packed questions after the image
     lr: float = 2e-3
-    warmup: int = 200
+    warmup: int = 100
     init_std: float = 0.08
     lookup_steps: int = 150  # lookups only
-    ramp_end: float = 0.45  # fraction of steps by which walks reach max_hops
+    ramp_end: float = 0.3  # fraction of steps by which walks reach max_hops
     max_hops: int = 6
-    tie_heads: int = 2  # layer-0 heads with k_proj initialised equal to q_proj
+    tie_heads: int = 2  # layer-0 heads initialised as a cell-name -> cell matched filter
+    tie_std: float = 0.2
+    read_layer: int = 0  # the layer whose heads start as the matched filter
+    threads: int = 2
+    cell_init_scale: float = 2.0
 
 
 def build_model(cfg: TrainConfig, processor: ShiftBenchProcessor) -> ShiftBenchForConditionalGeneration:
@@ -71,6 +75,7 @@ def build_model(cfg: TrainConfig, processor: ShiftBenchProcessor) -> ShiftBenchF
         image_token_id=processor.image_token_id,
         cell_token_offset=tok.convert_tokens_to_ids("r0c0"),
         init_std=cfg.init_std,
+        cell_query_roll=cfg.hidden // 2,
     )
     torch.manual_seed(cfg.seed)
     model = ShiftBenchForConditionalGeneration(config)
@@ -82,9 +87,24 @@ def build_model(cfg: TrainConfig, processor: ShiftBenchProcessor) -> ShiftBenchF
                 p.zero_()
             else:
                 p.normal_(0.0, cfg.init_std)
-        attn = model.language_model.layers[0].self_attn
-        hd = cfg.hidden // cfg.heads
-        attn.k_proj.weight[: cfg.tie_heads * hd] = attn.q_proj.weight[: cfg.tie_heads * hd]
+        # the content part of a visual token starts at the coordinate table's scale, so that a
+        # cell-name query can find its key's coordinate part (5x larger content drowned it)
+        probe = images_to_pixels([render_grid(random_grid(np.random.default_rng(0), cfg.grid_size), cfg.cell_pixels)])
+        content = model.vision.patch(model.vision.cells(probe))
+        model.vision.patch[2].weight.mul_(cfg.init_std / content.pow(2).mean().sqrt())
+        # matched filter at init: the coordinate table lives in the first half of the dimensions
+        # (the name token's copy is rolled into the second half); heads 0..tie_heads-1 of layer 0
+        # project the name's copy (q) and the visual token's copy (k) with the same matrix
+        half = cfg.hidden // 2
+        model.vision.cell_pos.weight[:, half:] = 0
+        model.vision.cell_pos.weight.mul_(cfg.cell_init_scale)
+        attn = model.language_model.layers[cfg.read_layer].self_attn
+        rows = slice(0, cfg.tie_heads * (cfg.hidden // cfg.heads))
+        shared = torch.randn(rows.stop, half) * cfg.tie_std
+        attn.q_proj.weight[rows] = 0
+        attn.k_proj.weight[rows] = 0
+        attn.q_proj.weight[rows, half:] = shared
+        attn.k_proj.weight[rows, :half] = shared
     return model
 
 
@@ -100,15 +120,15 @@ class Packer:
     def ids(self, words):
         return [self.vocab[w] for w in words]
 
-    def segment(self, task, symbols, hops):
+    def segment(self, task, pointers, hops):
         while True:
-            q = make_question(task, symbols, self.rng, hops)
+            q = make_question(task, pointers, self.rng, hops)
             if q is not None:
                 return q
 
     def sequence(self, max_hops: int):
         cfg, rng = self.cfg, self.rng
-        symbols = random_grid(rng, cfg.grid_size)
+        pointers = random_grid(rng, cfg.grid_size)
         ids = [self.tok.bos_token_id] + [self.vocab["<image>"]] * (cfg.grid_size**2)
         labels = [-100] * len(ids)
         while True:
@@ -117,7 +137,7 @@ class Packer:
             else:
                 task = rng.choice(["lookup", "pair", "walk"], p=[0.2, 0.15, 0.65])
                 hops = int(rng.integers(1, max_hops + 1)) if task == "walk" else 0
-            question, target, *_ = self.segment(task, symbols, hops)
+            question, target, *_ = self.segment(task, pointers, hops)
             seg_q, seg_t = self.ids(question), self.ids(target) + [self.tok.eos_token_id]
             if len(ids) + len(seg_q) + len(seg_t) > 1 + cfg.grid_size**2 + cfg.text_tokens:
                 break
@@ -126,7 +146,7 @@ class Packer:
         pad = 1 + cfg.grid_size**2 + cfg.text_tokens - len(ids)
         ids += [self.tok.pad_token_id] * pad
         labels += [-100] * pad
-        return render_grid(symbols, cfg.cell_pixels), ids, labels
+        return render_grid(pointers, cfg.cell_pixels), ids, labels
 
     def batch(self, max_hops: int):
         rows = [self.sequence(max_hops) for _ in range(self.cfg.batch)]
@@ -162,7 +182,7 @@ def final_metrics(model, processor, n: int, seed: int = FINAL_EVAL_SEED) -> dict
 def train(cfg: TrainConfig, out_dir: Path, log_path: Path, minutes: float | None = None, eval_n: int = 500) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     processor = ShiftBenchProcessor.build(cfg.grid_size, cfg.cell_pixels)
     model = build_model(cfg, processor)
@@ -225,6 +245,9 @@ def train(cfg: TrainConfig, out_dir: Path, log_path: Path, minutes: float | None
     log.close()
     (out_dir / "training_record.json").write_text(json.dumps({"config": asdict(cfg), **record}, indent=2) + "\n")
     print(json.dumps(record, indent=2))
+    from dstp.shiftbench.card import write_card
+
+    write_card(out_dir, model, processor)
     return record
 
 
@@ -236,11 +259,13 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--layers", type=int, default=TrainConfig.layers)
+    parser.add_argument("--read-layer", type=int, default=TrainConfig.read_layer, help="layer initialised as the cell lookup")
+    parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     parser.add_argument("--eval-n", type=int, default=500, help="fresh samples per task / hop count at the end")
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / f"shiftbench-seed{args.seed}"
     log = args.log or Path("runs") / f"shiftbench-seed{args.seed}.train.jsonl"
-    cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers)
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers, read_layer=args.read_layer, threads=args.threads)
     train(cfg, out, log, args.minutes, args.eval_n)
     return 0
 
