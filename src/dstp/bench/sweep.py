@@ -31,7 +31,7 @@ class BenchConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     tasks: tuple[str, ...] = ("lookup", "pair", "walk")
     retentions: tuple[float, ...] = DEFAULT_RETENTIONS
-    n: int = 120
+    n: int = 500
     seed: int = 1234
     batch_size: int = 32
     dstp: DSTPConfig = field(default_factory=DSTPConfig)
@@ -208,11 +208,35 @@ def print_table(records: list[dict], console: Console | None = None):
     console.print(table)
 
 
+def markdown(records: list[dict]) -> str:
+    """Accuracy per task x method x shift, retentions as columns (the README's table)."""
+    rets = sorted({r["retention"] for r in records if r["method"] != "none"}, reverse=True)
+    lines = ["| task | method | shift | " + " | ".join(f"{100 * r:.1f}%" for r in rets) + " | GFLOPs/sample at "
+             f"{100 * rets[len(rets) // 2]:.1f}% |" if rets else "| task | method | shift |",
+             "|---|---|---|" + "---|" * (len(rets) + (1 if rets else 0))]
+    for r in records:
+        if r["method"] == "none":
+            lines.append(f"| {r['task']} | unpruned | - | " + " | ".join(f"{r['accuracy']:.3f}" for _ in rets)
+                         + f" | {(r['prefill_flops'] + r['decode_flops']) / 1e9:.3f} |")
+    groups: dict = {}
+    for r in records:
+        if r["method"] != "none":
+            groups.setdefault((r["task"], r["method"], r["shift"]), {})[r["retention"]] = r
+    for (task, method, shift), by in groups.items():
+        mid = by.get(rets[len(rets) // 2])
+        cells = [f"{by[x]['accuracy']:.3f}" if x in by else "-" for x in rets]
+        flops = f"{(mid['prefill_flops'] + mid['decode_flops']) / 1e9:.3f}" if mid else "-"
+        lines.append(f"| {task} | {method} | {shift} | " + " | ".join(cells) + f" | {flops} |")
+    return "\n".join(lines) + "\n"
+
+
 def save(records: list[dict], out: str) -> str:
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "bench.json")
     with open(path, "w") as f:
         json.dump(records, f, indent=1)
+    with open(os.path.join(out, "bench.md"), "w") as f:
+        f.write(markdown(records))
     return path
 
 
