@@ -64,13 +64,19 @@ class Engine:
 
     def _run_layers(self, layers: range, h, store: KVStore, start: int, query_order, cos, sin, token_index,
                     extras, capture: dict | None = None, rows=None, mask=None):
-        mask = store.mask(query_order) if mask is None else mask
+        if mask is None and store.plain_causal(start, query_order):
+            # exact, and lets SDPA take its fused causal kernel (transformers sets is_causal when mask is None)
+            n = query_order.shape[1]
+            layer_mask, pairs = None, torch.tensor(query_order.shape[0] * n * (n + 1) // 2)
+        else:
+            layer_mask = store.mask(query_order) if mask is None else mask
+            pairs = layer_mask.sum()  # a tensor: counting must not sync the host while decoding
         for i in layers:
             if capture is not None and i in capture:
                 capture[i] = h
-            h = self.adapter.run_layer(i, h, mask, cos, sin, store.view(start, rows))
+            h = self.adapter.run_layer(i, h, layer_mask, cos, sin, store.view(start, rows))
             h = self.adapter.after_layer(i, h, token_index, extras)
-        return h, mask.sum()  # a tensor: counting must not sync the host while decoding
+        return h, pairs
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.adapter.lm_head(self.adapter.final_norm(h_last))[:, -1].float()

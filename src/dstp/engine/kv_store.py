@@ -61,6 +61,15 @@ class KVStore:
         allowed |= order[:, None, :] == query_order[:, :, None]
         return allowed[:, None]
 
+    def plain_causal(self, start: int, query_order: torch.Tensor) -> bool:
+        """True when the queries fill slots [0, span) in increasing order with no padding: then a plain causal
+        mask is exact and attention may use SDPA's fused causal path (prefill without left padding)."""
+        n = query_order.shape[1]
+        if start != 0 or self.span != n or n < 2:
+            return False
+        order = self.order[:, :n]
+        return bool(self.valid[:, :n].all()) and bool((order[:, 1:] > order[:, :-1]).all())
+
     def view(self, start: int, rows: torch.Tensor | None = None) -> "LayerCacheView":
         return LayerCacheView(self, start, rows)
 
