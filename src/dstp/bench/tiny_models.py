@@ -24,6 +24,17 @@ def _init(model, seed):
     return model.eval()
 
 
+def left_pad(rows: list[torch.Tensor]):
+    """Token rows -> (input_ids, attention_mask), padded on the left with id 0."""
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, T - len(r):] = r
+        mask[b, T - len(r):] = 1
+    return ids, mask
+
+
 def tiny_llava(seed: int = 0, layers: int = 4):
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=30, patch_size=6, projection_dim=32)
@@ -47,12 +58,7 @@ def llava_batch(batch_sizes_prefix: list[int], suffix: int = 5, seed: int = 0):
         text1 = torch.randint(3, 90, (n,), generator=g)
         text2 = torch.randint(3, 90, (suffix,), generator=g)
         rows.append(torch.cat([torch.tensor([1]), text1, torch.full((25,), IMAGE_TOKEN), text2]))
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = r
-        mask[b, T - len(r):] = 1
+    ids, mask = left_pad(rows)
     pixels = torch.randn(len(rows), 3, 30, 30, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
@@ -88,12 +94,7 @@ def qwen_batch(grids: list[tuple[int, int]], prefix: list[int], suffix: int = 4,
                                text2]))
         pixels.append(torch.randn(gh * gw, 3 * temporal * patch * patch, generator=g))
         thw.append([1, gh, gw])
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = r
-        mask[b, T - len(r):] = 1
+    ids, mask = left_pad(rows)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels),
             "image_grid_thw": torch.tensor(thw), "mm_token_type_ids": (ids == IMAGE_TOKEN).int()}
 
@@ -155,11 +156,6 @@ def internvl_batch(tiles: list[int], prefix: list[int], suffix: int = 5, seed: i
         rows.append(torch.cat([text1, torch.tensor([IMG_START]),
                                torch.full((n_tiles * INTERNVL_TILE_TOKENS,), IMAGE_TOKEN),
                                torch.tensor([IMG_END]), text2]))
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, T - len(r):] = r
-        mask[b, T - len(r):] = 1
+    ids, mask = left_pad(rows)
     pixels = torch.randn(sum(tiles), 3, 32, 32, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}

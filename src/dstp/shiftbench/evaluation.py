@@ -84,17 +84,8 @@ def _teacher_forced_attentions(model, processor, samples):
     """Eager-attention forward pass over prompt + target + <eos>: (batch, attentions per layer)."""
     texts = [f"{s.prompt} {s.target} <eos>" for s in samples]
     batch = processor([s.image for s in samples], texts, padding_side="left")
-    embeds, visual_mask = model.embed_multimodal(batch["input_ids"], batch["pixel_values"])
-    mask = batch["attention_mask"]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    lm_config = model.language_model.config
-    previous = lm_config._attn_implementation
-    lm_config._attn_implementation = "eager"
-    try:
-        out = model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_attentions=True)
-    finally:
-        lm_config._attn_implementation = previous
-    return batch, visual_mask, out.attentions
+    _, visual_mask, attentions = _prompt_attentions(model, batch)
+    return batch, visual_mask, attentions
 
 
 def lookup_attention_profile(model, processor, task: str = "walk", n: int = 64, seed: int = 4242, hops=None) -> dict:
