@@ -177,14 +177,14 @@ class ShiftPolicy:
         s.valid[:, :Tk] = torch.where(rows[:, None], st.base_valid, s.valid[:, :Tk])
         st.revived &= ~rows[:, None]
         st.in_window &= ~rows
-        s.tail_active = bool(st.in_window.any())
+        s.tail_len = int(s.valid[:, r0:].sum(-1).max())
 
     def _activate(self, engine, state, rows, target):
         st, s, Tk, R, r0, cfg = state.shift_state, state.pruned, state.Tk, state.R, state.rev0, self.config
         kept = state.kept
         revive = target & ~kept & rows[:, None]
         if R > 0:
-            s.tail_active = True
+            s.tail_len = R  # the whole tail while revived K/V are produced
             # revived ranks, best first, at most R of them, then in rank order
             score = revive.float() * 2 - torch.arange(revive.shape[1], device=revive.device) * 1e-6
             rank = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :R]
@@ -203,6 +203,7 @@ class ShiftPolicy:
             pad_tag = -1 - torch.arange(r0, r0 + R, device=pos.device).expand_as(pos)
             s.order[:, r0:] = torch.where(rows[:, None], torch.where(rvalid, pos, pad_tag), s.order[:, r0:])
             s.valid[:, r0:] = torch.where(rows[:, None], rvalid, s.valid[:, r0:])
+            s.tail_len = int(s.valid[:, r0:].sum(-1).max())  # each row's revived tokens fill its first slots
         if cfg.variant == "hard":  # replace: S0 tokens outside T_l leave for the window
             in_target = target.gather(1, st.slot_rank.clamp(min=0)) | (st.slot_rank < 0)
             s.valid[:, :Tk] = torch.where(rows[:, None], st.base_valid & in_target, s.valid[:, :Tk])

@@ -23,7 +23,7 @@ class KVStore:
         self.valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
         self.used = 0  # slots [0, used) are filled from the front (prompt, then generated tokens)
         self.tail = capacity  # slots [tail, capacity) are filled on demand (DSTP revival)
-        self.tail_active = False  # attend to the tail too; while off, the tail costs nothing
+        self.tail_len = 0  # slots [tail, tail + tail_len) are attended too; while 0, the tail costs nothing
 
     @property
     def capacity(self) -> int:
@@ -51,7 +51,7 @@ class KVStore:
     @property
     def span(self) -> int:
         """How many leading slots attention reads."""
-        return self.capacity if self.tail_active else self.used
+        return self.tail + self.tail_len if self.tail_len else self.used
 
     def mask(self, query_order: torch.Tensor) -> torch.Tensor:
         """Boolean attention mask [B, 1, Tq, span]: valid slots at or before each query's index."""
