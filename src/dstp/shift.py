@@ -147,21 +147,21 @@ class ShiftPolicy:
         expired = (st.remaining == 0) & st.in_window & ~shift
         if bool(expired.any()):
             self._deactivate(state, expired)
-        if bool(shift.any()):
-            reserve = valid & ~kept
-            a_r = self._attend(q_probe, st.keys, reserve)
+        any_shift = bool(shift.any())  # host sync: whether to produce revived K/V at all
+        if any_shift:
+            a_r = self._attend(q_probe, st.keys, valid & ~kept)
             scores = torch.where(kept, a_l, a_r)
-            target = self._target(scores, kept, reserve, valid, st)
+            target = self._target(scores, valid, st)
             self._activate(engine, state, shift, target)
             st.remaining = torch.where(shift, torch.full_like(st.remaining, cfg.window), st.remaining)
             st.in_window |= shift
         st.revive_seconds += time.perf_counter() - t1
         active = self._active_count(state)
-        st.history.append((shift, st.revived.clone() if bool(shift.any()) else None))
+        st.history.append((shift, st.revived.clone() if any_shift else None))
         st.remaining = (st.remaining - 1).clamp(min=0)
         return StepTrace(visual_attended=active, similarity=sim, shift=shift, active=active)
 
-    def _target(self, scores, kept, reserve, valid, st) -> torch.Tensor:
+    def _target(self, scores, valid, st) -> torch.Tensor:
         """T_l: the visual tokens to have active in the window (before the S0 union)."""
         v = self.config.variant
         if v == "all_tokens":
@@ -172,7 +172,7 @@ class ShiftPolicy:
         return topk_mask(scores, valid, st.k)
 
     def _deactivate(self, state, rows):
-        st, s, Tk, R, r0 = state.shift_state, state.pruned, state.Tk, state.R, state.rev0
+        st, s, Tk, r0 = state.shift_state, state.pruned, state.Tk, state.rev0
         s.valid[:, r0:] &= ~rows[:, None]
         s.valid[:, :Tk] = torch.where(rows[:, None], st.base_valid, s.valid[:, :Tk])
         st.revived &= ~rows[:, None]
@@ -264,7 +264,7 @@ class ShiftPolicy:
     @staticmethod
     def _active_count(state) -> torch.Tensor:
         """Visual tokens active at layers >= P, per row: kept slots still valid + revived slots."""
-        st, s, Tk, R, r0 = state.shift_state, state.pruned, state.Tk, state.R, state.rev0
+        st, s, Tk, r0 = state.shift_state, state.pruned, state.Tk, state.rev0
         kept_slots = ((st.slot_rank >= 0) & s.valid[:, :Tk]).sum(-1)
         return kept_slots + s.valid[:, r0:].sum(-1)
 
