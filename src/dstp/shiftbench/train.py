@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="dstp shiftbench train", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/shiftbench-seed<S>)")
-    parser.add_argument("--log", type=Path, default=None, help="JSON-lines log (default <out>/../<name>.train.jsonl under runs/)")
+    parser.add_argument("--log", type=Path, default=None, help="JSON-lines log (default: <out>.train.jsonl beside <out>)")
     parser.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--layers", type=int, default=TrainConfig.layers)
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-n", type=int, default=500, help="fresh samples per task / hop count at the end")
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / f"shiftbench-seed{args.seed}"
-    log = args.log or Path("runs") / f"shiftbench-seed{args.seed}.train.jsonl"
+    log = args.log or out.parent / f"{out.name}.train.jsonl"
     cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers, read_layer=args.read_layer, threads=args.threads)
     train(cfg, out, log, args.minutes, args.eval_n)
     return 0
