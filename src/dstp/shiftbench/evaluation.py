@@ -124,18 +124,9 @@ def prefill_recall(model, processor, task: str, retention: float, layer: int, n:
     samples = generate_samples(task, n, seed, grid_size=processor.grid_size, hops=hops)
     model.eval()
     batch = processor([s.image for s in samples], [s.prompt for s in samples], padding_side="left")
-    embeds, visual_mask = model.embed_multimodal(batch["input_ids"], batch["pixel_values"])
-    mask = batch["attention_mask"]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    lm_config = model.language_model.config
-    previous = lm_config._attn_implementation
-    lm_config._attn_implementation = "eager"
-    try:
-        with torch.no_grad():
-            out = model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, output_attentions=True)
-    finally:
-        lm_config._attn_implementation = previous
-    attn = out.attentions[layer][:, :, -1].mean(1)  # [B, T]
+    with torch.no_grad():
+        _, visual_mask, attentions = _prompt_attentions(model, batch)
+    attn = attentions[layer][:, :, -1].mean(1)  # [B, T]
     n_visual = processor.num_image_tokens
     k = max(1, int(-(-retention * n_visual // 1)))
     recall, complete = [], []
