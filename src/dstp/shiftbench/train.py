@@ -98,6 +98,11 @@ def build_model(cfg: TrainConfig, processor: ShiftBenchProcessor) -> ShiftBenchF
         half = cfg.hidden // 2
         model.vision.cell_pos.weight[:, half:] = 0
         model.vision.cell_pos.weight.mul_(cfg.cell_init_scale)
+        # a reader deeper than layer 0 must see the embeddings unchanged at init: the layers below it
+        # start as identities (zero output projections), so the matched filter finds the coordinate copies
+        for layer in model.language_model.layers[: cfg.read_layer]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
         attn = model.language_model.layers[cfg.read_layer].self_attn
         rows = slice(0, cfg.tie_heads * (cfg.hidden // cfg.heads))
         shared = torch.randn(rows.stop, half) * cfg.tie_std
