@@ -148,13 +148,27 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def family(request):
-    make, batch = FAMILIES[request.param]
+def build_family(name):
+    make, batch = FAMILIES[name]
     model = make()
     adapter = adapter_for_model(model)
     b = batch()
-    return SimpleNamespace(name=request.param, model=model, adapter=adapter, batch=b, prepared=adapter.prepare(b))
+    return SimpleNamespace(name=name, model=model, adapter=adapter, batch=b, prepared=adapter.prepare(b))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    return build_family(request.param)
+
+
+@pytest.fixture(scope="module")
+def llava_family():
+    return build_family("llava")
+
+
+@pytest.fixture(scope="module")
+def qwen_family():
+    return build_family("qwen2_5_vl")
 
 
 def eager_copy(model):
@@ -206,9 +220,8 @@ def test_sparsevlm_matches_rule_on_eager_attention(family, eager_attentions):
         assert torch.nonzero(kept[b]).flatten().tolist() == sorted(scores.argsort(descending=True)[:k].tolist())
 
 
-def test_llava_cls_attention_matches_clip_eager(family):
-    if family.name != "llava":
-        pytest.skip("CLS attention: LLaVA (CLIP) only")
+def test_llava_cls_attention_matches_clip_eager(llava_family):
+    family = llava_family
     tower = eager_copy(family.model).model.vision_tower
     with torch.no_grad():
         out = tower(family.batch["pixel_values"], output_attentions=True)
@@ -217,9 +230,8 @@ def test_llava_cls_attention_matches_clip_eager(family):
     assert torch.allclose(family.prepared.vision_scores, expect, atol=1e-6)
 
 
-def test_qwen_received_attention_matches_eager(family, monkeypatch):
-    if family.name != "qwen2_5_vl":
-        pytest.skip("received attention: Qwen2.5-VL only")
+def test_qwen_received_attention_matches_eager(qwen_family, monkeypatch):
+    family = qwen_family
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as mq
     seen, original = [], mq.eager_attention_forward
 
