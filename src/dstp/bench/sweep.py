@@ -76,7 +76,6 @@ def prepare_task(pipe: Pipeline, task: str, cfg: BenchConfig) -> TaskData:
     from dstp.shiftbench import generate_samples
 
     samples = generate_samples(task, cfg.n, seed=cfg.seed)
-    tok = pipe.processor.tokenizer
     longest = max(len(s.target.split()) for s in samples)
     chunks = []
     n_vis = pipe.processor.num_image_tokens
@@ -87,7 +86,6 @@ def prepare_task(pipe: Pipeline, task: str, cfg: BenchConfig) -> TaskData:
         for b, s in enumerate(part):
             relevant[b, s.cells_needed] = True
         chunks.append((prepared, relevant, part))
-    del tok
     return TaskData(task=task, samples=samples, chunks=chunks, max_new_tokens=longest + 2)
 
 
@@ -125,8 +123,10 @@ def rvis_events(pipe: Pipeline, data: TaskData, unpruned_texts: list[str]) -> No
     """RVIS events per sample from the unpruned run, at the layer that reads the needed cells most."""
     tok = pipe.processor.tokenizer
     per_layer_mass, rels = [], []
-    for (prepared, _, part), start in zip(data.chunks, range(0, len(data.samples), len(data.chunks[0][2]))):
+    start = 0
+    for prepared, _, part in data.chunks:
         texts = unpruned_texts[start:start + len(part)]
+        start += len(part)
         ids = [tok.convert_tokens_to_ids(t.split()) + [tok.eos_token_id] for t in texts]
         width = max(len(i) for i in ids)
         tokens = torch.full((len(part), width), tok.pad_token_id, dtype=torch.long)

@@ -44,6 +44,11 @@ class State:
         return self.cos.shape[0]
 
     @property
+    def kept_count(self) -> torch.Tensor:
+        """[B] visual tokens in the prefill kept set S0."""
+        return self.kept.sum(-1)
+
+    @property
     def rev0(self) -> int:
         """First revival slot of the pruned store."""
         return self.pruned.tail
@@ -199,30 +204,19 @@ class Engine:
             flops += self._flops(P, B, pairs)
             if probe is not None:
                 q_probe = a.query(probe, capture[probe], cos, sin)
-        step_trace = StepTrace(visual_attended=torch.zeros(B, dtype=torch.long))
         if P < L:
-            if shift is not None:
-                step_trace = shift.step(self, state, q_probe)
+            # the attended visual set changes only through DSTP, which reports it; otherwise it is S0
+            step_trace = shift.step(self, state, q_probe) if shift is not None else \
+                StepTrace(visual_attended=state.kept_count)
             slot = state.Tk + state.step
             state.pruned.claim(slot, order, ones)
             h, pairs = self._run_layers(range(P, L), h, state.pruned, slot, order, cos, sin, None,
                                         state.prepared.extras)
             flops += self._flops(L - P, B, pairs)
-            step_trace.visual_attended = self.visual_attended(state, pruned=True)
         else:
-            step_trace.visual_attended = self.visual_attended(state, pruned=False)
+            step_trace = StepTrace(visual_attended=state.prepared.n_visual)
         state.step += 1
         return self._logits(h), flops, step_trace
-
-    def visual_attended(self, state: State, pruned: bool) -> torch.Tensor:
-        """Visual tokens a new token attends to at the last layer, per row."""
-        vm = state.prepared.visual_mask
-        if not pruned:
-            return (vm & state.prepared.attention_mask).sum(-1)
-        s = state.pruned
-        order, valid = s.order[:, : s.span], s.valid[:, : s.span]
-        is_visual = vm.gather(1, order.clamp(0, state.T - 1)) & (order >= 0) & (order < state.T)
-        return (is_visual & valid).sum(-1)
 
     # ---------------------------------------------------------------------------------------------
     def _flops(self, n_layers: int, n_tokens: int, attn_pairs: int) -> float:
