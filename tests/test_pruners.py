@@ -14,7 +14,7 @@ from dstp.engine.prune_context import budget, topk_mask, visual_layout
 from dstp.errors import ConfigError
 from dstp.models.llava import text_positions
 from dstp.models.registry import adapter_for_model
-from dstp.pruners import PRUNERS, get_pruner
+from dstp.pruners import PRUNERS, depth_scaled_layer, get_pruner
 from dstp.pruners.divprune import max_min_diverse
 from dstp.pruners.visionzip import zip_tokens
 import tiny_models as tm
@@ -304,3 +304,11 @@ def test_random_depends_on_seed():
     rows = [make_row(24, 1, 2, 0), make_row(17, 0, 3, 1)]
     pick = lambda seed: get_pruner(PruneConfig("random", 0.25, seed=seed), 4).select(FakeContext(rows, 0.25, seed)).kept
     assert torch.equal(pick(3), pick(3)) and not torch.equal(pick(3), pick(4))
+
+
+def test_depth_scaled_layer_keeps_fastv_fraction():
+    # K=2 of 32 layers is 1/16 of depth: real 24-40-layer models keep K=2, ShiftBench's 16 layers get K=1
+    assert [depth_scaled_layer(n) for n in (16, 24, 28, 32, 36, 40, 64)] == [1, 2, 2, 2, 2, 2, 4]
+    assert depth_scaled_layer(6) == 1  # never 0: that would be a pruner before the LLM
+    with pytest.raises(ConfigError, match="n_layers must be >= 1"):
+        depth_scaled_layer(0)

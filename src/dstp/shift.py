@@ -249,10 +249,10 @@ class ShiftPolicy:
         cos = state.cos.gather(1, pos[..., None].expand(-1, -1, hd))
         sin = state.sin.gather(1, pos[..., None].expand(-1, -1, hd))
         L = engine.adapter.n_layers
-        engine._run_layers(range(state.P, L), h, s, r0, order, cos, sin, torch.where(nvalid, pos, -1),
+        engine.run_layers(range(state.P, L), h, s, r0, order, cos, sin, torch.where(nvalid, pos, -1),
                            state.prepared.extras, rows=rows, mask=mask)
         s.valid[:, :Tk] = kept_valid
-        st.extra_flops += engine._flops(L - state.P, need.sum(), (mask[:, 0] & nvalid[:, :, None]).sum())
+        st.extra_flops += engine.flops(L - state.P, need.sum(), (mask[:, 0] & nvalid[:, :, None]).sum())
         idx = rank[:, None, :, None].expand(-1, s.k.shape[2], -1, s.k.shape[-1])
         put = nvalid[:, None, :, None]
         for li in range(len(s.layers)):

@@ -18,7 +18,7 @@ from rich.table import Table
 from dstp.api import Pipeline
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig, check_retention
 from dstp.errors import ConfigError
-from dstp.pruners import PRUNERS
+from dstp.pruners import PRUNERS, depth_scaled_layer, get_pruner
 from dstp.rvis import events, relevance, shift_curve
 
 DEFAULT_METHODS = ("fastv", "divprune", "visionzip", "sparsevlm", "random", "oracle")
@@ -37,6 +37,8 @@ class BenchConfig:
     dstp: DSTPConfig = field(default_factory=DSTPConfig)
     shifts: tuple[str, ...] = ("none", "dstp")  # what to run on top of each pruner
     include_unpruned: bool = True
+    # prune point K of the in-LLM pruners (FastV, SparseVLM); None: depth_scaled_layer (K=1 of ShiftBench's 16)
+    prune_layer: int | None = None
 
 
 @dataclass
@@ -164,6 +166,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
     variants = _variants(cfg)
     jobs = [(t, None, None, 1.0) for t in cfg.tasks] if cfg.include_unpruned or not methods else []
     jobs += [(t, m, v, r) for t in cfg.tasks for m in methods for v in variants for r in cfg.retentions]
+    in_llm_k = cfg.prune_layer if cfg.prune_layer is not None else depth_scaled_layer(pipe.adapter.n_layers)
     records, data = [], {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -175,7 +178,8 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
             d = data[task]
             shift_name = "none" if variant is None else variant[0]
             progress.update(bar, description=f"{task} {method or 'unpruned'} {shift_name} {retention:.3f}")
-            prune = PruneConfig(method=method, retention=retention, seed=cfg.seed) if method else None
+            layer = in_llm_k if method and PRUNERS[method].default_layer > 0 else None
+            prune = PruneConfig(method=method, retention=retention, seed=cfg.seed, layer=layer) if method else None
             out = run_config(pipe, d, prune, None if variant is None else variant[2], cfg.seed)
             if method is None:
                 rvis_events(pipe, d, out["texts"])
@@ -186,7 +190,8 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
                        kv_bytes_peak=out["kv_bytes_peak"], seconds=out["seconds"],
                        shifts_per_answer=out["shifts_per_answer"], model=cfg.model or "shiftbench (shipped)",
                        seed=cfg.seed, correct=out["correct"], events=d.events,
-                       hops=[s.hops for s in d.samples])
+                       hops=[s.hops for s in d.samples], prune_layer=None if method is None else
+                       get_pruner(prune, pipe.adapter.n_layers).layer)
             if variant is not None and variant[2] is not None:
                 rec["dstp"] = asdict(variant[2])
             records.append(rec)
@@ -243,7 +248,9 @@ def save(records: list[dict], out: str) -> str:
 def run_bench_cli(args) -> int:
     from dstp.bench.plots import plot_all
 
-    cfg = BenchConfig(model=args.model, seed=args.seed, batch_size=args.batch_size)
+    if args.prune_layer is not None and args.prune_layer < 1:
+        raise ConfigError(f"--prune-layer must be >= 1 (layer 0 is before the LLM), got {args.prune_layer}")
+    cfg = BenchConfig(model=args.model, seed=args.seed, batch_size=args.batch_size, prune_layer=args.prune_layer)
     if args.quick:
         cfg = replace(cfg, n=24, methods=("fastv", "divprune"), retentions=(0.333,))
     if args.ablation:

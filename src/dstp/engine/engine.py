@@ -63,12 +63,17 @@ class Engine:
         self.linear_params = adapter.linear_params_per_layer()
 
     # ---------------------------------------------------------------------------------------------
-    def _new_store(self, layers: range, batch: int, capacity: int) -> KVStore:
+    def new_store(self, layers: range, batch: int, capacity: int) -> KVStore:
+        """An empty KV store for `layers`, `capacity` slots per sequence."""
         a = self.adapter
         return KVStore(layers, batch, a.n_kv_heads, a.head_dim, capacity, a.dtype, a.device)
 
-    def _run_layers(self, layers: range, h, store: KVStore, start: int, query_order, cos, sin, token_index,
-                    extras, capture: dict | None = None, rows=None, mask=None):
+    def run_layers(self, layers: range, h, store: KVStore, start: int, query_order, cos, sin, token_index,
+                   extras, capture: dict | None = None, rows=None, mask=None):
+        """Run decoder `layers` on hidden states h [B, Q, D] whose K/V go to `store` slots start..start+Q-1.
+        query_order: original prompt index of each query (causality); token_index: index into the visual
+        extras (DeepStack), None for generated tokens; capture: {layer: None} filled with each layer's input;
+        rows / mask: restrict to some sequences / override the mask. Returns (h, attended query-key pairs)."""
         if mask is None and store.plain_causal(start, query_order):
             # exact, and lets SDPA take its fused causal kernel (transformers sets is_causal when mask is None)
             n = query_order.shape[1]
@@ -121,11 +126,11 @@ class Engine:
         capture = {i: None for i in {P - 1, probe} if i is not None and 0 <= i < P}
 
         if P > 0:
-            state.full = self._new_store(range(0, P), B, T + max_new_tokens)
+            state.full = self.new_store(range(0, P), B, T + max_new_tokens)
             state.full.claim(0, order, prepared.attention_mask)
-            h, pairs = self._run_layers(range(0, P), h, state.full, 0, order, cos, sin, order,
+            h, pairs = self.run_layers(range(0, P), h, state.full, 0, order, cos, sin, order,
                                         prepared.extras, capture)
-            flops += self._flops(P, int(prepared.attention_mask.sum()), pairs)
+            flops += self.flops(P, int(prepared.attention_mask.sum()), pairs)
         if P == L:
             return state, self._logits(h[:, -1:]), flops
 
@@ -150,7 +155,7 @@ class Engine:
         korder = torch.where(kvalid, idx, pad_tag)
         R = shift.revival_slots(state) if shift is not None else 0
         state.Tk, state.R = Tk, R
-        state.pruned = self._new_store(range(P, L), B, Tk + max_new_tokens + R)
+        state.pruned = self.new_store(range(P, L), B, Tk + max_new_tokens + R)
         state.pruned.reserve_tail(R)
         state.pruned.claim(0, korder, kvalid)
         state.hidden_at_P = h
@@ -159,11 +164,11 @@ class Engine:
 
         if shift is not None and shift.needs_full_kv:
             # store source: run layers >= P on every prompt token, then copy the kept ones out
-            state.reserve = self._new_store(range(P, L), B, T)
+            state.reserve = self.new_store(range(P, L), B, T)
             state.reserve.claim(0, order, prepared.attention_mask)
-            h_full, pairs = self._run_layers(range(P, L), h, state.reserve, 0, order, cos, sin, order,
+            h_full, pairs = self.run_layers(range(P, L), h, state.reserve, 0, order, cos, sin, order,
                                              prepared.extras)
-            flops += self._flops(L - P, int(prepared.attention_mask.sum()), pairs)
+            flops += self.flops(L - P, int(prepared.attention_mask.sum()), pairs)
             slot = idx[:, None, :, None].expand(-1, a.n_kv_heads, -1, a.head_dim)
             for li in range(L - P):
                 state.pruned.k[li, :, :, :Tk] = state.reserve.k[li].gather(2, slot)
@@ -173,9 +178,9 @@ class Engine:
             hk = h.gather(1, idx[..., None].expand(-1, -1, D))
             ck = cos.gather(1, idx[..., None].expand(-1, -1, hd))
             sk = sin.gather(1, idx[..., None].expand(-1, -1, hd))
-            hk, pairs = self._run_layers(range(P, L), hk, state.pruned, 0, korder, ck, sk, token_index,
+            hk, pairs = self.run_layers(range(P, L), hk, state.pruned, 0, korder, ck, sk, token_index,
                                          prepared.extras)
-            flops += self._flops(L - P, int(kvalid.sum()), pairs)
+            flops += self.flops(L - P, int(kvalid.sum()), pairs)
             logits = self._logits(hk[:, -1:])
         if shift is not None:
             state.shift_state = shift.setup(self, state, capture.get(probe))
@@ -199,9 +204,9 @@ class Engine:
             slot = state.T + state.step
             state.full.claim(slot, order, ones)
             capture = {probe: None} if probe is not None else None
-            h, pairs = self._run_layers(range(0, P), h, state.full, slot, order, cos, sin, None,
+            h, pairs = self.run_layers(range(0, P), h, state.full, slot, order, cos, sin, None,
                                         state.prepared.extras, capture)
-            flops += self._flops(P, B, pairs)
+            flops += self.flops(P, B, pairs)
             if probe is not None:
                 q_probe = a.query(probe, capture[probe], cos, sin)
         if P < L:
@@ -210,16 +215,16 @@ class Engine:
                 StepTrace(visual_attended=state.kept_count)
             slot = state.Tk + state.step
             state.pruned.claim(slot, order, ones)
-            h, pairs = self._run_layers(range(P, L), h, state.pruned, slot, order, cos, sin, None,
+            h, pairs = self.run_layers(range(P, L), h, state.pruned, slot, order, cos, sin, None,
                                         state.prepared.extras)
-            flops += self._flops(L - P, B, pairs)
+            flops += self.flops(L - P, B, pairs)
         else:
             step_trace = StepTrace(visual_attended=state.prepared.n_visual)
         state.step += 1
         return self._logits(h), flops, step_trace
 
     # ---------------------------------------------------------------------------------------------
-    def _flops(self, n_layers: int, n_tokens: int, attn_pairs: int) -> float:
+    def flops(self, n_layers: int, n_tokens: int, attn_pairs: int) -> float:
         """Analytic FLOPs: 2 * weights per token per layer, plus QK^T and PV (4 * H * hd per
         query-key pair per layer). `attn_pairs` counts allowed (query, key) pairs for one layer."""
         a = self.adapter

@@ -24,9 +24,9 @@ class Pruner:
         self.config = config
         self.seed = config.seed  # Engine.generate seeds ctx.generator from it
         self.layer = self.default_layer if config.layer is None else config.layer
-        if self.layer > n_layers:
+        if self.layer >= n_layers:  # K = n_layers would prune nothing that any layer reads
             raise ConfigError(f"{self.name}: prune layer {self.layer} is outside the model, which has "
-                              f"{n_layers} layers (valid: 0..{n_layers})")
+                              f"{n_layers} layers (valid: 0..{n_layers - 1})")
         if "attention" in self.needs and self.layer == 0:
             raise ConfigError(f"{self.name} needs attention from layer K-1, so its prune layer K must be >= 1 "
                               f"(got 0)")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dstp.pruners import depth_scaled_layer
 from dstp.shiftbench.evaluation import lookup_attention_profile, prefill_recall
 
 RETENTIONS = (0.666, 0.333, 0.111)
@@ -16,11 +17,12 @@ RETENTIONS = (0.666, 0.333, 0.111)
 
 def analysis(model, processor) -> dict:
     layers = model.config.text_config.num_hidden_layers
+    k = depth_scaled_layer(layers)
     profile = {task: lookup_attention_profile(model, processor, task, n=64) for task in ("lookup", "walk")}
     recall = {
-        task: [prefill_recall(model, processor, task, r, layer=1, n=200) for r in RETENTIONS] for task in ("lookup", "walk")
+        task: [prefill_recall(model, processor, task, r, layer=k - 1, n=200) for r in RETENTIONS] for task in ("lookup", "walk")
     }
-    result = {"layers": layers, "profile": profile, "fastv_k2_recall": recall}
+    result = {"layers": layers, "fastv_k": k, "profile": profile, "fastv_recall": recall}
     try:
         from dstp.shiftbench.evaluation import pruned_accuracy
     except ImportError:  # an older evaluation module already imported by the training process
@@ -28,7 +30,7 @@ def analysis(model, processor) -> dict:
     result["pruned_accuracy"] = [
         {"method": method, "prune_layer": layer, "retention": r, "task": task,
          "accuracy": pruned_accuracy(model, processor, task, r, layer, method, n=100)}
-        for method, layer in (("fastv", 2), ("random", 0), ("prompt_oracle", 0))
+        for method, layer in (("fastv", k), ("random", 0), ("prompt_oracle", 0))
         for r in (1.0, 0.333, 0.111)
         for task in ("lookup", "walk")
     ]  # fmt: skip
@@ -41,7 +43,7 @@ def _fmt(values) -> str:
 
 def render_card(record: dict, result: dict) -> str:
     cfg, m = record["config"], record["metrics"]
-    layers = result["layers"]
+    layers, k = result["layers"], result["fastv_k"]
     lines = [
         "# ShiftBench model (dstp)",
         "",
@@ -87,19 +89,20 @@ def render_card(record: dict, result: dict) -> str:
         f"(Uniform attention would give about {uniform:.3f}.)",
         "",
         "Oracle check of prefill pruning: FastV-style selection (top-k visual tokens by the last prompt",
-        "token's head-mean attention at layer K-1 = 1, i.e. K=2) against `Sample.cells_needed`:",
+        f"token's head-mean attention at layer K-1 = {k - 1}, i.e. K={k}, the same fraction of depth as K=2 of 32",
+        "layers, `dstp.pruners.depth_scaled_layer`) against `Sample.cells_needed`:",
         "",
         "| task | retention | recall of needed cells | all needed cells kept |",
         "|---|---|---|---|",
     ]
-    for task, rows in result["fastv_k2_recall"].items():
+    for task, rows in result["fastv_recall"].items():
         for r in rows:
             lines.append(f"| {task} | {r['retention']:.3f} | {r['recall']:.3f} | {r['all_kept']:.3f} |")
     if "pruned_accuracy" in result:
         lines += [
             "",
             "Accuracy with visual tokens pruned once at prefill (simulation in `evaluation.pruned_accuracy`, 100",
-            "samples each, walks of 2-6 hops): FastV K=2 (top-k by layer-1 attention, pruned from layer 2 on) and",
+            f"samples each, walks of 2-6 hops): FastV K={k} (top-k by layer-{k - 1} attention, pruned from layer {k} on) and",
             "random pruning and the prompt oracle (the cells the prompt names, then random) before the LLM (layer 0):",
             "",
             "| method | retention | lookup | walk |",

@@ -48,6 +48,7 @@ class TrainConfig:
     tie_heads: int = 2  # layer-0 heads initialised as a cell-name -> cell matched filter
     tie_std: float = 0.2
     read_layer: int = 0  # the layer whose heads start as the matched filter
+    freeze_below_steps: int = 300  # layers below read_layer stay identities (frozen) this long
     threads: int = 2
     cell_init_scale: float = 2.0
 
@@ -206,7 +207,10 @@ def train(cfg: TrainConfig, out_dir: Path, log_path: Path, minutes: float | None
     columns = (TextColumn("[bold]shiftbench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     with Progress(*columns) as progress:
         bar = progress.add_task("train", total=cfg.steps, info="")
+        lower = [p for layer in model.language_model.layers[: cfg.read_layer] for p in layer.parameters()]
         for step in range(cfg.steps):
+            for p in lower:  # AdamW moves a zero-initialised weight by ~lr per step: frozen, they stay identities
+                p.requires_grad_(step >= cfg.freeze_below_steps)
             if minutes is not None and time.time() - t0 > 60 * minutes:
                 log.write(json.dumps({"event": "time_limit", "step": step}) + "\n")
                 break
@@ -265,12 +269,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--layers", type=int, default=TrainConfig.layers)
     parser.add_argument("--read-layer", type=int, default=TrainConfig.read_layer, help="layer initialised as the cell lookup")
+    parser.add_argument("--freeze-below-steps", type=int, default=TrainConfig.freeze_below_steps, help="steps the layers below --read-layer stay frozen identities")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     parser.add_argument("--eval-n", type=int, default=500, help="fresh samples per task / hop count at the end")
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / f"shiftbench-seed{args.seed}"
     log = args.log or out.parent / f"{out.name}.train.jsonl"
-    cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers, read_layer=args.read_layer, threads=args.threads)
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers, read_layer=args.read_layer, freeze_below_steps=args.freeze_below_steps, threads=args.threads)
     train(cfg, out, log, args.minutes, args.eval_n)
     return 0
 
