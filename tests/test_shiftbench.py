@@ -170,3 +170,48 @@ def test_shipped_model_solves_fresh_samples(shipped, task):
     result = evaluate(model, proc, task, 20, seed=31337)
     assert result["n"] == 20
     assert result["accuracy"] >= 0.9, result
+
+
+def test_shipped_checkpoint_is_the_default_recipe():
+    # `dstp shiftbench train --seed 0` must reproduce the shipped model: same recipe as the trainer's defaults
+    import json
+    from dataclasses import asdict
+
+    from dstp.shiftbench.train import TrainConfig
+
+    record = json.loads((default_checkpoint_dir() / "training_record.json").read_text())
+    default = json.loads(json.dumps(asdict(TrainConfig(seed=record["seed"]))))
+    # options added after the shipped run default to what that run did (no frozen layers, one reader)
+    assert {k: default[k] for k in record["config"]} == record["config"]
+    assert default["read_layer"] == 0 and not default["read_every_layer"]
+
+
+def test_layers_below_a_deeper_reader_start_as_frozen_identities():
+    from dstp.shiftbench.train import TrainConfig, build_model, lower_lr_scale
+
+    cfg = TrainConfig(layers=4, read_layer=2, freeze_below_steps=10, below_ramp_steps=10)
+    model = build_model(cfg, ShiftBenchProcessor.build())
+    lm = model.language_model
+    h = torch.randn(2, 5, cfg.hidden)
+    pos = torch.arange(5)[None].expand(2, -1)
+    emb = lm.rotary_emb(h, pos)
+    for layer in lm.layers[:2]:
+        assert torch.equal(layer(h, attention_mask=None, position_ids=pos, position_embeddings=emb), h)
+    assert not torch.equal(lm.layers[2](h, attention_mask=None, position_ids=pos, position_embeddings=emb), h)
+    assert [lower_lr_scale(s, cfg) for s in (0, 9, 10, 15, 20, 99)] == [0.0, 0.0, 0.0, 0.25, 1.0, 1.0]
+
+
+def test_default_recipe_retraces_the_shipped_training_log():
+    # the first optimiser steps of `dstp shiftbench train --seed 0` against the shipped checkpoint's own log
+    import json
+
+    from dstp.shiftbench.train import TrainConfig, start_run, train_step
+
+    logged = [json.loads(line) for line in (default_checkpoint_dir() / "train_log.jsonl").open()][1:4]
+    torch.set_num_threads(2)
+    run = start_run(TrainConfig(seed=0))
+    for rec in logged:
+        loss, acc, hops = train_step(run, rec["step"])
+        assert hops == rec["max_hops"]
+        assert loss == pytest.approx(rec["loss"], abs=2e-3)
+        assert acc == pytest.approx(rec["token_acc"], abs=2e-3)

@@ -1,5 +1,6 @@
 """Write ``MODEL_CARD.md`` next to trained weights: recipe, seed, time, accuracy, where the model
-reads the image. ``python -m dstp.shiftbench.card DIR`` rewrites it from ``DIR/training_record.json``."""
+reads the image. ``python -m dstp.shiftbench.card DIR [--eval-n N]`` rewrites it from ``DIR/training_record.json`` (after
+re-running the final evaluation on N fresh samples per task, if given)."""
 
 from __future__ import annotations
 
@@ -62,7 +63,10 @@ def render_card(record: dict, result: dict) -> str:
         f"Recipe: batch {cfg['batch']} images, each with questions packed after the image up to {cfg['text_tokens']} text tokens (dense",
         f"supervision), AdamW lr {cfg['lr']} ({cfg['warmup']}-step warm-up, cosine decay), init std {cfg['init_std']}",
         "(patch-embedder output rescaled to the coordinate table's scale); at init, heads 0-1 of layer",
-        f"{cfg.get('read_layer', 0)} are a matched filter from a cell name's rolled coordinate copy (q) to the visual token's copy (k);",
+        f"{cfg['read_layer']} are a matched filter from a cell name's rolled coordinate copy (q) to the visual token's copy (k);",
+        *([f"layers 0-{cfg['read_layer'] - 1} below it start as identities (zero output projections), stay frozen for "
+           f"{cfg['freeze_below_steps']} steps, then their learning rate ramps up quadratically over {cfg['below_ramp_steps']} steps;"]
+          if cfg["read_layer"] > 0 else []),
         f"curriculum: lookups only for {cfg['lookup_steps']} steps, then lookup/pair/walk with the walk's",
         f"maximum hop count growing from 1 to {cfg['max_hops']} by {int(cfg['ramp_end'] * 100)}% of the steps.",
         "",
@@ -132,13 +136,27 @@ def write_card(out_dir: Path, model, processor, notes: str | None = None) -> dic
 
 
 def main(argv=None) -> int:
-    from dstp.shiftbench import load_shiftbench
+    import argparse
 
-    argv = sys.argv[1:] if argv is None else argv
+    from dstp.shiftbench import load_shiftbench
+    from dstp.shiftbench.train import FINAL_EVAL_SEED, final_metrics
+
+    parser = argparse.ArgumentParser(prog="python -m dstp.shiftbench.card", description=__doc__.splitlines()[0])
+    parser.add_argument("dir", type=Path, help="a trained ShiftBench checkpoint directory")
+    parser.add_argument("--eval-n", type=int, default=None,
+                        help="re-run the final evaluation with this many fresh samples per task / hop count first")
+    args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    out = Path(argv[0])
-    model, processor = load_shiftbench(out)
-    print(json.dumps(write_card(out, model, processor), indent=1))
+    model, processor = load_shiftbench(args.dir)
+    if args.eval_n is not None:
+        path = args.dir / "training_record.json"
+        record = json.loads(path.read_text())
+        with torch.no_grad():
+            record.update(eval_n=args.eval_n, eval_seed=FINAL_EVAL_SEED,
+                          metrics=final_metrics(model, processor, args.eval_n))
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(json.dumps(record["metrics"]))
+    print(json.dumps(write_card(args.dir, model, processor), indent=1))
     return 0
 
 
