@@ -146,10 +146,16 @@ FAMILIES = {
     "llava": (tm.tiny_llava, lambda: tm.llava_batch([3, 7, 1])),
     "qwen2_5_vl": (tm.tiny_qwen2_5_vl, lambda: tm.qwen_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
 }
+# families whose vision scores are checked too (the attention-rule tests above run on FAMILIES)
+ALL_FAMILIES = {
+    **FAMILIES,
+    "qwen3_vl": (tm.tiny_qwen3_vl, lambda: tm.qwen3_vl_batch([(8, 8), (4, 8)], [3, 1])),
+    "internvl": (tm.tiny_internvl, lambda: tm.internvl_batch([1, 2], [3, 1])),
+}
 
 
 def build_family(name):
-    make, batch = FAMILIES[name]
+    make, batch = ALL_FAMILIES[name]
     model = make()
     adapter = adapter_for_model(model)
     b = batch()
@@ -230,9 +236,12 @@ def test_llava_cls_attention_matches_clip_eager(llava_family):
     assert torch.allclose(family.prepared.vision_scores, expect, atol=1e-6)
 
 
-def test_qwen_received_attention_matches_eager(qwen_family, monkeypatch):
-    family = qwen_family
-    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as mq
+@pytest.mark.parametrize("name", ["qwen2_5_vl", "qwen3_vl"])
+def test_qwen_received_attention_matches_eager(name, qwen_family, monkeypatch):
+    import importlib
+
+    family = qwen_family if name == "qwen2_5_vl" else build_family(name)
+    mq = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
     seen, original = [], mq.eager_attention_forward
 
     def record(*args, **kwargs):
@@ -245,9 +254,10 @@ def test_qwen_received_attention_matches_eager(qwen_family, monkeypatch):
     grid = family.batch["image_grid_thw"]
     with torch.no_grad():
         model.model.get_image_features(family.batch["pixel_values"], grid)
-    last = seen[-len(grid):]  # the last block attends over each whole image (fullatt_block_indexes=[1])
-    received = torch.cat([w[0].mean((0, 1)) for w in last]).view(-1, 4).mean(-1)
-    expect = received[torch.argsort(family.adapter.window_index(grid))]
+    last = seen[-len(grid):]  # the last block attends over each whole image (Qwen2.5-VL: fullatt_block_indexes)
+    expect = torch.cat([w[0].mean((0, 1)) for w in last]).view(-1, 4).mean(-1)
+    if name == "qwen2_5_vl":  # its ViT runs in window order
+        expect = expect[torch.argsort(family.adapter.window_index(grid))]
     n = family.prepared.n_visual
     flat = torch.cat([family.prepared.vision_scores[b, : int(n[b])] for b in range(len(n))])
     assert torch.allclose(flat, expect, atol=1e-6)

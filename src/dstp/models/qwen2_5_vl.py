@@ -30,6 +30,12 @@ class Qwen25VLAdapter(Adapter):
 
     def features_and_scores(self, pixel_values, image_grid_thw):
         """(features [n_tokens, D], received-attention vision scores [n_tokens]), in placeholder order."""
+        feats, merged = self.with_received_attention(lambda: self.image_features(pixel_values, image_grid_thw))
+        return feats, merged[torch.argsort(self.window_index(image_grid_thw))]  # the ViT runs in window order
+
+    def with_received_attention(self, vision_call):
+        """(vision_call()'s result, [n_tokens] head-mean attention each LLM visual token's patches receive in
+        the ViT's last block, in the ViT's own token order), the block's input captured by a hook."""
         visual = self.model.model.visual
         block, seen = visual.blocks[-1], {}
 
@@ -39,12 +45,11 @@ class Qwen25VLAdapter(Adapter):
 
         hook = block.register_forward_pre_hook(grab, with_kwargs=True)
         try:
-            feats = self.image_features(pixel_values, image_grid_thw)
+            out = vision_call()
         finally:
             hook.remove()
         received = self.received_attention(block, seen["x"], seen["cu"], seen["rope"])
-        merged = received.view(-1, visual.spatial_merge_unit).mean(-1)  # window order, like the merger
-        return feats, merged[torch.argsort(self.window_index(image_grid_thw))]
+        return out, received.view(-1, visual.spatial_merge_unit).mean(-1)  # patches -> merged tokens
 
     @staticmethod
     @torch.no_grad()
