@@ -284,6 +284,15 @@ def test_pruned_generation_attends_k_visual_tokens(family, method):
     assert [len(kept) for kept in out.trace.kept] == k.tolist()
 
 
+@pytest.mark.parametrize("name", ["qwen3_vl", "internvl"])
+def test_visionzip_runs_on_the_other_families(name):
+    family = build_family(name)
+    engine, prepared = Engine(family.adapter), family.prepared
+    pruner = get_pruner(PruneConfig("visionzip", 0.3), family.adapter.n_layers)
+    out = engine.generate(prepared, GenerationConfig(max_new_tokens=3), pruner=pruner, retention=0.3)
+    assert out.trace.steps[0].visual_attended.tolist() == budget(prepared.n_visual, 0.3).tolist()
+
+
 # -- configuration errors ------------------------------------------------------------------------------
 def test_config_errors():
     with pytest.raises(ConfigError, match="unknown pruning method 'nope'.*divprune.*fastv"):
@@ -322,3 +331,18 @@ def test_depth_scaled_layer_keeps_fastv_fraction():
     assert depth_scaled_layer(6) == 1  # never 0: that would be a pruner before the LLM
     with pytest.raises(ConfigError, match="n_layers must be >= 1"):
         depth_scaled_layer(0)
+
+
+def test_internvl_cls_attention_matches_internvit_eager():
+    family = build_family("internvl")
+    model = eager_copy(family.model)
+    with torch.no_grad():
+        out = model.model.vision_tower(family.batch["pixel_values"], output_attentions=True)
+    cls = out.attentions[-1].mean(1)[:, 0, 1:]  # vision_feature_layer -1: the last layer, CLS row, patches
+    side = int(cls.shape[1] ** 0.5)
+    # pixel shuffle 0.5 folds each 2x2 block of patches into one LLM token, row-major over the blocks
+    blocks = cls.view(-1, side // 2, 2, side // 2, 2).permute(0, 1, 3, 2, 4).reshape(cls.shape[0], -1, 4)
+    expect = blocks.mean(-1).flatten()
+    n = family.prepared.n_visual
+    flat = torch.cat([family.prepared.vision_scores[b, : int(n[b])] for b in range(len(n))])
+    assert torch.allclose(flat, expect, atol=1e-6)

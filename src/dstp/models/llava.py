@@ -29,21 +29,34 @@ class LlavaAdapter(Adapter):
     def features_and_scores(self, pixel_values: torch.Tensor):
         """(features [n_tokens, D], CLS-attention vision scores [n_tokens]), in placeholder order."""
         layer = self.score_layer()
+        norm, attn = self.attention_parts(layer)
         seen = {}
-        hook = layer.layer_norm1.register_forward_hook(lambda mod, args, out: seen.update(x=out))
+        hook = norm.register_forward_hook(lambda mod, args, out: seen.update(x=out))
         try:
             feats = self.image_features(pixel_values)
         finally:
             hook.remove()
-        scores = self.cls_attention(layer.self_attn, seen["x"])
+        scores = self.cls_attention(attn, seen["x"])
         if self.model.config.vision_feature_select_strategy == "default":
             scores = scores[:, 1:]  # the CLS token itself is not a visual token
-        return feats, scores.flatten()
+        return feats, self.token_scores(scores)
+
+    def vision_layers(self):
+        tower = self.model.model.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    @staticmethod
+    def attention_parts(layer):
+        """(the norm whose output the layer's attention reads, the attention module) of a CLIP layer."""
+        return layer.layer_norm1, layer.self_attn
+
+    def token_scores(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        """[images, patches] -> [n_tokens]: LLaVA's projector keeps one token per patch."""
+        return patch_scores.flatten()
 
     def score_layer(self):
-        """The CLIP layer whose output is the vision feature layer (the last one when several are used)."""
-        tower = self.model.model.vision_tower
-        layers = getattr(tower, "vision_model", tower).encoder.layers
+        """The vision layer whose output is the vision feature layer (the last one when several are used)."""
+        layers = self.vision_layers()
         fl = self.model.config.vision_feature_layer
         fl = fl if isinstance(fl, int) else fl[-1]
         return layers[max(fl % (len(layers) + 1) - 1, 0)]  # hidden_states[j] is layer j-1's output
@@ -52,10 +65,14 @@ class LlavaAdapter(Adapter):
     @torch.no_grad()
     def cls_attention(attn, x: torch.Tensor) -> torch.Tensor:
         """Head-mean softmax attention [n_images, S] of the CLS query on every token, from the layer's
-        q/k projections of its normed input `x` [n_images, S, D] (CLIP's vision attention has no mask)."""
+        q/k projections of its normed input `x` [n_images, S, D] (vision attention has no mask). InternViT's
+        optional q/k RMSNorm runs over all heads before they are split, as here."""
         n, S, _ = x.shape
-        q = attn.q_proj(x[:, :1]).view(n, 1, attn.num_heads, -1).transpose(1, 2).float()
-        k = attn.k_proj(x).view(n, S, attn.num_heads, -1).transpose(1, 2).float()
+        q, k = attn.q_proj(x[:, :1]), attn.k_proj(x)
+        if hasattr(attn, "q_norm"):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q = q.view(n, 1, attn.num_heads, -1).transpose(1, 2).float()
+        k = k.view(n, S, attn.num_heads, -1).transpose(1, 2).float()
         return torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1).mean(1)[:, 0]
 
     @torch.no_grad()
