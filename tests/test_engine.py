@@ -16,6 +16,8 @@ FAMILIES = {
                    lambda: tm.qwen_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
     "qwen3_vl": (tm3.tiny_qwen3_vl, lambda: tm3.qwen3_vl_batch([(8, 8)], [3]),
                  lambda: tm3.qwen3_vl_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
+    "llava_next": (tm.tiny_llava_next, lambda: tm.llava_next_batch([(45, 45)], [2]),
+                   lambda: tm.llava_next_batch([(30, 55), (60, 40), (45, 45)], [3, 7, 1])),
     "internvl": (tm3.tiny_internvl, lambda: tm3.internvl_batch([2], [3]),
                  lambda: tm3.internvl_batch([1, 3, 2], [4, 1, 6])),
 }

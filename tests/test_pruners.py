@@ -151,6 +151,7 @@ ALL_FAMILIES = {
     **FAMILIES,
     "qwen3_vl": (tm.tiny_qwen3_vl, lambda: tm.qwen3_vl_batch([(8, 8), (4, 8)], [3, 1])),
     "internvl": (tm.tiny_internvl, lambda: tm.internvl_batch([1, 2], [3, 1])),
+    "llava_next": (tm.tiny_llava_next, lambda: tm.llava_next_batch([(30, 55), (60, 40)], [3, 1])),
 }
 
 
@@ -284,7 +285,7 @@ def test_pruned_generation_attends_k_visual_tokens(family, method):
     assert [len(kept) for kept in out.trace.kept] == k.tolist()
 
 
-@pytest.mark.parametrize("name", ["qwen3_vl", "internvl"])
+@pytest.mark.parametrize("name", ["qwen3_vl", "internvl", "llava_next"])
 def test_visionzip_runs_on_the_other_families(name):
     family = build_family(name)
     engine, prepared = Engine(family.adapter), family.prepared
@@ -346,3 +347,38 @@ def test_internvl_cls_attention_matches_internvit_eager():
     n = family.prepared.n_visual
     flat = torch.cat([family.prepared.vision_scores[b, : int(n[b])] for b in range(len(n))])
     assert torch.allclose(flat, expect, atol=1e-6)
+
+
+def test_llava_next_scores_follow_the_anyres_layout():
+    family = build_family("llava_next")
+    model = eager_copy(family.model)
+    pixels, sizes = family.batch["pixel_values"], family.batch["image_sizes"]
+    with torch.no_grad():
+        out = model.model.vision_tower(pixels.flatten(0, 1), output_attentions=True)
+    cls = out.attentions[-2].mean(1)[:, 0, 1:].view(pixels.shape[0], pixels.shape[1], -1)  # feature layer -2
+    n, scores = family.prepared.n_visual, family.prepared.vision_scores
+    # the pinpoint that keeps most of each image: 30x60 for 30x55 (1 x 2 crops), 60x60 for 60x40 (2 x 2 crops)
+    crops = {(30, 55): (1, 2), (60, 40): (2, 2)}
+    for b, size in enumerate(sizes.tolist()):
+        row = scores[b, : int(n[b])]
+        assert torch.allclose(row[:25], cls[b, 0], atol=1e-6)  # the base view comes first, whole
+        rows, cols = crops[tuple(size)]
+        grid = cls[b, 1:1 + rows * cols].view(rows, cols, 5, 5).permute(0, 2, 1, 3).reshape(5 * rows, 5 * cols)
+        crop_part = row[25:]
+        newline = crop_part == 0  # one newline token (score 0) ends every row of the unpadded crop grid
+        lines = crop_part.tensor_split(torch.nonzero(newline).flatten().add(1).tolist())[:-1]
+        kept = [line[:-1] for line in lines]
+        assert len({len(line) for line in kept}) == 1
+        # unpadding trims whole rows (tall) or columns (wide) symmetrically; what is left is a centred window
+        h, w = len(kept), len(kept[0])
+        top, left = (grid.shape[0] - h) // 2, (grid.shape[1] - w) // 2
+        assert torch.allclose(torch.stack(kept), grid[top:top + h, left:left + w], atol=1e-6)
+
+
+def test_llava_next_without_image_sizes_is_a_clear_error():
+    from dstp.errors import InputError
+
+    family = build_family("llava_next")
+    batch = {k: v for k, v in family.batch.items() if k != "image_sizes"}
+    with pytest.raises(InputError, match="llava_next inputs need image_sizes"):
+        family.adapter.prepare(batch)

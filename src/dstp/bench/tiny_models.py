@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                          LlavaNextConfig, LlavaNextForConditionalGeneration,
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
 from transformers import (InternVLConfig, InternVLForConditionalGeneration, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration)
@@ -61,6 +62,43 @@ def llava_batch(batch_sizes_prefix: list[int], suffix: int = 5, seed: int = 0):
     ids, mask = left_pad(rows)
     pixels = torch.randn(len(rows), 3, 30, 30, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def tiny_llava_next(seed: int = 0, layers: int = 4):
+    """LLaVA-NeXT anyres on 30x30 views (5x5 CLIP patches); crops grids 1x2, 2x1 or 2x2 by image size."""
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=30, patch_size=6, projection_dim=32)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
+                          image_grid_pinpoints=[[30, 60], [60, 30], [60, 60]], vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", image_seq_length=25)
+    cfg._attn_implementation = "sdpa"
+    model = LlavaNextForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return _init(model, seed)
+
+
+def llava_next_batch(image_sizes: list[tuple[int, int]], prefix: list[int], suffix: int = 5, seed: int = 0):
+    """Left-padded LLaVA-NeXT inputs: row b = BOS + prefix[b] text + its image's tokens + suffix text. The image
+    token count of each size is the model's own (anyres crops, unpadding, newlines: weights play no part)."""
+    model = tiny_llava_next()
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor(image_sizes)
+    pixels = torch.randn(len(image_sizes), 5, 3, 30, 30, generator=g)  # base view + up to 4 crops
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes,
+                                               vision_feature_layer=-2, vision_feature_select_strategy="default")
+    counts = [f.shape[0] for f in feats.pooler_output]
+    rows = []
+    for n, count in zip(prefix, counts):
+        text1 = torch.randint(3, 90, (n,), generator=g)
+        text2 = torch.randint(3, 90, (suffix,), generator=g)
+        rows.append(torch.cat([torch.tensor([1]), text1, torch.full((count,), IMAGE_TOKEN), text2]))
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
 
 
 def tiny_qwen2_5_vl(seed: int = 0, layers: int = 4):

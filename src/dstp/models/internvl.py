@@ -25,7 +25,7 @@ class InternVLAdapter(LlavaAdapter):
     def attention_parts(layer):
         return layer.layernorm_before, layer.attention
 
-    def token_scores(self, patch_scores: torch.Tensor) -> torch.Tensor:
+    def token_scores(self, patch_scores: torch.Tensor, **vision_kwargs) -> torch.Tensor:
         """[tiles, patches] -> [tiles * tokens per tile], by the model's own pixel shuffle."""
         side = int(patch_scores.shape[1] ** 0.5)
         grid = patch_scores.reshape(patch_scores.shape[0], side, side, 1)

@@ -17,29 +17,34 @@ class LlavaAdapter(Adapter):
     model_type = "llava"
     example_id = "llava-hf/llava-1.5-7b-hf"
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def image_features(self, pixel_values: torch.Tensor, **vision_kwargs) -> torch.Tensor:
         cfg = self.model.config
         out = self.model.model.get_image_features(
             pixel_values=pixel_values.to(self.dtype),
             vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            **vision_kwargs,
         ).pooler_output
         return torch.cat(list(out), dim=0) if not torch.is_tensor(out) else out.flatten(0, 1)
 
-    def features_and_scores(self, pixel_values: torch.Tensor):
+    def features_and_scores(self, pixel_values: torch.Tensor, **vision_kwargs):
         """(features [n_tokens, D], CLS-attention vision scores [n_tokens]), in placeholder order."""
         layer = self.score_layer()
         norm, attn = self.attention_parts(layer)
         seen = {}
         hook = norm.register_forward_hook(lambda mod, args, out: seen.update(x=out))
         try:
-            feats = self.image_features(pixel_values)
+            feats = self.image_features(pixel_values, **vision_kwargs)
         finally:
             hook.remove()
         scores = self.cls_attention(attn, seen["x"])
         if self.model.config.vision_feature_select_strategy == "default":
             scores = scores[:, 1:]  # the CLS token itself is not a visual token
-        return feats, self.token_scores(scores)
+        return feats, self.token_scores(scores, **vision_kwargs)
+
+    def vision_kwargs(self, batch) -> dict:
+        """Extra processor outputs the vision call needs (none for LLaVA-1.5)."""
+        return {}
 
     def vision_layers(self):
         tower = self.model.model.vision_tower
@@ -50,7 +55,7 @@ class LlavaAdapter(Adapter):
         """(the norm whose output the layer's attention reads, the attention module) of a CLIP layer."""
         return layer.layer_norm1, layer.self_attn
 
-    def token_scores(self, patch_scores: torch.Tensor) -> torch.Tensor:
+    def token_scores(self, patch_scores: torch.Tensor, **vision_kwargs) -> torch.Tensor:
         """[images, patches] -> [n_tokens]: LLaVA's projector keeps one token per patch."""
         return patch_scores.flatten()
 
@@ -81,7 +86,7 @@ class LlavaAdapter(Adapter):
         mask = batch["attention_mask"].to(self.device).bool()
         if "pixel_values" not in batch or batch["pixel_values"] is None:
             raise InputError(f"{self.family} inputs have no pixel_values: pass an image with every prompt")
-        feats, scores = self.features_and_scores(batch["pixel_values"].to(self.device))
+        feats, scores = self.features_and_scores(batch["pixel_values"].to(self.device), **self.vision_kwargs(batch))
         image_token = self.model.config.image_token_id
         check_image_tokens(input_ids, image_token, feats.shape[0])
         visual = input_ids == image_token

@@ -5,6 +5,7 @@ from dstp.errors import UnsupportedModelError
 from dstp.models.base import Adapter
 from dstp.models.internvl import InternVLAdapter
 from dstp.models.llava import LlavaAdapter
+from dstp.models.llava_next import LlavaNextAdapter
 from dstp.models.qwen2_5_vl import Qwen25VLAdapter
 from dstp.models.shiftbench import ShiftBenchAdapter
 from dstp.models.qwen3_vl import Qwen3VLAdapter
@@ -18,7 +19,7 @@ def register(adapter: type[Adapter]) -> type[Adapter]:
     return adapter
 
 
-for _a in (LlavaAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, ShiftBenchAdapter):
+for _a in (LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, ShiftBenchAdapter):
     register(_a)
 
 

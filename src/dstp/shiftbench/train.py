@@ -45,7 +45,7 @@ class TrainConfig:
     lookup_steps: int = 150  # lookups only
     ramp_end: float = 0.3  # fraction of steps by which walks reach max_hops
     max_hops: int = 6
-    tie_heads: int = 2  # layer-0 heads initialised as a cell-name -> cell matched filter
+    tie_heads: int = 2  # heads of each reader layer initialised as a cell-name -> cell matched filter
     tie_std: float = 0.2
     read_layer: int = 0  # the first layer whose heads start as the matched filter
     read_every_layer: bool = False  # also every layer above it (tried at 16 layers: never learned the lookup)
