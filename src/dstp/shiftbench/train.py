@@ -49,6 +49,7 @@ class TrainConfig:
     tie_std: float = 0.2
     read_layer: int = 0  # the first layer whose heads start as the matched filter
     read_every_layer: bool = False  # also every layer above it (tried at 16 layers: never learned the lookup)
+    locate_layers: tuple[int, ...] = ()  # layers below read_layer whose q/k also start as the filter (output 0)
     freeze_below_steps: int = 300  # layers below read_layer stay identities (frozen) this long,
     below_ramp_steps: int = 300  # then their learning rate ramps up from 0 over this many steps
     threads: int = 2
@@ -109,7 +110,8 @@ def build_model(cfg: TrainConfig, processor: ShiftBenchProcessor) -> ShiftBenchF
             layer.mlp.down_proj.weight.zero_()
         rows = slice(0, cfg.tie_heads * (cfg.hidden // cfg.heads))
         last = cfg.layers if cfg.read_every_layer else cfg.read_layer + 1
-        for layer in model.language_model.layers[cfg.read_layer:last]:
+        layers = model.language_model.layers
+        for layer in [layers[i] for i in cfg.locate_layers] + list(layers[cfg.read_layer:last]):
             shared = torch.randn(rows.stop, half) * cfg.tie_std
             attn = layer.self_attn
             attn.q_proj.weight[rows] = 0
@@ -305,6 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--layers", type=int, default=TrainConfig.layers)
     parser.add_argument("--read-layer", type=int, default=TrainConfig.read_layer, help="first layer initialised as the cell lookup")
+    parser.add_argument("--locate-layers", type=lambda v: tuple(int(x) for x in v.split(",")), default=(),
+                        help="comma list of layers below --read-layer whose q/k also start as the filter")
     parser.add_argument("--every-layer", action="store_true", help="initialise every layer from --read-layer up as the lookup")
     parser.add_argument("--freeze-below-steps", type=int, default=TrainConfig.freeze_below_steps, help="steps the layers below --read-layer stay frozen identities")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
@@ -312,7 +316,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / f"shiftbench-seed{args.seed}"
     log = args.log or out.parent / f"{out.name}.train.jsonl"
-    cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers, read_layer=args.read_layer, read_every_layer=args.every_layer, freeze_below_steps=args.freeze_below_steps, threads=args.threads)
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers, read_layer=args.read_layer, read_every_layer=args.every_layer, locate_layers=args.locate_layers, freeze_below_steps=args.freeze_below_steps, threads=args.threads)
     train(cfg, out, log, args.minutes, args.eval_n)
     return 0
 
