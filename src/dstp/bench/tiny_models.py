@@ -36,19 +36,27 @@ def left_pad(rows: list[torch.Tensor]):
     return ids, mask
 
 
-def tiny_llava(seed: int = 0, layers: int = 4):
+def _llava_parts(layers: int):
+    """The CLIP tower (30x30 views, 5x5 patches) and Llama LM shared by the tiny LLaVA and LLaVA-NeXT."""
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=30, patch_size=6, projection_dim=32)
     text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                        rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                      vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=25)
-    cfg._attn_implementation = "sdpa"
-    model = LlavaForConditionalGeneration(cfg)
+    return dict(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
+                vision_feature_select_strategy="default", image_seq_length=25)
+
+
+def _greedy_ready(model, seed: int):
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return _init(model, seed)
+
+
+def tiny_llava(seed: int = 0, layers: int = 4):
+    cfg = LlavaConfig(**_llava_parts(layers))
+    cfg._attn_implementation = "sdpa"
+    return _greedy_ready(LlavaForConditionalGeneration(cfg), seed)
 
 
 def llava_batch(batch_sizes_prefix: list[int], suffix: int = 5, seed: int = 0):
@@ -66,19 +74,9 @@ def llava_batch(batch_sizes_prefix: list[int], suffix: int = 5, seed: int = 0):
 
 def tiny_llava_next(seed: int = 0, layers: int = 4):
     """LLaVA-NeXT anyres on 30x30 views (5x5 CLIP patches); crops grids 1x2, 2x1 or 2x2 by image size."""
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=30, patch_size=6, projection_dim=32)
-    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                       rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
-                          image_grid_pinpoints=[[30, 60], [60, 30], [60, 60]], vision_feature_layer=-2,
-                          vision_feature_select_strategy="default", image_seq_length=25)
+    cfg = LlavaNextConfig(**_llava_parts(layers), image_grid_pinpoints=[[30, 60], [60, 30], [60, 60]])
     cfg._attn_implementation = "sdpa"
-    model = LlavaNextForConditionalGeneration(cfg)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return _init(model, seed)
+    return _greedy_ready(LlavaNextForConditionalGeneration(cfg), seed)
 
 
 def llava_next_batch(image_sizes: list[tuple[int, int]], prefix: list[int], suffix: int = 5, seed: int = 0):
