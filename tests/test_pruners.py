@@ -294,6 +294,17 @@ def test_visionzip_runs_on_the_other_families(name):
     assert out.trace.steps[0].visual_attended.tolist() == budget(prepared.n_visual, 0.3).tolist()
 
 
+@pytest.mark.parametrize("name", sorted(ALL_FAMILIES))
+def test_vision_scores_are_computed_only_when_asked(name):
+    family = build_family(name)
+    lean = family.adapter.prepare(family.batch, vision_scores=False)
+    assert lean.vision_scores is None and family.prepared.vision_scores is not None
+    assert torch.equal(lean.inputs_embeds, family.prepared.inputs_embeds)
+    pruner = get_pruner(PruneConfig("visionzip", 0.3), family.adapter.n_layers)
+    with pytest.raises(ConfigError, match="visionzip needs the vision encoder's attention"):
+        Engine(family.adapter).generate(lean, GenerationConfig(max_new_tokens=2), pruner=pruner, retention=0.3)
+
+
 # -- configuration errors ------------------------------------------------------------------------------
 def test_config_errors():
     with pytest.raises(ConfigError, match="unknown pruning method 'nope'.*divprune.*fastv"):

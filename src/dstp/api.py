@@ -39,7 +39,13 @@ class Pipeline:
     def processor(self):
         return self.adapter.processor
 
-    def prepare(self, images, prompts):
+    @property
+    def needs_vision_scores(self) -> bool:
+        return self.pruner is not None and "vision_scores" in self.pruner.needs
+
+    def prepare(self, images, prompts, vision_scores: bool | None = None):
+        """Process and embed; the encoder's attention scores are computed only when `vision_scores` is True
+        (None: when this pipeline's pruner reads them)."""
         images = list(images) if isinstance(images, (list, tuple)) else [images]
         prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
         if len(images) != len(prompts):
@@ -49,7 +55,8 @@ class Pipeline:
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise InputError(f"prompt {i} is empty")
-        return self.adapter.prepare(self.adapter.process(images, prompts))
+        wanted = self.needs_vision_scores if vision_scores is None else vision_scores
+        return self.adapter.prepare(self.adapter.process(images, prompts), vision_scores=wanted)
 
     @torch.no_grad()
     def generate(self, images, prompts, max_new_tokens: int = 32, relevant: torch.Tensor | None = None,

@@ -41,7 +41,7 @@ def run_fidelity(new_tokens: int = 32, repeats: int = 3, out_path: str | None = 
         engine = Engine(adapter)
         hf, t_hf = _timed(lambda: model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
                                                  output_logits=True, return_dict_in_generate=True), repeats)
-        ours, t_ours = _timed(lambda: engine.generate(adapter.prepare(batch), GenerationConfig(max_new_tokens=new_tokens),
+        ours, t_ours = _timed(lambda: engine.generate(adapter.prepare(batch, vision_scores=False), GenerationConfig(max_new_tokens=new_tokens),
                                                       return_logits=True), repeats)
         hf_tokens = hf.sequences[:, batch["input_ids"].shape[1]:]
         rows.append({

@@ -122,7 +122,7 @@ def run_speed(cfg: SpeedConfig, device: str = "cpu", dtype: str = "float32") -> 
         policy = ShiftPolicy(shift, pruner.layer) if shift is not None else None
 
         def once():
-            prepared = adapter.prepare(batch)
+            prepared = adapter.prepare(batch, vision_scores=False)
             return engine.generate(prepared, gen, pruner=pruner, retention=cfg.retention, shift=policy)
 
         once()  # warm-up
@@ -130,7 +130,7 @@ def run_speed(cfg: SpeedConfig, device: str = "cpu", dtype: str = "float32") -> 
         for _ in range(cfg.repeats):
             _sync(device)
             t0 = time.perf_counter()
-            prepared = adapter.prepare(batch)
+            prepared = adapter.prepare(batch, vision_scores=False)
             _sync(device)
             t_prep = time.perf_counter() - t0
             out = engine.generate(prepared, gen, pruner=pruner, retention=cfg.retention, shift=policy)

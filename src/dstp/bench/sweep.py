@@ -81,9 +81,10 @@ def prepare_task(pipe: Pipeline, task: str, cfg: BenchConfig) -> TaskData:
     longest = max(len(s.target.split()) for s in samples)
     chunks = []
     n_vis = pipe.processor.num_image_tokens
+    scores = any("vision_scores" in PRUNERS[m].needs for m in cfg.methods if m in PRUNERS)
     for i in range(0, len(samples), cfg.batch_size):
         part = samples[i:i + cfg.batch_size]
-        prepared = pipe.prepare([Image.fromarray(s.image) for s in part], [s.prompt for s in part])
+        prepared = pipe.prepare([Image.fromarray(s.image) for s in part], [s.prompt for s in part], vision_scores=scores)
         relevant = torch.zeros(len(part), n_vis, dtype=torch.bool)
         for b, s in enumerate(part):
             relevant[b, s.cells_needed] = True

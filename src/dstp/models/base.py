@@ -127,7 +127,9 @@ class Adapter:
         return self.lm_head.weight.device
 
     # -- inputs ---------------------------------------------------------------------------------
-    def prepare(self, batch) -> PreparedInputs:
+    def prepare(self, batch, vision_scores: bool = True) -> PreparedInputs:
+        """Embed a processed batch. `vision_scores=False` skips the encoder-attention pass that only
+        VisionZip-style pruners read (`PreparedInputs.vision_scores` is then None)."""
         raise NotImplementedError
 
     def process(self, images, prompts):

@@ -27,8 +27,10 @@ class LlavaAdapter(Adapter):
         ).pooler_output
         return torch.cat(list(out), dim=0) if not torch.is_tensor(out) else out.flatten(0, 1)
 
-    def features_and_scores(self, pixel_values: torch.Tensor, **vision_kwargs):
-        """(features [n_tokens, D], CLS-attention vision scores [n_tokens]), in placeholder order."""
+    def features_and_scores(self, pixel_values: torch.Tensor, scores: bool = True, **vision_kwargs):
+        """(features [n_tokens, D], CLS-attention vision scores [n_tokens] or None), in placeholder order."""
+        if not scores:
+            return self.image_features(pixel_values, **vision_kwargs), None
         layer = self.score_layer()
         norm, attn = self.attention_parts(layer)
         seen = {}
@@ -37,10 +39,10 @@ class LlavaAdapter(Adapter):
             feats = self.image_features(pixel_values, **vision_kwargs)
         finally:
             hook.remove()
-        scores = self.cls_attention(attn, seen["x"])
+        cls = self.cls_attention(attn, seen["x"])
         if self.model.config.vision_feature_select_strategy == "default":
-            scores = scores[:, 1:]  # the CLS token itself is not a visual token
-        return feats, self.token_scores(scores, **vision_kwargs)
+            cls = cls[:, 1:]  # the CLS token itself is not a visual token
+        return feats, self.token_scores(cls, **vision_kwargs)
 
     def vision_kwargs(self, batch) -> dict:
         """Extra processor outputs the vision call needs (none for LLaVA-1.5)."""
@@ -81,12 +83,13 @@ class LlavaAdapter(Adapter):
         return torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1).mean(1)[:, 0]
 
     @torch.no_grad()
-    def prepare(self, batch) -> PreparedInputs:
+    def prepare(self, batch, vision_scores: bool = True) -> PreparedInputs:
         input_ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
         if "pixel_values" not in batch or batch["pixel_values"] is None:
             raise InputError(f"{self.family} inputs have no pixel_values: pass an image with every prompt")
-        feats, scores = self.features_and_scores(batch["pixel_values"].to(self.device), **self.vision_kwargs(batch))
+        feats, scores = self.features_and_scores(batch["pixel_values"].to(self.device), vision_scores,
+                                                 **self.vision_kwargs(batch))
         image_token = self.model.config.image_token_id
         check_image_tokens(input_ids, image_token, feats.shape[0])
         visual = input_ids == image_token

@@ -28,8 +28,10 @@ class Qwen25VLAdapter(Adapter):
         feats = out.pooler_output
         return torch.cat(list(feats), dim=0) if not torch.is_tensor(feats) else feats
 
-    def features_and_scores(self, pixel_values, image_grid_thw):
-        """(features [n_tokens, D], received-attention vision scores [n_tokens]), in placeholder order."""
+    def features_and_scores(self, pixel_values, image_grid_thw, scores: bool = True):
+        """(features [n_tokens, D], received-attention vision scores [n_tokens] or None), in placeholder order."""
+        if not scores:
+            return self.image_features(pixel_values, image_grid_thw), None
         feats, merged = self.with_received_attention(lambda: self.image_features(pixel_values, image_grid_thw))
         return feats, merged[torch.argsort(self.window_index(image_grid_thw))]  # the ViT runs in window order
 
@@ -81,13 +83,13 @@ class Qwen25VLAdapter(Adapter):
         return get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
                                        window_size=visual.window_size, patch_size=visual.patch_size)[0]
 
-    def visual_inputs(self, pixel_values, grid, visual, embeds):
+    def visual_inputs(self, pixel_values, grid, visual, embeds, scores: bool = True):
         """(features [n_tokens, D], vision scores [n_tokens] or None, extras) for `prepare`."""
-        feats, scores = self.features_and_scores(pixel_values, grid)
-        return feats, scores, {}
+        feats, vision_scores = self.features_and_scores(pixel_values, grid, scores)
+        return feats, vision_scores, {}
 
     @torch.no_grad()
-    def prepare(self, batch) -> PreparedInputs:
+    def prepare(self, batch, vision_scores: bool = True) -> PreparedInputs:
         cfg = self.model.config
         input_ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
@@ -98,7 +100,7 @@ class Qwen25VLAdapter(Adapter):
         visual = input_ids == cfg.image_token_id
         embeds = self.embed_tokens(input_ids)
         feats, scores, extras = self.visual_inputs(batch["pixel_values"].to(self.device, self.dtype), grid, visual,
-                                                   embeds)
+                                                   embeds, vision_scores)
         check_image_tokens(input_ids, cfg.image_token_id, feats.shape[0])
         embeds = embeds.masked_scatter(visual[..., None], feats.to(self.dtype))
         position_ids, deltas = self.rope_index(input_ids, visual, grid, mask)

@@ -44,7 +44,7 @@ class ShiftBenchAdapter(Adapter):
             raise InputError(str(e)) from None
 
     @torch.no_grad()
-    def prepare(self, batch) -> PreparedInputs:
+    def prepare(self, batch, vision_scores: bool = True) -> PreparedInputs:
         input_ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
         pixels = batch.get("pixel_values")
@@ -56,6 +56,6 @@ class ShiftBenchAdapter(Adapter):
             raise InputError("ShiftBench prompts need an <image>: no image tokens found")
         # The per-cell front end has no attention for VisionZip to read; its stand-in for "how much the encoder
         # attends to a token" is the token's feature norm (query-agnostic saliency, as VisionZip's score is).
-        scores = scores_by_row(visual, embeds[visual].float().norm(dim=-1))
+        scores = scores_by_row(visual, embeds[visual].float().norm(dim=-1)) if vision_scores else None
         return PreparedInputs(inputs_embeds=embeds, attention_mask=mask, position_ids=text_positions(mask),
                               next_position=mask.long().sum(-1), visual_mask=visual, vision_scores=scores)

@@ -38,7 +38,8 @@ class VisionZip(Pruner):
 
     def select(self, ctx) -> PruneResult:
         scores = require(ctx, self.name, "the vision encoder's attention (prepared.vision_scores)",
-                         ctx.prepared.vision_scores)
+                         ctx.prepared.vision_scores,
+                         "prepare the inputs with vision_scores=True, or check that this family's adapter computes them")
         kept, hidden = zip_tokens(scores, ctx.visual_hidden(), ctx.visual_valid, budget(ctx),
                                   self.config.contextual_fraction)
         return PruneResult(kept=kept, hidden=hidden)
