@@ -1,6 +1,7 @@
 """Write ``MODEL_CARD.md`` next to trained weights: recipe, seed, time, accuracy, where the model
 reads the image. ``python -m dstp.shiftbench.card DIR [--eval-n N]`` rewrites it from ``DIR/training_record.json`` (after
-re-running the final evaluation on N fresh samples per task, if given)."""
+re-running the final evaluation on N fresh samples per task, if given; ``--notes-only`` re-renders it from the saved
+analysis and NOTES.md without running the model)."""
 
 from __future__ import annotations
 
@@ -122,17 +123,22 @@ def render_card(record: dict, result: dict) -> str:
 
 
 def write_card(out_dir: Path, model, processor, notes: str | None = None) -> dict:
-    record = json.loads((Path(out_dir) / "training_record.json").read_text())
     with torch.no_grad():
         result = analysis(model, processor)
     (Path(out_dir) / "analysis.json").write_text(json.dumps(result, indent=2) + "\n")
+    render_files(out_dir, result, notes)
+    return result
+
+
+def render_files(out_dir: Path, result: dict, notes: str | None = None) -> None:
+    """MODEL_CARD.md from the directory's training record, an analysis result and NOTES.md (if present)."""
+    record = json.loads((Path(out_dir) / "training_record.json").read_text())
     card = render_card(record, result)
     notes_file = Path(out_dir) / "NOTES.md"
     if notes is None and notes_file.exists():
         notes = notes_file.read_text().strip()
     card = card.replace("NOTES_PLACEHOLDER", notes or "")
     (Path(out_dir) / "MODEL_CARD.md").write_text(card)
-    return result
 
 
 def main(argv=None) -> int:
@@ -145,7 +151,12 @@ def main(argv=None) -> int:
     parser.add_argument("dir", type=Path, help="a trained ShiftBench checkpoint directory")
     parser.add_argument("--eval-n", type=int, default=None,
                         help="re-run the final evaluation with this many fresh samples per task / hop count first")
+    parser.add_argument("--notes-only", action="store_true",
+                        help="re-render the card from the saved analysis.json and NOTES.md (no model run)")
     args = parser.parse_args(argv)
+    if args.notes_only:
+        render_files(args.dir, json.loads((args.dir / "analysis.json").read_text()))
+        return 0
     torch.set_num_threads(2)
     model, processor = load_shiftbench(args.dir)
     if args.eval_n is not None:
