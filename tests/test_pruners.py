@@ -317,7 +317,9 @@ def test_config_errors():
     for bad in (0.0, 1.5):
         with pytest.raises(ConfigError, match="retention"):
             PruneConfig("fastv", bad)
-    assert get_pruner(PruneConfig("fastv", 0.5), 4).layer == 2
+    # the default K is FastV's K=2 of 32 layers scaled to the model's depth
+    assert [get_pruner(PruneConfig("fastv", 0.5), n).layer for n in (4, 16, 28, 32, 64)] == [1, 1, 2, 2, 4]
+    assert get_pruner(PruneConfig("sparsevlm", 0.5), 32).layer == 2
     assert get_pruner(PruneConfig("visionzip", 0.5), 4).layer == 0
 
 

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=1234, help="seed of the fresh evaluation samples")
     b.add_argument("--n", type=int, default=None, help="samples per task")
     b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--out", default="results", help="output folder for bench.json and plots")
+    b.add_argument("--out", default=None, help="output folder for bench.json and plots (default results/, "
+                                                  "results/ablation/ with --ablation)")
     b.add_argument("--prune-layer", type=int, default=None,
                    help="K of FastV/SparseVLM (default: 2 of 32 layers' depth fraction, K=1 on ShiftBench)")
     b.add_argument("--quick", action="store_true", help="a one-minute version")

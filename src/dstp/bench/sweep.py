@@ -18,7 +18,7 @@ from rich.table import Table
 from dstp.api import Pipeline
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig, check_retention
 from dstp.errors import ConfigError
-from dstp.pruners import PRUNERS, depth_scaled_layer, get_pruner
+from dstp.pruners import PRUNERS, get_pruner
 from dstp.rvis import events, relevance, shift_curve
 
 DEFAULT_METHODS = ("fastv", "divprune", "visionzip", "sparsevlm", "random", "oracle")
@@ -37,7 +37,7 @@ class BenchConfig:
     dstp: DSTPConfig = field(default_factory=DSTPConfig)
     shifts: tuple[str, ...] = ("none", "dstp")  # what to run on top of each pruner
     include_unpruned: bool = True
-    # prune point K of the in-LLM pruners (FastV, SparseVLM); None: depth_scaled_layer (K=1 of ShiftBench's 16)
+    # prune point K of the in-LLM pruners (FastV, SparseVLM); None: their default, depth-scaled (K=1 of ShiftBench's 16)
     prune_layer: int | None = None
 
 
@@ -167,7 +167,6 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
     variants = _variants(cfg)
     jobs = [(t, None, None, 1.0) for t in cfg.tasks] if cfg.include_unpruned or not methods else []
     jobs += [(t, m, v, r) for t in cfg.tasks for m in methods for v in variants for r in cfg.retentions]
-    in_llm_k = cfg.prune_layer if cfg.prune_layer is not None else depth_scaled_layer(pipe.adapter.n_layers)
     records, data = [], {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -179,7 +178,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
             d = data[task]
             shift_name = "none" if variant is None else variant[0]
             progress.update(bar, description=f"{task} {method or 'unpruned'} {shift_name} {retention:.3f}")
-            layer = in_llm_k if method and PRUNERS[method].default_layer > 0 else None
+            layer = cfg.prune_layer if method and PRUNERS[method].default_layer > 0 else None
             prune = PruneConfig(method=method, retention=retention, seed=cfg.seed, layer=layer) if method else None
             out = run_config(pipe, d, prune, None if variant is None else variant[2], cfg.seed)
             if method is None:
@@ -273,6 +272,7 @@ def run_bench_cli(args) -> int:
         if args.n < 1:
             raise ConfigError(f"--n must be >= 1, got {args.n}")
         cfg = replace(cfg, n=args.n)
+    out = args.out or ("results/ablation" if args.ablation else "results")  # an ablation never overwrites the main run
     console = Console(width=150)
     if args.ablation:
         from dstp.bench.ablation import run_ablation
@@ -281,7 +281,7 @@ def run_bench_cli(args) -> int:
     else:
         records = run_bench(cfg, console)
     print_table(records, console)
-    path = save(records, args.out)
-    plots = plot_all(records, args.out)
+    path = save(records, out)
+    plots = plot_all(records, out)
     console.print(f"wrote {path}" + "".join(f", {p}" for p in plots))
     return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dstp.config import PruneConfig
 from dstp.errors import ConfigError
-from dstp.pruners.base import Pruner
+from dstp.pruners.base import Pruner, depth_scaled_layer
 from dstp.pruners.divprune import DivPrune
 from dstp.pruners.fastv import FastV
 from dstp.pruners.oracle import Oracle
@@ -20,15 +20,6 @@ def check_method(method: str) -> str:
     if method not in PRUNERS:
         raise ConfigError(f"unknown pruning method {method!r}; known: {', '.join(sorted(PRUNERS))}")
     return method
-
-
-def depth_scaled_layer(n_layers: int, layer: int = 2, of_layers: int = 32) -> int:
-    """The prune point at the same fraction of depth as `layer` of `of_layers` (FastV's K=2 of LLaVA-1.5's 32
-    layers), at least 1. It is 2 for 24-40-layer models and 1 for ShiftBench's 16: a tiny model with K=2
-    would keep every visual token through an eighth of its depth, which no real model's K=2 does."""
-    if n_layers < 1:
-        raise ConfigError(f"n_layers must be >= 1, got {n_layers}")
-    return max(1, min(n_layers - 1, round(layer * n_layers / of_layers)))
 
 
 def get_pruner(config: PruneConfig, n_layers: int) -> Pruner:

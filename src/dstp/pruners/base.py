@@ -15,15 +15,27 @@ from dstp.errors import ConfigError
 NEEDS = ("attention", "vision_scores", "embeddings", "relevant")
 
 
+def depth_scaled_layer(n_layers: int, layer: int = 2, of_layers: int = 32) -> int:
+    """The prune point at the same fraction of depth as `layer` of `of_layers` (FastV's K=2 of LLaVA-1.5's 32
+    layers), at least 1. It is 2 for 24-40-layer models and 1 for ShiftBench's 16: a tiny model with K=2
+    would keep every visual token through an eighth of its depth, which no real model's K=2 does."""
+    if n_layers < 1:
+        raise ConfigError(f"n_layers must be >= 1, got {n_layers}")
+    return max(1, min(n_layers - 1, round(layer * n_layers / of_layers)))
+
+
 class Pruner:
     name: str = ""
-    default_layer: int = 0
+    default_layer: int = 0  # of a 32-layer model; scaled to the model's depth (depth_scaled_layer)
     needs: tuple[str, ...] = ()
 
     def __init__(self, config: PruneConfig, n_layers: int):
         self.config = config
         self.seed = config.seed  # Engine.generate seeds ctx.generator from it
-        self.layer = self.default_layer if config.layer is None else config.layer
+        if config.layer is not None:
+            self.layer = config.layer
+        else:
+            self.layer = depth_scaled_layer(n_layers, self.default_layer) if self.default_layer else 0
         if self.layer >= n_layers:  # K = n_layers would prune nothing that any layer reads
             raise ConfigError(f"{self.name}: prune layer {self.layer} is outside the model, which has "
                               f"{n_layers} layers (valid: 0..{n_layers - 1})")
