@@ -48,8 +48,8 @@ def run_cli(argv):
     (["bench", "--tasks", "maze", "--model", "M"], "unknown task 'maze'"),
     (["bench", "--retentions", "abc"], "expected comma-separated numbers"),
     (["bench", "--prune-layer", "0", "--model", "M"], "--prune-layer must be >= 1"),
-    (["bench", "--prune-layer", "6", "--model", "M", "--n", "1", "--tasks", "lookup", "--methods", "fastv"],
-     "prune layer 6 is outside"),
+    (["bench", "--prune-layer", "16", "--model", "M", "--n", "1", "--tasks", "lookup", "--methods", "fastv"],
+     "prune layer 16 is outside"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, model_dir, image_file, tmp_path, capsys):
     bad = tmp_path / "bad.png"
@@ -86,7 +86,7 @@ def test_bench_writes_records_and_plots(model_dir, tmp_path):
     assert combos == {("none", "none"), ("fastv", "none"), ("fastv", "dstp"), ("divprune", "none"),
                       ("divprune", "dstp")}
     by = {(r["method"], r["shift"]): r for r in records}
-    assert by[("fastv", "none")]["prune_layer"] == 1  # K=1: 2 of 32 layers' fraction of this 6-layer model
+    assert by[("fastv", "none")]["prune_layer"] == 1  # K=1: 2 of 32 layers' fraction of this 16-layer model
     assert by[("divprune", "none")]["prune_layer"] == 0
     assert by[("fastv", "none")]["visual_tokens_per_step"] == 48  # ceil(0.333 * 144) really attended
     assert by[("fastv", "none")]["prefill_flops"] < by[("none", "none")]["prefill_flops"]

@@ -181,9 +181,11 @@ def test_shipped_checkpoint_is_the_default_recipe():
 
     record = json.loads((default_checkpoint_dir() / "training_record.json").read_text())
     default = json.loads(json.dumps(asdict(TrainConfig(seed=record["seed"]))))
-    # options added after the shipped run default to what that run did (no frozen layers, one reader)
-    assert {k: default[k] for k in record["config"]} == record["config"]
-    assert default["read_layer"] == 0 and not default["read_every_layer"]
+    assert record["config"] == default
+    # item 5: FastV's depth-scaled K prunes below the layer that reads the cells
+    from dstp.pruners import depth_scaled_layer
+
+    assert depth_scaled_layer(default["layers"]) <= default["read_layer"]
 
 
 def test_layers_below_a_deeper_reader_start_as_frozen_identities():
@@ -215,3 +217,34 @@ def test_default_recipe_retraces_the_shipped_training_log():
         assert hops == rec["max_hops"]
         assert loss == pytest.approx(rec["loss"], abs=2e-3)
         assert acc == pytest.approx(rec["token_acc"], abs=2e-3)
+
+
+def test_training_hides_only_visual_tokens_no_question_needs():
+    # the pruning-robustness augmentation: a uniform random share of the unneeded cells, never a needed one
+    import numpy as np
+
+    from dstp.shiftbench.train import Packer, TrainConfig
+
+    cfg = TrainConfig(hide_rows=1.0, hide_max=0.9)
+    processor = ShiftBenchProcessor.build(cfg.grid_size, cfg.cell_pixels)
+    vocab, eos = processor.tokenizer.get_vocab(), processor.tokenizer.eos_token_id
+    cell_of = {vocab[f"r{r}c{c}"]: r * cfg.grid_size + c for r in range(cfg.grid_size) for c in range(cfg.grid_size)}
+    word = {i: w for w, i in vocab.items()}
+    packer, n_cells, hidden_shares = Packer(cfg, processor), cfg.grid_size**2, []
+    for _ in range(20):
+        _, ids, labels, visible = packer.sequence(max_hops=6)
+        assert len(visible) == len(ids) and visible[0] == 1 and visible[1 + n_cells:].all()
+        needed, segment = set(), []
+        for tok in ids[1 + n_cells:]:
+            segment.append(tok)
+            if tok != eos:
+                continue
+            cells = [cell_of[t] for t in segment if t in cell_of]
+            # lookup / pair: the cells the question names; walk: the start and every hop but the last
+            needed.update(cells[:-2] if word[segment[0]] == "walk" else cells[: 1 if word[segment[0]] == "lookup" else 2])
+            segment = []
+        image_visible = visible[1:1 + n_cells]
+        assert needed and all(image_visible[c] == 1 for c in needed)
+        hidden_shares.append(1 - image_visible.sum() / n_cells)
+    assert max(hidden_shares) > 0.3 and min(hidden_shares) < max(hidden_shares)
+    assert np.array_equal(Packer(cfg, processor).sequence(6)[3], Packer(cfg, processor).sequence(6)[3])  # seeded

@@ -68,6 +68,11 @@ def render_card(record: dict, result: dict) -> str:
         *([f"layers 0-{cfg['read_layer'] - 1} below it start as identities (zero output projections), stay frozen for "
            f"{cfg['freeze_below_steps']} steps, then their learning rate ramps up quadratically over {cfg['below_ramp_steps']} steps;"]
           if cfg["read_layer"] > 0 else []),
+        *([f"layer(s) {', '.join(map(str, cfg['locate_layers']))} also start with heads 0-1's q/k as the filter (output still zero):"
+           " a shallow layer that can locate the cell (the signal FastV's ranking and DSTP's probe read);"] if cfg.get("locate_layers") else []),
+        *([f"in {int(cfg['hide_rows'] * 100)}% of the training rows, a uniform random share (up to {int(cfg['hide_max'] * 100)}%) of the"
+           " visual tokens no question of the row needs is hidden from attention, so that missing tokens the answer does not"
+           " depend on leave it unchanged;"] if cfg.get("hide_rows") else []),
         f"curriculum: lookups only for {cfg['lookup_steps']} steps, then lookup/pair/walk with the walk's",
         f"maximum hop count growing from 1 to {cfg['max_hops']} by {int(cfg['ramp_end'] * 100)}% of the steps.",
         "",

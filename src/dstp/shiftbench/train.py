@@ -31,7 +31,7 @@ PROBE_EVAL_SEED = 777
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    layers: int = 6
+    layers: int = 16
     hidden: int = 128
     heads: int = 4
     grid_size: int = 12
@@ -47,14 +47,19 @@ class TrainConfig:
     max_hops: int = 6
     tie_heads: int = 2  # heads of each reader layer initialised as a cell-name -> cell matched filter
     tie_std: float = 0.2
-    read_layer: int = 0  # the first layer whose heads start as the matched filter
+    read_layer: int = 2  # the first layer whose heads start as the matched filter
     read_every_layer: bool = False  # also every layer above it (tried at 16 layers: never learned the lookup)
-    locate_layers: tuple[int, ...] = ()  # layers below read_layer whose q/k also start as the filter (output 0)
+    locate_layers: tuple[int, ...] = (0,)  # layers below read_layer whose q/k also start as the filter (output 0)
     freeze_below_steps: int = 300  # layers below read_layer stay identities (frozen) this long,
     below_ramp_steps: int = 300  # then their learning rate ramps up from 0 over this many steps
     threads: int = 2
     cell_init_scale: float = 2.0
     task_mix: tuple[float, float, float] = (0.2, 0.15, 0.65)  # lookup, pair, walk questions after the lookup phase
+    # In this share of training rows, up to hide_max of the visual tokens that no question of the row needs
+    # are hidden from attention (a uniform random subset, no pruner's choice), so that a missing token the
+    # answer does not depend on leaves the answer unchanged, as prefill pruning assumes of simple questions.
+    hide_rows: float = 0.5
+    hide_max: float = 0.9
 
 
 def build_model(cfg: TrainConfig, processor: ShiftBenchProcessor) -> ShiftBenchForConditionalGeneration:
@@ -142,24 +147,32 @@ class Packer:
     def sequence(self, max_hops: int):
         cfg, rng = self.cfg, self.rng
         pointers = random_grid(rng, cfg.grid_size)
-        ids = [self.tok.bos_token_id] + [self.vocab["<image>"]] * (cfg.grid_size**2)
+        n_cells = cfg.grid_size**2
+        ids = [self.tok.bos_token_id] + [self.vocab["<image>"]] * n_cells
         labels = [-100] * len(ids)
+        needed = set()
         while True:
             if max_hops == 0:
                 task, hops = "lookup", 0
             else:
                 task = rng.choice(["lookup", "pair", "walk"], p=list(cfg.task_mix))
                 hops = int(rng.integers(1, max_hops + 1)) if task == "walk" else 0
-            question, target, *_ = self.segment(task, pointers, hops)
+            question, target, _, cells, *_ = self.segment(task, pointers, hops)
             seg_q, seg_t = self.ids(question), self.ids(target) + [self.tok.eos_token_id]
-            if len(ids) + len(seg_q) + len(seg_t) > 1 + cfg.grid_size**2 + cfg.text_tokens:
+            if len(ids) + len(seg_q) + len(seg_t) > 1 + n_cells + cfg.text_tokens:
                 break
             ids += seg_q + seg_t
             labels += [-100] * len(seg_q) + seg_t
-        pad = 1 + cfg.grid_size**2 + cfg.text_tokens - len(ids)
+            needed.update(cells)
+        pad = 1 + n_cells + cfg.text_tokens - len(ids)
         ids += [self.tok.pad_token_id] * pad
         labels += [-100] * pad
-        return render_grid(pointers, cfg.cell_pixels), ids, labels
+        visible = np.ones(len(ids), dtype=np.int64)
+        if rng.random() < cfg.hide_rows:
+            spare = np.setdiff1d(np.arange(n_cells), sorted(needed))
+            hidden = rng.choice(spare, int(rng.uniform(0, cfg.hide_max) * len(spare)), replace=False)
+            visible[1 + hidden] = 0  # the image tokens follow BOS in cell order
+        return render_grid(pointers, cfg.cell_pixels), ids, labels, visible
 
     def batch(self, max_hops: int):
         rows = [self.sequence(max_hops) for _ in range(self.cfg.batch)]
@@ -167,6 +180,7 @@ class Packer:
             images_to_pixels([r[0] for r in rows]),
             torch.tensor([r[1] for r in rows]),
             torch.tensor([r[2] for r in rows]),
+            torch.from_numpy(np.stack([r[3] for r in rows])),
         )
 
 
@@ -234,8 +248,11 @@ def train_step(run: Run, step: int) -> tuple[float, float, int]:
                 p.requires_grad_(step >= cfg.freeze_below_steps)
         g["lr"] = lr_at(step, cfg) * (lower_lr_scale(step, cfg) if g["lower"] else 1.0)
     hops = max_hops_at(step, cfg)
-    pixels, ids, labels = run.packer.batch(hops)
-    out = model(input_ids=ids, pixel_values=pixels, labels=labels)
+    pixels, ids, labels, visible = run.packer.batch(hops)
+    # hidden tokens keep every other token's position, as the engine's pruning does
+    mask = None if bool(visible.all()) else visible
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    out = model(input_ids=ids, pixel_values=pixels, attention_mask=mask, position_ids=positions, labels=labels)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -307,16 +324,17 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
     parser.add_argument("--layers", type=int, default=TrainConfig.layers)
     parser.add_argument("--read-layer", type=int, default=TrainConfig.read_layer, help="first layer initialised as the cell lookup")
-    parser.add_argument("--locate-layers", type=lambda v: tuple(int(x) for x in v.split(",")), default=(),
-                        help="comma list of layers below --read-layer whose q/k also start as the filter")
+    parser.add_argument("--locate-layers", type=lambda v: tuple(int(x) for x in v.split(",") if x), default=TrainConfig.locate_layers,
+                        help="comma list of layers below --read-layer whose q/k also start as the filter ('' for none)")
     parser.add_argument("--every-layer", action="store_true", help="initialise every layer from --read-layer up as the lookup")
     parser.add_argument("--freeze-below-steps", type=int, default=TrainConfig.freeze_below_steps, help="steps the layers below --read-layer stay frozen identities")
+    parser.add_argument("--hide-rows", type=float, default=TrainConfig.hide_rows, help="share of rows with unneeded visual tokens hidden (0 = off)")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads)
     parser.add_argument("--eval-n", type=int, default=500, help="fresh samples per task / hop count at the end")
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / f"shiftbench-seed{args.seed}"
     log = args.log or out.parent / f"{out.name}.train.jsonl"
-    cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers, read_layer=args.read_layer, read_every_layer=args.every_layer, locate_layers=args.locate_layers, freeze_below_steps=args.freeze_below_steps, threads=args.threads)
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers, read_layer=args.read_layer, read_every_layer=args.every_layer, locate_layers=args.locate_layers, freeze_below_steps=args.freeze_below_steps, hide_rows=args.hide_rows, threads=args.threads)
     train(cfg, out, log, args.minutes, args.eval_n)
     return 0
 
