@@ -22,7 +22,7 @@ def analysis(model, processor) -> dict:
     k = depth_scaled_layer(layers)
     profile = {task: lookup_attention_profile(model, processor, task, n=64) for task in ("lookup", "walk")}
     recall = {
-        task: [prefill_recall(model, processor, task, r, layer=k - 1, n=200) for r in RETENTIONS] for task in ("lookup", "walk")
+        task: [prefill_recall(model, processor, task, r, layer=k - 1, n=200) for r in RETENTIONS] for task in ("lookup", "pair", "walk")
     }
     result = {"layers": layers, "fastv_k": k, "profile": profile, "fastv_recall": recall}
     try:
