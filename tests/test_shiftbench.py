@@ -248,3 +248,19 @@ def test_training_hides_only_visual_tokens_no_question_needs():
         hidden_shares.append(1 - image_visible.sum() / n_cells)
     assert max(hidden_shares) > 0.3 and min(hidden_shares) < max(hidden_shares)
     assert np.array_equal(Packer(cfg, processor).sequence(6)[3], Packer(cfg, processor).sequence(6)[3])  # seeded
+
+
+def test_revival_check_counts_are_consistent():
+    # in a walk the token fed in names the cell read next, so "revived the needed cell" and "revived the fed
+    # token's cell" are the same event; every count is bounded by the steps whose read was pruned
+    import dstp
+    from dstp.config import DSTPConfig, PruneConfig
+    from dstp.shiftbench.revival_check import named_cell, revival_check
+
+    assert named_cell("r3c7", 12) == 43 and named_cell("same", 12) is None
+    pipe = dstp.load(str(default_checkpoint_dir()), prune=PruneConfig("fastv", 0.111), shift=DSTPConfig())
+    walk = revival_check(pipe, "walk", n=12, seed=5, batch_size=6)
+    assert walk["missing_reads"] > 0
+    assert walk["revived_needed"] == walk["revived_fed_cell"] <= walk["shifted"] <= walk["missing_reads"]
+    pair = revival_check(pipe, "pair", n=12, seed=5, batch_size=6)
+    assert max(pair["revived_needed"], pair["revived_fed_cell"]) <= pair["shifted"] <= pair["missing_reads"]

@@ -1,0 +1,76 @@
+"""Does DSTP revive the cell the model needs next? ``python -m dstp.shiftbench.revival_check --task pair``.
+
+For every decoding step at which the cell the next answer token must read (``Sample.token_reads``) was pruned
+at prefill, and the answer so far matches the reference, count: whether DSTP shifted, whether it revived the
+needed cell, and whether it revived the cell named by the token just fed in (its probe's query). In a walk
+those two cells are the same; in a pair they are not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import torch
+from PIL import Image
+
+from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
+
+CELL = re.compile(r"r(\d+)c(\d+)")
+
+
+def named_cell(word: str, grid_size: int) -> int | None:
+    m = CELL.fullmatch(word)
+    return None if m is None else int(m[1]) * grid_size + int(m[2])
+
+
+@torch.no_grad()
+def revival_check(pipe, task: str, n: int = 200, seed: int = 1234, batch_size: int = 50) -> dict:
+    from dstp.shiftbench import generate_samples
+
+    samples = generate_samples(task, n, seed=seed)
+    grid = samples[0].pointers.shape[0]
+    counts = dict(missing_reads=0, shifted=0, revived_needed=0, revived_fed_cell=0)
+    for i in range(0, n, batch_size):
+        part = samples[i:i + batch_size]
+        prepared = pipe.prepare([Image.fromarray(s.image) for s in part], [s.prompt for s in part])
+        longest = max(len(s.target.split()) for s in part)
+        res = pipe.generate_prepared(prepared, GenerationConfig(max_new_tokens=longest + 1))
+        for b, s in enumerate(part):
+            row, ref, said = res.trace.row(b), s.target.split(), res.texts[b].split()
+            kept = set(row["kept"])
+            for t, step in enumerate(row["steps"]):  # step t feeds answer token t and writes token t + 1
+                if t + 1 >= len(ref) or said[: t + 1] != ref[: t + 1]:
+                    break
+                need = s.token_reads[t + 1]
+                if not need or need <= kept:
+                    continue
+                revived = set(step["revived"])
+                counts["missing_reads"] += 1
+                counts["shifted"] += step["shift"]
+                counts["revived_needed"] += bool(need & revived)
+                counts["revived_fed_cell"] += named_cell(ref[t], grid) in revived
+    return {"task": task, "n": n, "seed": seed, **counts}
+
+
+def main(argv=None) -> int:
+    import dstp
+    from dstp.shiftbench import default_checkpoint_dir
+
+    parser = argparse.ArgumentParser(prog="python -m dstp.shiftbench.revival_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="pair", choices=("pair", "walk"))
+    parser.add_argument("--method", default="fastv")
+    parser.add_argument("--retention", type=float, default=0.333)
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--model", default=None, help="model dir (default: the shipped ShiftBench model)")
+    args = parser.parse_args(argv)
+    pipe = dstp.load(args.model or str(default_checkpoint_dir()), prune=PruneConfig(args.method, args.retention),
+                     shift=DSTPConfig())
+    result = revival_check(pipe, args.task, args.n, args.seed)
+    print(json.dumps({"method": args.method, "retention": args.retention, **result}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
