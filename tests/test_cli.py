@@ -50,6 +50,9 @@ def run_cli(argv):
     (["bench", "--prune-layer", "0", "--model", "M"], "--prune-layer must be >= 1"),
     (["bench", "--prune-layer", "16", "--model", "M", "--n", "1", "--tasks", "lookup", "--methods", "fastv"],
      "prune layer 16 is outside"),
+    (["shiftbench", "train", "--read-layer", "16"], "read_layer must be in 0..15"),
+    (["shiftbench", "train", "--locate-layers", "3"], "locate_layers must lie below read_layer 2"),
+    (["shiftbench", "train", "--hide-rows", "1.5"], "hide_rows must be in [0, 1]"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, needle, model_dir, image_file, tmp_path, capsys):
     bad = tmp_path / "bad.png"

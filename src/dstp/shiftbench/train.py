@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig
 
+from dstp.errors import ConfigError
 from dstp.shiftbench.evaluation import evaluate
 from dstp.shiftbench.modeling import ShiftBenchConfig, ShiftBenchForConditionalGeneration
 from dstp.shiftbench.processor import ShiftBenchProcessor, images_to_pixels
@@ -60,6 +61,21 @@ class TrainConfig:
     # answer does not depend on leaves the answer unchanged, as prefill pruning assumes of simple questions.
     hide_rows: float = 0.5
     hide_max: float = 0.9
+
+    def __post_init__(self):
+        def bad(what):
+            raise ConfigError(f"TrainConfig: {what}")
+
+        if self.layers < 1 or self.steps < 1 or self.batch < 1:
+            bad(f"layers, steps and batch must be >= 1, got {self.layers}, {self.steps}, {self.batch}")
+        if not 0 <= self.read_layer < self.layers:
+            bad(f"read_layer must be in 0..{self.layers - 1} (the model has {self.layers} layers), got {self.read_layer}")
+        if any(not 0 <= i < self.read_layer for i in self.locate_layers):
+            bad(f"locate_layers must lie below read_layer {self.read_layer}, got {list(self.locate_layers)}")
+        if not 0.0 <= self.hide_rows <= 1.0 or not 0.0 <= self.hide_max < 1.0:
+            bad(f"hide_rows must be in [0, 1] and hide_max in [0, 1), got {self.hide_rows}, {self.hide_max}")
+        if len(self.task_mix) != 3 or abs(sum(self.task_mix) - 1.0) > 1e-6 or min(self.task_mix) < 0:
+            bad(f"task_mix must be 3 non-negative shares of lookup, pair, walk summing to 1, got {self.task_mix}")
 
 
 def build_model(cfg: TrainConfig, processor: ShiftBenchProcessor) -> ShiftBenchForConditionalGeneration:
@@ -334,7 +350,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = args.out or Path("runs") / f"shiftbench-seed{args.seed}"
     log = args.log or out.parent / f"{out.name}.train.jsonl"
-    cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers, read_layer=args.read_layer, read_every_layer=args.every_layer, locate_layers=args.locate_layers, freeze_below_steps=args.freeze_below_steps, hide_rows=args.hide_rows, threads=args.threads)
+    try:
+        cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers, read_layer=args.read_layer,
+                          read_every_layer=args.every_layer, locate_layers=args.locate_layers,
+                          freeze_below_steps=args.freeze_below_steps, hide_rows=args.hide_rows, threads=args.threads)
+    except ConfigError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")  # one line, as every other bad input
     train(cfg, out, log, args.minutes, args.eval_n)
     return 0
 
