@@ -1,8 +1,11 @@
 """Train the ShiftBench model from a seed: ``python -m dstp.shiftbench.train --seed 0 [--out DIR]``.
 
-Recipe (DESIGN §7): d=128 Llama decoder, per-cell patch embedder, one token per cell tied to the
-cell's coordinate embedding (heads of one layer initialised as a name -> cell matched filter), init std 0.08, AdamW lr 2e-3 with warm-up and cosine decay, several
-questions packed per image (dense supervision), curriculum lookup -> 1 hop -> 6 hops.
+Recipe (DESIGN §7, choices explained in checkpoint/NOTES.md): 16-layer d=128 Llama decoder, per-cell patch
+embedder, one token per cell tied to the cell's coordinate embedding. Heads of layer 2 start as a
+name -> cell matched filter (the read), layer 0's q/k as the same filter (the locating signal below FastV's
+K=1), layers 0-1 as frozen identities that are released slowly. Init std 0.08, AdamW lr 2e-3 with warm-up
+and cosine decay, several questions packed per image (dense supervision), curriculum lookup -> 1 hop ->
+6 hops, and in half the rows random unneeded visual tokens hidden from attention.
 """
 
 from __future__ import annotations
