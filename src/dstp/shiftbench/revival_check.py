@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 
 import torch
 from PIL import Image
 
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
-
-CELL = re.compile(r"r(\d+)c(\d+)")
+from dstp.shiftbench.symbols import parse_cell_name
 
 
 def named_cell(word: str, grid_size: int) -> int | None:
-    m = CELL.fullmatch(word)
-    return None if m is None else int(m[1]) * grid_size + int(m[2])
+    rc = parse_cell_name(word)
+    return None if rc is None else rc[0] * grid_size + rc[1]
 
 
 @torch.no_grad()
