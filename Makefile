@@ -6,11 +6,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup test bench bench-quick fidelity speed clean
 
-# torch is pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build); every other
-# dependency is pinned in requirements.lock; pyproject.toml declares the tested ranges.
+# torch and torchvision are the standard (CUDA-enabled, runs on CPU too) builds users run; they go first so
+# that nothing else pulls another torch. Every dependency is pinned in requirements.lock; pyproject.toml declares
+# the tested ranges. torchvision is needed: transformers builds the Qwen-VL and InternVL processors with it.
 $(STAMP): pyproject.toml requirements.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
