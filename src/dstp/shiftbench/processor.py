@@ -92,6 +92,74 @@ class ShiftBenchProcessor:
             {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pixel_values": pixels}
         )
 
+    def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
+                            return_dict: bool = False, return_tensors: str | None = "pt", processor_kwargs=None,
+                            **kwargs):
+        """transformers' chat format -> ShiftBench inputs. A conversation is one user message whose content holds
+        one image and text, e.g. ``[{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text",
+        "text": "lookup r3c7"}]}]``; it renders as its items in order, the image as ``<image>``, joined by spaces
+        (``"<image> lookup r3c7"``, the prompt ``dstp bench`` uses). ShiftBench has no roles or turn markers, so
+        ``add_generation_prompt`` adds nothing. ``conversation``: one conversation or a list of them (a batch).
+        ``tokenize=False``: the prompt string (a list for a batch); ``tokenize=True``: ``self(images, prompts)``
+        left-padded (``processor_kwargs["padding_side"]``), a BatchFeature with ``return_dict`` else its input_ids."""
+        from dstp.errors import InputError
+
+        single = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], dict)
+        batch = [conversation] if single else conversation
+        if not isinstance(batch, (list, tuple)) or not batch:
+            raise InputError("ShiftBench chat: expected a conversation (a list of messages) or a list of them")
+        images, prompts = [], []
+        for c, conv in enumerate(batch):
+            image, prompt = self._render_conversation(conv, f"ShiftBench chat: conversation {c}")
+            images.append(image)
+            prompts.append(prompt)
+        if not tokenize:
+            return prompts[0] if single else prompts
+        if return_tensors not in (None, "pt"):
+            raise InputError(f"ShiftBench chat: return_tensors={return_tensors!r} is not supported; use 'pt'")
+        side = dict(processor_kwargs or {}).get("padding_side", kwargs.get("padding_side", "left"))
+        try:
+            out = self(images=images, text=prompts, padding_side=side)
+        except ValueError as e:
+            raise InputError(f"ShiftBench chat: {e}") from None
+        return out if return_dict else out["input_ids"]
+
+    def _render_conversation(self, conv, where: str):
+        """(image, prompt) of one conversation: exactly one user message with exactly one image."""
+        from dstp.errors import InputError
+
+        if not isinstance(conv, (list, tuple)) or not conv:
+            raise InputError(f"{where} must be a non-empty list of messages")
+        for m, message in enumerate(conv):
+            role = message.get("role") if isinstance(message, dict) else None
+            if role != "user":
+                raise InputError(f"{where}, message {m}: role {role!r} is not supported; ShiftBench takes one "
+                                 f"'user' message (no system prompt, no earlier turns)")
+        if len(conv) != 1:
+            raise InputError(f"{where} has {len(conv)} user messages; ShiftBench takes one (no earlier turns)")
+        content = conv[0].get("content")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(items, (list, tuple)):
+            raise InputError(f"{where}: content must be a string or a list of items")
+        words, images = [], []
+        for i, item in enumerate(items):
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "image":
+                images.append(_load_image(item, f"{where}, item {i}"))
+                words.append(IMAGE_TOKEN)
+            elif kind == "text" and isinstance(item.get("text"), str):
+                if IMAGE_TOKEN in item["text"]:
+                    raise InputError(f"{where}, item {i}: the text holds {IMAGE_TOKEN!r}; give the image as an "
+                                     f"item {{'type': 'image', 'image': ...}} instead")
+                if item["text"].strip():
+                    words.append(item["text"].strip())
+            else:
+                raise InputError(f"{where}, item {i}: expected {{'type': 'image', ...}} or {{'type': 'text', "
+                                 f"'text': str}}, got {item!r:.80}")
+        if len(images) != 1:
+            raise InputError(f"{where} has {len(images)} images; ShiftBench takes exactly one per conversation")
+        return images[0], " ".join(words)
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
@@ -111,3 +179,22 @@ class ShiftBenchProcessor:
         cfg = json.loads((path / PROCESSOR_CONFIG).read_text())
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         return cls(tokenizer, cfg["grid_size"], cfg["cell_pixels"])
+
+
+def _load_image(item: dict, where: str):
+    """The image of a chat item: a PIL image or HxWx3 array under "image", or a local file path under
+    "image", "url" or "path"."""
+    from dstp.errors import InputError
+
+    source = next((item[k] for k in ("image", "url", "path") if item.get(k) is not None), None)
+    if source is None:
+        raise InputError(f"{where}: an image item needs the image under 'image' (or 'url'/'path')")
+    if isinstance(source, (str, Path)):
+        from PIL import Image
+
+        try:
+            with Image.open(source) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise InputError(f"{where}: cannot open image {str(source)!r} ({type(e).__name__})") from None
+    return source
