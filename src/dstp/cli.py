@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     sbs = sb.add_subparsers(dest="shiftbench_command", required=True, parser_class=_Parser)
     sbs.add_parser("train", help="train the ShiftBench model (all remaining args go to the trainer)",
                    add_help=False)
+    se = sbs.add_parser("export", help="write ShiftBench samples + lmms-eval task YAMLs (the samples dstp bench "
+                                       "evaluates with the same --seed/--n)")
+    se.add_argument("--out", required=True, help="output folder (lmms-eval --include_path)")
+    se.add_argument("--seed", type=int, default=1234, help="seed of the samples, as dstp bench --seed")
+    se.add_argument("--n", type=int, default=500, help="samples per task, as dstp bench --n")
+    se.add_argument("--tasks", type=_csv, default=None, help="comma list of lookup,pair,walk (default: all)")
     return p
 
 
@@ -132,6 +138,10 @@ def _dispatch(args) -> int:
         from dstp.bench.speed import run_speed_cli
 
         return run_speed_cli(args)
+    if args.command == "shiftbench" and args.shiftbench_command == "export":
+        from dstp.shiftbench.export import run_export_cli
+
+        return run_export_cli(args)
     raise AssertionError(args.command)
 
 
