@@ -71,7 +71,7 @@ def test_bad_inputs_name_the_problem(llava_dir, tmp_path):
         PruneConfig("fastv", retention=0.0)
     with pytest.raises(ConfigError, match="outside the model"):
         dstp.load(llava_dir, prune=PruneConfig("fastv", 0.5, layer=9))
-    with pytest.raises(InputError, match="DSTP needs a base pruner"):
+    with pytest.raises(ConfigError, match="DSTP needs a base pruner"):
         dstp.load(llava_dir, shift=DSTPConfig())
 
 

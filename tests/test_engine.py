@@ -119,10 +119,3 @@ def test_sampling_is_deterministic_under_a_seed_and_stops_at_stop_tokens():
     assert out.trace.new_tokens[1] == first + 1
     assert torch.equal(out.tokens[1, : first + 1], greedy[1, : first + 1])
     assert (out.tokens[1, first + 1:] == adapter.pad_token_id).all()
-
-
-def test_top_p_keeps_the_smallest_prefix_reaching_p():
-    from dstp.engine.sampling import logits_to_probs
-
-    probs = logits_to_probs(torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])), temperature=1.0, top_p=0.8)
-    assert torch.allclose(probs, torch.tensor([[0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]]))

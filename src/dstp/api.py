@@ -1,4 +1,5 @@
-"""The user-facing entry point: `dstp.load(...)` returns a `Pipeline` with `.generate(images, prompts)`."""
+"""The user-facing entry point: `dstp.load(...)` returns a `Pipeline` with `.chat(conversations)` and
+`.generate(images, prompts)`."""
 from __future__ import annotations
 
 import os
@@ -6,10 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
+from dstp.chat import check_conversations, check_image_lists
+from dstp.config import DSTPConfig, GenerationConfig, PruneConfig, generation_config
 from dstp.engine.engine import Engine, GenerationOutput
 from dstp.engine.trace import Trace
-from dstp.errors import InputError, UnsupportedModelError
+from dstp.errors import ConfigError, InputError, UnsupportedModelError
 from dstp.models.base import Adapter
 from dstp.models.registry import adapter_for_config, adapter_for_model
 
@@ -17,7 +19,7 @@ from dstp.models.registry import adapter_for_config, adapter_for_model
 @dataclass
 class GenerateResult:
     texts: list[str]
-    tokens: torch.Tensor
+    tokens: torch.Tensor  # [B, n] generated ids, padded after a row stops
     trace: Trace
 
 
@@ -32,7 +34,7 @@ class Pipeline:
         self.prune, self.shift = prune, shift
         self.pruner = get_pruner(prune, adapter.n_layers) if prune is not None else None
         if shift is not None and self.pruner is None:
-            raise InputError("DSTP needs a base pruner: pass prune=PruneConfig(...) as well")
+            raise ConfigError("DSTP needs a base pruner: pass prune=PruneConfig(...) as well")
         self.policy = ShiftPolicy(shift, self.pruner.layer) if shift is not None else None
 
     @property
@@ -43,25 +45,44 @@ class Pipeline:
     def needs_vision_scores(self) -> bool:
         return self.pruner is not None and "vision_scores" in self.pruner.needs
 
+    def generation_config(self, max_new_tokens: int, generation: dict) -> GenerationConfig:
+        """The checkpoint's generation defaults (its generation_config.json), overridden by `generation`."""
+        return generation_config(max_new_tokens, self.adapter.generation_defaults(), generation)
+
+    # -- inputs ---------------------------------------------------------------------------------
     def prepare(self, images, prompts, vision_scores: bool | None = None):
-        """Process and embed; the encoder's attention scores are computed only when `vision_scores` is True
-        (None: when this pipeline's pruner reads them)."""
-        images = list(images) if isinstance(images, (list, tuple)) else [images]
-        prompts = list(prompts) if isinstance(prompts, (list, tuple)) else [prompts]
-        if len(images) != len(prompts):
-            raise InputError(f"got {len(images)} images but {len(prompts)} prompts: pass one image per prompt")
-        if not prompts:
-            raise InputError("no prompts given")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
-                raise InputError(f"prompt {i} is empty")
+        """Process and embed prompts written in the model's own format; `images[i]` is one image, a list of
+        images or None. The encoder's attention scores are computed only when `vision_scores` is True (None:
+        when this pipeline's pruner reads them)."""
+        per_prompt, prompts = check_image_lists(images, prompts, self.adapter.image_placeholder)
+        return self.embed(self.adapter.process(per_prompt, prompts), vision_scores)
+
+    def prepare_chat(self, conversations, vision_scores: bool | None = None):
+        """Render conversations with the processor's chat template (generation prompt added) and embed them."""
+        conversations = check_conversations(conversations, self.adapter.image_placeholder)
+        return self.embed(self.adapter.render_chat(conversations), vision_scores)
+
+    def embed(self, batch, vision_scores: bool | None = None):
         wanted = self.needs_vision_scores if vision_scores is None else vision_scores
-        return self.adapter.prepare(self.adapter.process(images, prompts), vision_scores=wanted)
+        return self.adapter.prepare(batch, vision_scores=wanted)
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def chat(self, conversations, max_new_tokens: int = 32, **generation) -> GenerateResult:
+        """Answer a batch of conversations in transformers' chat format, e.g.
+        `[[{"role": "user", "content": [{"type": "image", "image": pil}, {"type": "text", "text": "..."}]}]]`.
+        Any number of images per conversation (zero included); rows may mix them. `generation`: do_sample,
+        temperature, top_p, top_k, repetition_penalty, seed, stop_token_ids; what is not given comes from the
+        checkpoint's generation_config.json (an explicit `do_sample=False` is plain greedy)."""
+        config = self.generation_config(max_new_tokens, generation)
+        return self.generate_prepared(self.prepare_chat(conversations), config)
 
     @torch.no_grad()
     def generate(self, images, prompts, max_new_tokens: int = 32, relevant: torch.Tensor | None = None,
                  **generation) -> GenerateResult:
-        config = GenerationConfig(max_new_tokens=max_new_tokens, **generation)
+        """Answer prompts written in the model's own format (image placeholders included); `images[i]` is the
+        image of prompt i, a list of its images, or None. Generation settings as in `chat`."""
+        config = self.generation_config(max_new_tokens, generation)
         return self.generate_prepared(self.prepare(images, prompts), config, relevant)
 
     @torch.no_grad()
@@ -79,32 +100,100 @@ class Pipeline:
         return [tok.decode(tokens[b, :n].tolist(), skip_special_tokens=True) for b, n in enumerate(lengths)]
 
 
-def load(model_id_or_path: str, prune: PruneConfig | None = None, shift: DSTPConfig | None = None,
-         dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu") -> Pipeline:
-    """Load a supported HF multimodal model (hub id or local directory) for dstp generation."""
+DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "float32": torch.float32, "fp32": torch.float32,
+          "float": torch.float32}
+# from_pretrained arguments that also decide where the config and processor files come from
+HUB_KWARGS = ("revision", "cache_dir", "token", "trust_remote_code", "local_files_only", "force_download",
+              "proxies", "subfolder")
+
+
+def resolve_dtype(dtype) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ConfigError(f"dtype must be a floating-point type, got {dtype}")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ConfigError(f"unknown dtype {dtype!r}; use a torch dtype or one of {', '.join(DTYPES)}")
+
+
+def resolve_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; e.g. 'cpu', 'cuda', 'cuda:1'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} asked for, but this torch sees no CUDA device")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+def first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def load_config(source: str, hub: dict):
+    """The checkpoint's config: a local directory as such, anything else resolved by transformers (hub id,
+    local cache, `HF_HUB_OFFLINE`)."""
+    import transformers
+
+    local = os.path.isdir(source)
+    try:
+        return transformers.AutoConfig.from_pretrained(source, **hub)
+    except (OSError, ValueError) as e:
+        if local:
+            raise InputError(f"cannot load a model config from directory {source!r}: {first_line(e)}") from None
+        raise InputError(f"checkpoint not found: {source!r} is not a local directory, and transformers cannot "
+                         f"resolve it as a model id ({first_line(e)})") from None
+
+
+def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, shift: DSTPConfig | None = None,
+         dtype: torch.dtype | str = "auto", device: str | torch.device | None = None,
+         **from_pretrained_kwargs) -> Pipeline:
+    """Load a supported multimodal model with its own processor for dstp generation.
+
+    model_id_or_path: a local directory, or a hub id resolved as transformers resolves it (the hub, the local
+        cache, offline with `HF_HUB_OFFLINE=1`), e.g. "Qwen/Qwen2.5-VL-3B-Instruct".
+    prune: the prefill pruner (`PruneConfig(method, retention, ...)`); None: no pruning.
+    shift: DSTP on top of the pruner (`DSTPConfig(tau, window, source, ...)`); None: the pruner alone.
+    dtype: a torch dtype, "bfloat16"/"bf16", "float16"/"fp16", "float32"/"fp32", or "auto" (the checkpoint's).
+    device: where the model runs ("cpu", "cuda", "cuda:1"; default cpu); leave it unset with `device_map`.
+    from_pretrained_kwargs: passed to transformers' `from_pretrained`, e.g. `device_map`, `revision`,
+        `trust_remote_code`, `cache_dir`, `token`, `attn_implementation` (the engine needs "sdpa", the default).
+    Returns a `Pipeline` with `.chat(conversations)` and `.generate(images, prompts)`.
+    """
     import transformers
 
     import dstp.shiftbench.modeling  # noqa: F401  registers the ShiftBench model with transformers' Auto classes
 
-    if os.path.sep in str(model_id_or_path) or str(model_id_or_path).startswith("."):
-        if not os.path.isdir(model_id_or_path):
-            raise InputError(f"checkpoint not found: {model_id_or_path} is not a directory")
-    try:
-        config = transformers.AutoConfig.from_pretrained(model_id_or_path)
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot load a model config from {model_id_or_path!r}: {e}") from None
+    source = os.fspath(model_id_or_path)
+    if not isinstance(source, str) or not source.strip():
+        raise InputError(f"model_id_or_path must be a hub id or a directory, got {model_id_or_path!r}")
+    torch_dtype = resolve_dtype(dtype)
+    if device is not None and "device_map" in from_pretrained_kwargs:
+        raise ConfigError("pass either device or device_map, not both")
+    target = None if "device_map" in from_pretrained_kwargs else resolve_device("cpu" if device is None else device)
+    hub = {k: from_pretrained_kwargs[k] for k in HUB_KWARGS if k in from_pretrained_kwargs}
+    config = load_config(source, hub)
     adapter_cls = adapter_for_config(config)
     arch = next(a for a in (config.architectures or adapter_cls.architectures) if a in adapter_cls.architectures)
     model_cls = adapter_cls.model_class(arch)
     if model_cls is None:
         raise UnsupportedModelError(f"transformers {transformers.__version__} has no class {arch}")
-    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
-    model = model_cls.from_pretrained(model_id_or_path, dtype=torch_dtype, attn_implementation="sdpa")
-    model = model.to(device).eval()
-    processor = adapter_cls.load_processor(model_id_or_path)
-    return Pipeline(adapter_cls(model, processor), prune=prune, shift=shift)
+    kwargs = {"attn_implementation": "sdpa", **from_pretrained_kwargs}
+    try:
+        model = model_cls.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"cannot load the weights of {source!r}: {first_line(e)}") from None
+    if target is not None:
+        model = model.to(target)
+    processor = adapter_cls.load_processor(source, **hub)
+    return Pipeline(adapter_cls(model.eval(), processor), prune=prune, shift=shift)
 
 
 def from_model(model, processor=None, prune: PruneConfig | None = None, shift: DSTPConfig | None = None) -> Pipeline:
-    """Wrap an already loaded transformers model."""
+    """Wrap an already loaded transformers model (a supported class or a subclass of one) and its processor."""
     return Pipeline(adapter_for_model(model, processor), prune=prune, shift=shift)

@@ -14,20 +14,51 @@ def check_retention(retention: float) -> float:
 
 @dataclass(frozen=True)
 class GenerationConfig:
+    """Decoding settings, with transformers' meaning and defaults: greedy unless `do_sample`; when sampling,
+    the logits go through repetition penalty, temperature, top-k, then top-p, as in `generate()`.
+    `repetition_penalty` also applies to greedy decoding (as in transformers)."""
+
     max_new_tokens: int = 32
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 50  # 0: off
+    repetition_penalty: float = 1.0
     seed: int = 0
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's eos tokens
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.do_sample and self.temperature <= 0:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.do_sample and not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+
+GENERATION_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop_token_ids")
+
+
+def generation_config(max_new_tokens: int, checkpoint: dict, explicit: dict) -> GenerationConfig:
+    """The settings of one call: the checkpoint's `generation_config.json` defaults (`checkpoint`), overridden by
+    what the caller passed (`explicit`). An explicit `do_sample=False` is plain greedy: the checkpoint's sampling
+    settings and repetition penalty are dropped (transformers would keep its repetition penalty)."""
+    unknown = sorted(set(explicit) - set(GENERATION_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown generation argument(s) {', '.join(unknown)}; known: "
+                          f"max_new_tokens, {', '.join(GENERATION_FIELDS)}")
+    base = {} if explicit.get("do_sample") is False else dict(checkpoint)
+    settings = {**base, **{k: v for k, v in explicit.items() if v is not None}}
+    if isinstance(settings.get("stop_token_ids"), int):
+        settings["stop_token_ids"] = (settings["stop_token_ids"],)
+    elif settings.get("stop_token_ids") is not None:
+        settings["stop_token_ids"] = tuple(settings["stop_token_ids"])
+    return GenerationConfig(max_new_tokens=max_new_tokens, **settings)
 
 
 @dataclass(frozen=True)

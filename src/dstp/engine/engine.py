@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dstp.engine.kv_store import KVStore
+from dstp.engine.kv_store import GROW_CHUNK, KVStore
 from dstp.engine.prune_context import PruneContext, PruneResult, visual_layout
 from dstp.engine.sampling import next_token
 from dstp.engine.trace import StepTrace, Trace
@@ -63,10 +63,16 @@ class Engine:
         self.linear_params = adapter.linear_params_per_layer()
 
     # ---------------------------------------------------------------------------------------------
-    def new_store(self, layers: range, batch: int, capacity: int) -> KVStore:
-        """An empty KV store for `layers`, `capacity` slots per sequence."""
+    def new_store(self, layers: range, batch: int, capacity: int, limit: int | None = None) -> KVStore:
+        """An empty KV store for `layers`, `capacity` slots per sequence, growing up to `limit`."""
         a = self.adapter
-        return KVStore(layers, batch, a.n_kv_heads, a.head_dim, capacity, a.dtype, a.device)
+        return KVStore(layers, batch, a.n_kv_heads, a.head_dim, capacity, a.dtype, a.device, limit)
+
+    def decode_store(self, layers: range, batch: int, prompt_slots: int, max_new_tokens: int, tail: int = 0):
+        """A store for prompt slots + generated tokens (+ a revival tail): room for a first chunk of generated
+        tokens now, grown by chunks as they come."""
+        first = min(max_new_tokens, GROW_CHUNK)
+        return self.new_store(layers, batch, prompt_slots + first + tail, prompt_slots + max_new_tokens + tail)
 
     def run_layers(self, layers: range, h, store: KVStore, start: int, query_order, cos, sin, token_index,
                    extras, capture: dict | None = None, rows=None, mask=None):
@@ -115,7 +121,7 @@ class Engine:
         L = a.n_layers
         h = prepared.inputs_embeds
         B, T, _ = h.shape
-        P = L if pruner is None else pruner.layer
+        P = L if pruner is None or not bool(prepared.visual_mask.any()) else pruner.layer
         if not 0 <= P <= L:
             raise ConfigError(f"prune layer {P} is outside the model: it has {L} layers (valid: 0..{L})")
         order = torch.arange(T, device=h.device).expand(B, T)
@@ -126,7 +132,7 @@ class Engine:
         capture = {i: None for i in {P - 1, probe} if i is not None and 0 <= i < P}
 
         if P > 0:
-            state.full = self.new_store(range(0, P), B, T + max_new_tokens)
+            state.full = self.decode_store(range(0, P), B, T, max_new_tokens)
             state.full.claim(0, order, prepared.attention_mask)
             h, pairs = self.run_layers(range(0, P), h, state.full, 0, order, cos, sin, order,
                                         prepared.extras, capture)
@@ -155,7 +161,7 @@ class Engine:
         korder = torch.where(kvalid, idx, pad_tag)
         R = shift.revival_slots(state) if shift is not None else 0
         state.Tk, state.R = Tk, R
-        state.pruned = self.new_store(range(P, L), B, Tk + max_new_tokens + R)
+        state.pruned = self.decode_store(range(P, L), B, Tk, max_new_tokens, R)
         state.pruned.reserve_tail(R)
         state.pruned.claim(0, korder, kvalid)
         state.hidden_at_P = h
@@ -242,6 +248,26 @@ class Engine:
                 total += (store.used + store.capacity - store.tail) * len(store.layers) * per_slot
         return total
 
+    def check_context(self, prepared: PreparedInputs, max_new_tokens: int):
+        """The last generated token must still have a position the model was built for."""
+        context = getattr(self.adapter.text_config, "max_position_embeddings", None)
+        if context is None:
+            return
+        start = int(prepared.next_position.max())
+        if start + max_new_tokens > context:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} does not fit: the prompt ends at position {start} "
+                              f"and the model has {context} positions (max_position_embeddings), so at most "
+                              f"{max(context - start, 0)} new tokens")
+
+    @staticmethod
+    def seen_tokens(prepared: PreparedInputs, vocab: int) -> torch.Tensor:
+        """[B, V] bool: tokens in each row's prompt (padding included, as transformers counts them), for the
+        repetition penalty."""
+        if prepared.input_ids is None:
+            raise ConfigError("repetition_penalty needs the prompt's token ids; these inputs carry none")
+        ids = prepared.input_ids.clamp(0, vocab - 1)
+        return torch.zeros(ids.shape[0], vocab, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
+
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prepared: PreparedInputs, config: GenerationConfig, pruner=None, retention: float = 1.0,
@@ -251,11 +277,15 @@ class Engine:
         stop_t = torch.tensor(stop or [-1], device=a.device)
         gen = torch.Generator(device=a.device).manual_seed(config.seed)
         sync = torch.cuda.synchronize if a.device.type == "cuda" else (lambda: None)
+        self.check_context(prepared, config.max_new_tokens)
+        if not bool(prepared.visual_mask.any()):
+            pruner, shift = None, None  # no image in the batch: nothing to prune or revive
 
         t0 = time.perf_counter()
         state, logits, flops = self.prefill(prepared, config.max_new_tokens, pruner, retention, shift, relevant,
                                             seed=getattr(pruner, "seed", 0))
         B = state.batch
+        seen = self.seen_tokens(prepared, logits.shape[-1]) if config.repetition_penalty != 1.0 else None
         prefill_flops = flops + self.lm_head_flops(B)
         sync()
         t1 = time.perf_counter()
@@ -269,8 +299,10 @@ class Engine:
         for t in range(config.max_new_tokens):
             if return_logits:
                 all_logits.append(logits)
-            tok = next_token(logits, config.do_sample, config.temperature, config.top_p, gen)
+            tok = next_token(logits, config, seen, gen)
             tok = torch.where(finished, torch.full_like(tok, a.pad_token_id), tok)
+            if seen is not None:
+                seen.scatter_(1, tok[:, None], True)
             tokens.append(tok)
             lengths += (~finished).long()
             finished |= torch.isin(tok, stop_t)

@@ -3,19 +3,24 @@
 Every slot carries the ORIGINAL sequence index of its token (`order`) and a `valid` flag. Attention masks
 are built from those two vectors, so slots can hold any subset of the prompt (pruned), tokens revived
 later (DSTP) and generated tokens, in any physical arrangement. Writes go to slot ranges by index;
-nothing is concatenated or reallocated while decoding.
+nothing is concatenated per step. The store starts with room for the prompt and a first chunk of generated
+tokens and grows by whole chunks (one copy per `GROW_CHUNK` tokens) up to its limit, so a long `max_new_tokens`
+costs memory only for tokens that are actually generated.
 """
 from __future__ import annotations
 
 import torch
 
 NEVER = torch.iinfo(torch.long).max  # order tag of an empty slot
+GROW_CHUNK = 256  # slots added per growth step
 
 
 class KVStore:
     def __init__(self, layers: range, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, limit: int | None = None):
+        """`capacity` slots are allocated now; the store may grow to `limit` slots (None: it never grows)."""
         self.layers = layers
+        self.limit = capacity if limit is None else limit
         shape = (len(layers), batch, n_kv_heads, capacity, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -36,10 +41,31 @@ class KVStore:
         """Tag slots [start, start + n) with their tokens' original indices `order` [B, n]."""
         n = order.shape[1]
         if start + n > self.tail:
-            raise RuntimeError(f"KV store overflow: {start + n} slots needed, {self.capacity} allocated")
+            self.grow(start + n - self.tail)
         self.order[:, start:start + n] = order
         self.valid[:, start:start + n] = valid
         self.used = max(self.used, start + n)
+
+    def grow(self, need: int):
+        """Make room for `need` more front slots: reallocate with at least one more chunk, the tail moved to the
+        new end (its slots keep their contents and tags)."""
+        if self.capacity + need > self.limit:
+            raise RuntimeError(f"KV store overflow: {self.capacity + need} slots needed, limit {self.limit}")
+        extra = min(max(need, GROW_CHUNK), self.limit - self.capacity)
+        tail, cap = self.tail, self.capacity
+
+        def widen(t: torch.Tensor, fill) -> torch.Tensor:
+            axis = t.dim() - 2 if t.dim() == 5 else 1  # slots: axis 3 of K/V, axis 1 of order/valid
+            shape = list(t.shape)
+            shape[axis] = cap + extra
+            out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
+            out.narrow(axis, 0, tail).copy_(t.narrow(axis, 0, tail))
+            out.narrow(axis, tail + extra, cap - tail).copy_(t.narrow(axis, tail, cap - tail))
+            return out
+
+        self.k, self.v = widen(self.k, 0), widen(self.v, 0)
+        self.order, self.valid = widen(self.order, NEVER), widen(self.valid, False)
+        self.tail += extra
 
     def reserve_tail(self, n: int):
         """Set the last n slots aside, empty, for tokens that come and go (DSTP revival)."""

@@ -1,24 +1,55 @@
-"""Next-token selection: greedy, or temperature + nucleus sampling from a seeded generator."""
+"""Next-token selection with transformers' logits processing, vectorised over the batch.
+
+Order and rules as in `generate()`: repetition penalty (greedy too), then, when sampling, temperature, top-k
+(ties at the k-th value kept), top-p (the smallest tail whose mass exceeds 1 - top_p is removed, at least one
+token kept), softmax, and a draw from a seeded generator."""
 from __future__ import annotations
 
 import torch
 
-
-def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        cum = sorted_p.cumsum(-1)
-        drop = cum - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+from dstp.config import GenerationConfig
 
 
-def next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Logits of tokens already in the sequence (`seen` [B, V] bool) divided by `penalty` (multiplied when
+    negative), as transformers' RepetitionPenaltyLogitsProcessor does."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= 1 - top_p
+    remove[..., -1] = False  # keep at least the most likely token
+    return logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+
+
+def warp(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """Sampling warpers (temperature, top-k, top-p) on float logits [B, V]."""
+    if config.temperature != 1.0:
+        logits = logits / config.temperature
+    if config.top_k:
+        logits = top_k_filter(logits, config.top_k)
+    if config.top_p < 1.0:
+        logits = top_p_filter(logits, config.top_p)
+    return logits
+
+
+def next_token(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None,
                generator: torch.Generator | None) -> torch.Tensor:
-    if not do_sample:
+    """The next token per row from logits [B, V]; `seen` marks tokens already in each sequence (needed only
+    when `config.repetition_penalty != 1`)."""
+    logits = logits.float()
+    if config.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
+    if not config.do_sample:
         return logits.argmax(dim=-1)
-    probs = logits_to_probs(logits, temperature, top_p)
+    probs = torch.softmax(warp(logits, config), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

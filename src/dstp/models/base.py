@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dstp.errors import InputError
+from dstp.errors import InputError, UnsupportedModelError
 from dstp.models import hf_compat
 
 
@@ -28,6 +28,7 @@ class PreparedInputs:
     visual_mask: torch.Tensor  # [B, T] bool: which positions hold visual tokens
     vision_scores: torch.Tensor | None = None  # [B, Nmax] encoder importance per visual token, if known
     extras: dict = field(default_factory=dict)  # family-specific per-token inputs (e.g. DeepStack)
+    input_ids: torch.Tensor | None = None  # [B, T] the prompt's token ids (repetition penalty)
 
     @property
     def n_visual(self) -> torch.Tensor:
@@ -45,6 +46,10 @@ class Adapter:
     def __init__(self, model: nn.Module, processor=None):
         self.model = model.eval()
         self.processor = processor
+        attn = getattr(self.text_config, "_attn_implementation", None)
+        if attn not in (None, "sdpa"):
+            raise UnsupportedModelError(f"the engine passes its own attention masks and needs the language model's "
+                                        f"attn_implementation='sdpa', not {attn!r}")
 
     @classmethod
     def model_class(cls, architecture: str):
@@ -54,10 +59,21 @@ class Adapter:
         return getattr(transformers, architecture, None)
 
     @classmethod
-    def load_processor(cls, path):
+    def load_processor(cls, path, **hub_kwargs):
         import transformers
 
-        return transformers.AutoProcessor.from_pretrained(path)
+        try:
+            return transformers.AutoProcessor.from_pretrained(path, **hub_kwargs)
+        except (OSError, ValueError, TypeError) as e:
+            text = str(e).strip().splitlines()
+            raise InputError(f"cannot load the processor of {path!r} (its image processor and tokenizer files): "
+                             f"{text[0] if text else type(e).__name__}") from None
+
+    def generation_defaults(self) -> dict:
+        """The checkpoint's decoding settings (generation_config.json) that dstp honours."""
+        gen = getattr(self.model, "generation_config", None)
+        names = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty")
+        return {n: getattr(gen, n) for n in names if getattr(gen, n, None) is not None}
 
     # -- attribute paths (override per family) ------------------------------------------------
     @property
@@ -132,11 +148,38 @@ class Adapter:
         VisionZip-style pruners read (`PreparedInputs.vision_scores` is then None)."""
         raise NotImplementedError
 
-    def process(self, images, prompts):
-        """Run the family's HF processor on images + prompts (left padding for batched decoding)."""
+    @property
+    def image_placeholder(self) -> str | None:
+        """The text the processor expands into an image's tokens."""
+        return getattr(self.processor, "image_token", None)
+
+    def _processor(self):
         if self.processor is None:
             raise InputError("this model was loaded without a processor; pass processed inputs instead")
-        return self.processor(images=images, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+        return self.processor
+
+    def process(self, images: list[list], prompts: list[str]):
+        """Run the family's HF processor on prompts and each prompt's images (left padding for batched decoding)."""
+        processor = self._processor()
+        nested = images if any(images) else None
+        try:
+            return processor(images=nested, text=prompts, return_tensors="pt", padding=True, padding_side="left")
+        except (ValueError, TypeError) as e:
+            raise InputError(f"the processor rejected the inputs: {str(e).strip().splitlines()[0]}") from None
+
+    def render_chat(self, conversations: list[list[dict]]):
+        """Conversations -> processed inputs, through the processor's own chat template."""
+        processor = self._processor()
+        if getattr(processor, "chat_template", None) is None:
+            raise InputError("this model's processor has no chat template: use generate(images, prompts) with "
+                             "prompts in the model's own format")
+        try:
+            return processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True, return_tensors="pt",
+                                                 processor_kwargs={"padding": True, "padding_side": "left"})
+        except (ValueError, TypeError, OSError) as e:
+            raise InputError(f"the chat template or processor rejected the conversations: "
+                             f"{str(e).strip().splitlines()[0]}") from None
 
     def decode_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
         """Position ids `[B, 1]` (or `[3, B, 1]`) for one new token per row at `positions` `[B]`."""

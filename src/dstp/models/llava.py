@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from dstp.errors import InputError
 from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, scores_by_row, text_positions
 
 
@@ -84,17 +83,20 @@ class LlavaAdapter(Adapter):
 
     @torch.no_grad()
     def prepare(self, batch, vision_scores: bool = True) -> PreparedInputs:
+        """Rows may hold any number of images (their features fill the placeholders in order), zero included."""
         input_ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
-        if "pixel_values" not in batch or batch["pixel_values"] is None:
-            raise InputError(f"{self.family} inputs have no pixel_values: pass an image with every prompt")
-        feats, scores = self.features_and_scores(batch["pixel_values"].to(self.device), vision_scores,
-                                                 **self.vision_kwargs(batch))
         image_token = self.model.config.image_token_id
-        check_image_tokens(input_ids, image_token, feats.shape[0])
         visual = input_ids == image_token
         embeds = self.embed_tokens(input_ids)
-        embeds = embeds.masked_scatter(visual[..., None], feats.to(embeds.dtype))
+        scores = None
+        if batch.get("pixel_values") is not None:
+            feats, scores = self.features_and_scores(batch["pixel_values"].to(self.device), vision_scores,
+                                                     **self.vision_kwargs(batch))
+            check_image_tokens(input_ids, image_token, feats.shape[0])
+            embeds = embeds.masked_scatter(visual[..., None], feats.to(embeds.dtype))
+        else:
+            check_image_tokens(input_ids, image_token, 0)
         return PreparedInputs(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -102,4 +104,5 @@ class LlavaAdapter(Adapter):
             next_position=mask.long().sum(-1),
             visual_mask=visual,
             vision_scores=None if scores is None else scores_by_row(visual, scores),
+            input_ids=input_ids,
         )

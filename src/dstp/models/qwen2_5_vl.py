@@ -90,19 +90,24 @@ class Qwen25VLAdapter(Adapter):
 
     @torch.no_grad()
     def prepare(self, batch, vision_scores: bool = True) -> PreparedInputs:
+        """Rows may hold any number of images (their features fill the placeholders in order), zero included."""
         cfg = self.model.config
         input_ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
-        if batch.get("pixel_values") is None or batch.get("image_grid_thw") is None:
-            raise InputError(f"{self.family} inputs need pixel_values and image_grid_thw: pass an image with "
-                             f"every prompt")
-        grid = batch["image_grid_thw"].to(self.device)
         visual = input_ids == cfg.image_token_id
         embeds = self.embed_tokens(input_ids)
-        feats, scores, extras = self.visual_inputs(batch["pixel_values"].to(self.device, self.dtype), grid, visual,
-                                                   embeds, vision_scores)
-        check_image_tokens(input_ids, cfg.image_token_id, feats.shape[0])
-        embeds = embeds.masked_scatter(visual[..., None], feats.to(self.dtype))
+        grid, scores, extras = None, None, {}
+        if batch.get("pixel_values") is not None:
+            if batch.get("image_grid_thw") is None:
+                raise InputError(f"{self.family} inputs have pixel_values but no image_grid_thw: pass the "
+                                 f"processor's whole output")
+            grid = batch["image_grid_thw"].to(self.device)
+            feats, scores, extras = self.visual_inputs(batch["pixel_values"].to(self.device, self.dtype), grid,
+                                                       visual, embeds, vision_scores)
+            check_image_tokens(input_ids, cfg.image_token_id, feats.shape[0])
+            embeds = embeds.masked_scatter(visual[..., None], feats.to(self.dtype))
+        else:
+            check_image_tokens(input_ids, cfg.image_token_id, 0)
         position_ids, deltas = self.rope_index(input_ids, visual, grid, mask)
         return PreparedInputs(
             inputs_embeds=embeds,
@@ -112,6 +117,7 @@ class Qwen25VLAdapter(Adapter):
             visual_mask=visual,
             vision_scores=None if scores is None else scores_by_row(visual, scores),
             extras=extras,
+            input_ids=input_ids,
         )
 
     def rope_index(self, input_ids, visual, grid, mask):

@@ -41,7 +41,8 @@ def adapter_for_config(config) -> type[Adapter]:
 
 
 def adapter_for_model(model, processor=None) -> Adapter:
-    arch = type(model).__name__
-    if arch in ADAPTERS:
-        return ADAPTERS[arch](model, processor)
-    raise UnsupportedModelError(f"unsupported model class {arch!r}; supported: {', '.join(supported())}")
+    """The adapter of the model's class, or of the nearest supported class it derives from."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in ADAPTERS:
+            return ADAPTERS[cls.__name__](model, processor)
+    raise UnsupportedModelError(f"unsupported model class {type(model).__name__!r}; supported: {', '.join(supported())}")

@@ -21,10 +21,13 @@ class ShiftBenchAdapter(Adapter):
         return ShiftBenchForConditionalGeneration
 
     @classmethod
-    def load_processor(cls, path):
+    def load_processor(cls, path, **hub_kwargs):
         from dstp.shiftbench.processor import ShiftBenchProcessor
 
-        return ShiftBenchProcessor.from_pretrained(path)
+        try:
+            return ShiftBenchProcessor.from_pretrained(path, **hub_kwargs)
+        except OSError as e:
+            raise InputError(f"cannot load the ShiftBench processor of {str(path)!r}: {e}") from None
 
     @property
     def language_model(self):
@@ -37,9 +40,11 @@ class ShiftBenchAdapter(Adapter):
         emb = self.model.embed_multimodal(input_ids.masked_fill(image, self.pad_token_id), None)[0]
         return torch.where(image[..., None], self.language_model.embed_tokens(input_ids), emb)
 
-    def process(self, images, prompts):
+    def process(self, images: list[list], prompts: list[str]):
+        if any(len(entry) != 1 for entry in images):
+            raise InputError("a ShiftBench prompt takes exactly one image")
         try:
-            return self.processor(images=images, text=prompts, padding_side="left")
+            return self.processor(images=[entry[0] for entry in images], text=prompts, padding_side="left")
         except ValueError as e:
             raise InputError(str(e)) from None
 
@@ -58,4 +63,5 @@ class ShiftBenchAdapter(Adapter):
         # attends to a token" is the token's feature norm (query-agnostic saliency, as VisionZip's score is).
         scores = scores_by_row(visual, embeds[visual].float().norm(dim=-1)) if vision_scores else None
         return PreparedInputs(inputs_embeds=embeds, attention_mask=mask, position_ids=text_positions(mask),
-                              next_position=mask.long().sum(-1), visual_mask=visual, vision_scores=scores)
+                              next_position=mask.long().sum(-1), visual_mask=visual, vision_scores=scores,
+                              input_ids=input_ids)
