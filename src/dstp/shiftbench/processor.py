@@ -92,6 +92,11 @@ class ShiftBenchProcessor:
             {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pixel_values": pixels}
         )
 
+    @property
+    def chat_template(self) -> str:
+        """ShiftBench's chat format in words; `apply_chat_template` renders it (no Jinja template)."""
+        return "one user message [image, text]: its items in order, joined by spaces, the image as <image>"
+
     def apply_chat_template(self, conversation, add_generation_prompt: bool = False, tokenize: bool = False,
                             return_dict: bool = False, return_tensors: str | None = "pt", processor_kwargs=None,
                             **kwargs):
