@@ -1,4 +1,6 @@
-"""`dstp generate`: one image + prompt through a (pruned, DSTP) pipeline."""
+"""`dstp generate`: images + a question through a (pruned, DSTP) pipeline. The question is rendered by the model's
+chat template when it has one; a prompt that already holds the model's image placeholder (ShiftBench's
+`<image> lookup r3c4 =`), or `--raw`, is passed as written."""
 from __future__ import annotations
 
 import json
@@ -7,7 +9,7 @@ import os
 from PIL import Image, UnidentifiedImageError
 
 from dstp.config import DSTPConfig, PruneConfig
-from dstp.errors import InputError
+from dstp.errors import ConfigError, InputError
 
 
 def open_image(path: str) -> Image.Image:
@@ -25,20 +27,46 @@ def default_model() -> str:
     return str(default_checkpoint_dir())
 
 
+def configs(args) -> tuple[PruneConfig | None, DSTPConfig | None]:
+    """PruneConfig / DSTPConfig from the flags; a flag without the option it belongs to is an error."""
+    from dstp.pruners import check_method
+
+    if args.prune is None:
+        for flag, value in (("--retention", args.retention), ("--layer", args.layer)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --prune METHOD")
+        if args.dstp:
+            raise ConfigError("--dstp needs a base pruner: add --prune METHOD --retention R")
+    if not args.dstp:
+        for flag, value in (("--tau", args.tau), ("--window", args.window), ("--source", args.source)):
+            if value is not None:
+                raise ConfigError(f"{flag} needs --dstp")
+    if args.prune is None:
+        return None, None
+    check_method(args.prune)
+    if args.retention is None:
+        raise ConfigError("--prune needs --retention R (the fraction of visual tokens kept, e.g. 0.333)")
+    prune = PruneConfig(method=args.prune, retention=args.retention, layer=args.layer)
+    if not args.dstp:
+        return prune, None
+    given = {"tau": args.tau, "window": args.window, "source": args.source}
+    return prune, DSTPConfig(**{k: v for k, v in given.items() if v is not None})
+
+
 def run_generate(args) -> int:
     import dstp
 
-    from dstp.pruners import check_method
-
-    if args.prune:
-        check_method(args.prune)
-    prune = PruneConfig(method=args.prune, retention=args.retention, layer=args.layer) if args.prune else None
-    if args.prune is None and args.retention != 1.0:
-        raise InputError("--retention needs --prune METHOD")
-    shift = DSTPConfig(tau=args.tau, window=args.window, source=args.source) if args.dstp else None
-    image = open_image(args.image)
-    pipe = dstp.load(args.model or default_model(), prune=prune, shift=shift)
-    result = pipe.generate([image], [args.prompt], max_new_tokens=args.max_new_tokens)
+    prune, shift = configs(args)
+    images = [open_image(p) for p in args.image]
+    pipe = dstp.load(args.model or default_model(), prune=prune, shift=shift, dtype=args.dtype, device=args.device)
+    placeholder = pipe.adapter.image_placeholder
+    written = args.raw or (placeholder is not None and placeholder in args.prompt)  # already in the model's format
+    chat = not written and getattr(pipe.processor, "chat_template", None) is not None
+    if chat:
+        content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": args.prompt}]
+        result = pipe.chat([[{"role": "user", "content": content}]], max_new_tokens=args.max_new_tokens)
+    else:
+        result = pipe.generate([images], [args.prompt], max_new_tokens=args.max_new_tokens)
     print(result.texts[0])
     if args.trace:
         print(json.dumps(result.trace.row(0), indent=1))
