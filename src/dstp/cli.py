@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     se = sbs.add_parser("export", help="write ShiftBench samples + lmms-eval task YAMLs (the samples dstp bench "
                                        "evaluates with the same --seed/--n)")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"], help="comma list of float32,bfloat16")
     se.add_argument("--out", required=True, help="output folder (lmms-eval --include_path)")
     se.add_argument("--seed", type=int, default=1234, help="seed of the samples, as dstp bench --seed")
     se.add_argument("--n", type=int, default=500, help="samples per task, as dstp bench --n")
@@ -125,7 +127,8 @@ def _dispatch(args) -> int:
     if args.command == "fidelity":
         from dstp.bench.fidelity import run_fidelity
 
-        rows = run_fidelity(new_tokens=args.new_tokens, out_path=args.out)
+        rows = run_fidelity(new_tokens=args.new_tokens, out_path=args.out, device=args.device,
+                            dtypes=tuple(args.dtypes))
         return 0 if all(r["tokens_identical"] and r["max_abs_logit_diff"] < 1e-5 for r in rows) else 1
     if args.command == "generate":
         from dstp.generate_cli import run_generate

@@ -12,6 +12,7 @@ from rich.table import Table
 from dstp.bench import tiny_models as tm
 from dstp.config import GenerationConfig
 from dstp.engine.engine import Engine
+from dstp.errors import ConfigError
 from dstp.models.registry import adapter_for_model
 
 CASES = {
@@ -32,11 +33,30 @@ def _timed(fn, repeats: int):
     return out, best
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def on(batch: dict, device, dtype) -> dict:
+    """The batch on `device`, floating tensors (pixels) in `dtype`."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
+
+
 @torch.no_grad()
-def run_fidelity(new_tokens: int = 32, repeats: int = 3, out_path: str | None = None) -> list[dict]:
+def run_fidelity(new_tokens: int = 32, repeats: int = 3, out_path: str | None = None, device: str = "cpu",
+                 dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> list[dict]:
+    unknown = sorted(set(dtypes) - set(DTYPES))
+    if unknown:
+        raise ConfigError(f"unknown dtype {unknown[0]!r} for --dtypes; known: {', '.join(DTYPES)}")
+    from dstp.api import resolve_device
+
+    resolve_device(device)
     rows = []
-    for family, (make, batch_fn) in CASES.items():
-        model, batch = make(), batch_fn()
+    cases = [(family, dtype) for family in CASES for dtype in dtypes]
+    for i, (family, dtype) in enumerate(cases):
+        make, batch_fn = CASES[family]
+        print(f"[{i + 1}/{len(cases)}] {family} {dtype}", flush=True)
+        model = make().to(device, DTYPES[dtype])
+        batch = on(batch_fn(), device, DTYPES[dtype])
         adapter = adapter_for_model(model)
         engine = Engine(adapter)
         hf, t_hf = _timed(lambda: model.generate(**batch, max_new_tokens=new_tokens, do_sample=False,
@@ -46,6 +66,8 @@ def run_fidelity(new_tokens: int = 32, repeats: int = 3, out_path: str | None = 
         hf_tokens = hf.sequences[:, batch["input_ids"].shape[1]:]
         rows.append({
             "family": family,
+            "dtype": dtype,
+            "device": str(device),
             "batch": int(batch["input_ids"].shape[0]),
             "new_tokens": int(ours.tokens.shape[1]),
             "tokens_identical": bool(torch.equal(ours.tokens, hf_tokens)),
@@ -53,13 +75,14 @@ def run_fidelity(new_tokens: int = 32, repeats: int = 3, out_path: str | None = 
             "engine_ms_per_token": 1000 * t_ours / new_tokens,
             "generate_ms_per_token": 1000 * t_hf / new_tokens,
         })
-    table = Table(title=f"engine vs transformers generate() (tiny random weights, {platform.machine()} CPU, "
-                        f"{torch.get_num_threads()} threads, batch 3, float32)")
-    for col in ("family", "new tokens", "tokens identical", "max |logit diff|", "engine ms/token",
+    where = torch.cuda.get_device_name() if str(device).startswith("cuda") else \
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    table = Table(title=f"engine vs transformers generate() (tiny random weights, {where}, batch 3)")
+    for col in ("family", "dtype", "new tokens", "tokens identical", "max |logit diff|", "engine ms/token",
                 "generate() ms/token"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["family"], str(r["new_tokens"]), str(r["tokens_identical"]), f"{r['max_abs_logit_diff']:.2e}",
+        table.add_row(r["family"], r["dtype"], str(r["new_tokens"]), str(r["tokens_identical"]), f"{r['max_abs_logit_diff']:.2e}",
                       f"{r['engine_ms_per_token']:.1f}", f"{r['generate_ms_per_token']:.1f}")
     Console().print(table)
     if out_path:
