@@ -7,7 +7,7 @@ import torch
 from dstp.config import GenerationConfig
 from dstp.engine.engine import Engine
 from dstp.models.registry import adapter_for_model
-from dstp.rvis import events, relevance, report, shift_curve
+from dstp.rvis import dips, events, relevance, report, shift_curve
 import tiny_models as tm
 
 
@@ -38,11 +38,28 @@ def test_relevance_matches_eager_output_attentions():
             assert (rel[b, layer] - expect).abs().max() < 1e-5
 
 
-def test_events_are_local_minima_below_threshold():
+def test_events_are_dips_below_threshold():
     curve = [1.0, 0.9, 0.6, 0.8, 0.65, 0.65, 0.9, 0.5]
-    assert events(curve) == [2, 4, 7]
-    assert events([1.0, 0.8, 0.75, 0.9]) == []  # a minimum above the threshold is no event
+    assert events(curve) == [2, 4, 7]  # three dips, each recovering by >= 0.1 (a plateau counts once)
+    assert events([1.0, 0.8, 0.75, 0.9]) == []  # a dip whose bottom stays above the threshold is no event
     assert events([1.0]) == []
+    assert events([1.0, 0.2, 0.9, 0.1]) == [1, 3]
+
+
+def test_noise_on_a_low_plateau_is_one_event_at_the_drop():
+    # a walk at the reading layer: the attention leaves the prompt's cell at step 1 and never comes back;
+    # the wiggles below 0.05 are noise, not new dips
+    curve = [1.0, 0.018, 0.017, 0.013, 0.014, 0.043, 0.016]
+    assert dips(curve) == [(1, 7)]
+    assert events(curve) == [1]
+    assert events([1.0, 0.3, 0.35, 0.28, 0.36, 0.3]) == [1]
+
+
+def test_an_event_sits_at_the_bottom_of_its_dip_and_needs_prominence():
+    assert events([1.0, 0.75, 0.6, 0.45, 0.6, 1.0]) == [3]  # not where it starts falling
+    assert events([1.0, 0.5, 0.58, 0.3, 1.0]) == [3]  # a rise of 0.08 does not end the dip: one event, at its bottom
+    assert events([1.0, 0.5, 0.62, 0.3, 1.0]) == [1, 3]  # a rise of 0.12 does
+    assert events([1.0, 0.5, 0.58, 0.3, 1.0], prominence=0.05) == [1, 3]
 
 
 def test_report_shift_curve_starts_at_one_and_masses_are_shares():

@@ -12,6 +12,13 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(t) for t in _csv(text)]
@@ -66,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--model", default=None)
     a.add_argument("--image", default=None, help="image file (default: a ShiftBench walk sample)")
     a.add_argument("--prompt", default=None)
-    a.add_argument("--seed", type=int, default=7, help="seed of the ShiftBench sample when no image is given")
-    a.add_argument("--steps", type=lambda s: [int(x) for x in _csv(s)], default=None,
-                   help="decoding steps to draw heatmaps for (default: start, events, end)")
+    a.add_argument("--seed", type=int, default=None, help="seed of the ShiftBench sample (default 7; only without --image)")
+    a.add_argument("--steps", type=_ints, default=None,
+                   help="decoding steps to draw heatmaps for (default: all of an answer of up to 8 steps, else "
+                        "the prompt, the first 3 RVIS events and the last step)")
     a.add_argument("--max-new-tokens", type=int, default=64)
     a.add_argument("--layer", type=int, default=None, help="layer to analyse (default: the most focused one)")
     a.add_argument("--out", default="results/analyze")

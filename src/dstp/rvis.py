@@ -2,7 +2,7 @@
 
 Relevance r_l over all N visual tokens at decoding step l is the head-mean attention of the token fed at step l
 (step 0: the last prompt token) over the visual tokens, from an unpruned run. The shift curve is cos(r_0, r_l);
-an RVIS event is a local minimum of it below `threshold` (0.7).
+an RVIS event is a dip of it at least 0.1 deep whose lowest similarity is below 0.7 (`dips`, `events`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from dstp.engine.prune_context import visual_layout
 from dstp.models.base import PreparedInputs
 
 EVENT_THRESHOLD = 0.7
+EVENT_PROMINENCE = 0.1  # how deep a dip must be to count (DESIGN §6)
 
 
 def extend_prepared(adapter, prepared: PreparedInputs, tokens: torch.Tensor) -> PreparedInputs:
@@ -76,18 +77,37 @@ def shift_curve(r: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(r, r[..., :1, :], dim=-1)
 
 
-def events(curve: np.ndarray, threshold: float = EVENT_THRESHOLD) -> list[int]:
-    """Steps where the shift curve has a local minimum below `threshold` (plateaus count once)."""
-    c = np.asarray(curve, dtype=float)
-    out = []
+def dips(curve, prominence: float = EVENT_PROMINENCE) -> list[tuple[int, int]]:
+    """The dips of a shift curve as [start, stop) step ranges. A dip starts where the curve falls `prominence` below
+    the highest value since the previous dip (at first: step 0, the prompt's own similarity) and ends before the
+    step where it rises `prominence` above the lowest value inside it, or at the end of the answer. Changes
+    smaller than `prominence` neither start nor end a dip, so noise on a low plateau is one dip, not many."""
+    c = [float(x) for x in curve]
+    out, start, peak, low = [], None, c[0] if c else 0.0, math.inf
     for i in range(1, len(c)):
-        left = c[i - 1]
-        j = i
-        while j + 1 < len(c) and c[j + 1] == c[i]:
-            j += 1
-        right = c[j + 1] if j + 1 < len(c) else math.inf
-        if c[i] < threshold and c[i] < left and c[i] < right:
-            out.append(i)
+        if start is None:
+            if c[i] <= peak - prominence:
+                start, low = i, c[i]
+            peak = max(peak, c[i])
+        elif c[i] >= low + prominence:
+            out.append((start, i))
+            start, peak = None, c[i]
+        else:
+            low = min(low, c[i])
+    if start is not None:
+        out.append((start, len(c)))
+    return out
+
+
+def events(curve, threshold: float = EVENT_THRESHOLD, prominence: float = EVENT_PROMINENCE) -> list[int]:
+    """RVIS events: one per dip (see `dips`) whose lowest similarity is below `threshold`, at the dip's first step
+    within `prominence` of that lowest value (the bottom of the dip, up to noise)."""
+    c = [float(x) for x in curve]
+    out = []
+    for start, stop in dips(c, prominence):
+        low = min(c[start:stop])
+        if low < threshold:
+            out.append(next(i for i in range(start, stop) if c[i] <= low + prominence))
     return out
 
 
@@ -144,74 +164,182 @@ def grid_shape(n: int, hint: tuple[int, int] | None = None) -> tuple[int, int]:
     return 1, n
 
 
-def plot_curve(rep: RVISReport, path: str, shifts: list[int] | None = None, labels: list[str] | None = None):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    return plt
+
+
+def plot_curve(rep: RVISReport, path: str, shifts: list[int] | None = None, labels: list[str] | None = None):
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    for k, (start, stop) in enumerate(dips(rep.curve)):
+        ax.axvspan(start - 0.5, stop - 0.5, color="grey", alpha=0.12, lw=0,
+                   label=f"dip (>= {EVENT_PROMINENCE} deep)" if k == 0 else None)
     ax.plot(rep.curve, marker=".", label="cos(r_0, r_l)")
     ax.axhline(EVENT_THRESHOLD, color="grey", ls="--", lw=0.8, label=f"event threshold {EVENT_THRESHOLD}")
     if rep.events:
-        ax.scatter(rep.events, [rep.curve[i] for i in rep.events], color="red", zorder=3, label="RVIS event")
+        ax.scatter(rep.events, [rep.curve[i] for i in rep.events], color="red", zorder=3,
+                   label="RVIS event (dip below threshold)")
     for s in shifts or []:
-        ax.axvline(s, color="orange", alpha=0.4, lw=1)
+        ax.axvline(s, color="orange", alpha=0.5, lw=1)
     if shifts:
-        ax.plot([], [], color="orange", alpha=0.4, label="DSTP shift")
+        ax.plot([], [], color="orange", alpha=0.5, label="DSTP shift (FastV 33.3%)")
     if labels and len(labels) <= 64:
         ax.set_xticks(range(len(labels)))
-        ax.set_xticklabels(labels, rotation=90, fontsize=6)
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
     ax.set_xlabel("decoding step (token fed)")
-    ax.set_ylabel("similarity to prefill relevance")
-    ax.set_title(f"RVIS shift curve, layer {rep.layer}: {len(rep.events)} events")
+    ax.set_ylabel("cos similarity to the\nprompt's relevance")
+    count = f"{len(rep.events)} event" + ("" if len(rep.events) == 1 else "s")
+    ax.set_title(f"RVIS shift curve, layer {rep.layer}: {count}")
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+HEATMAP_COLUMNS = 4
+
+
+def _cell_ticks(n: int, most: int = 12) -> list[int]:
+    step = max(1, math.ceil(n / most))
+    return list(range(0, n, step))
+
+
 def plot_heatmaps(image: np.ndarray, r: torch.Tensor, steps: list[int], path: str,
-                  grid: tuple[int, int] | None = None, titles: list[str] | None = None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+                  grid: tuple[int, int] | None = None, titles: list[str] | None = None, suptitle: str | None = None):
+    """The image, then the relevance over the visual-token grid at each of `steps`, on one colour scale."""
+    plt = _pyplot()
     h, w = grid_shape(r.shape[-1], grid)
-    fig, axes = plt.subplots(1, len(steps), figsize=(3 * len(steps), 3.2), squeeze=False)
-    gray = np.asarray(image, dtype=float).mean(-1) if np.asarray(image).ndim == 3 else np.asarray(image, float)
-    for ax, s, title in zip(axes[0], steps, titles or [None] * len(steps)):
-        ax.imshow(gray, cmap="gray", alpha=0.35)
-        heat = r[s].reshape(h, w).float().numpy()
-        ax.imshow(heat, cmap="magma", alpha=0.75, extent=(0, gray.shape[1], gray.shape[0], 0),
-                  interpolation="nearest")
-        ax.set_title(title or f"step {s}", fontsize=8)
+    heats = [r[s].reshape(h, w).float().numpy() for s in steps]
+    vmax = max(float(x.max()) for x in heats) or 1.0
+    ncols = min(HEATMAP_COLUMNS, len(steps) + 1)
+    nrows = math.ceil((len(steps) + 1) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.7 * ncols + 0.8, 2.8 * nrows), squeeze=False)
+    axes = list(axes.flat)
+    axes[0].imshow(np.asarray(image), extent=(-0.5, w - 0.5, h - 0.5, -0.5))  # in token-grid units, as the heatmaps
+    for ax, heat in zip(axes[1:], heats):
+        shown = ax.imshow(heat, cmap="magma", vmin=0.0, vmax=vmax, interpolation="nearest")
+    for i, (ax, title) in enumerate(zip(axes, ["image"] + (titles or [f"step {s}" for s in steps]))):
+        ax.set_xticks(_cell_ticks(w))
+        ax.set_yticks(_cell_ticks(h))
+        ax.tick_params(labelsize=6, length=2)
+        ax.set_xlabel("column", fontsize=7)
+        if i % ncols == 0:
+            ax.set_ylabel("row", fontsize=7)
+        ax.set_title(title, fontsize=8)
+    for ax in axes[len(steps) + 1:]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.subplots_adjust(hspace=0.45)
+    bar = fig.colorbar(shown, ax=axes, fraction=0.03, pad=0.02)
+    bar.set_label("attention of the fed token (head mean)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
-def run_analyze_cli(args) -> int:
-    import dstp
-    from dstp.config import GenerationConfig
-    from dstp.generate_cli import default_model, open_image
+DEFAULT_SAMPLE_SEED = 7
+DSTP_COMPARISON = ("fastv", 0.333)  # the pruner DSTP runs on in `dstp analyze`
+ALL_STEPS_UP_TO = 8  # answers this short get a heatmap for every step
 
-    pipe = dstp.load(args.model or default_model())
+
+def check_analyze_flags(args) -> None:
+    """What the flags alone can tell, before a model is loaded."""
+    from dstp.errors import InputError
+
+    if args.image is not None and args.prompt is None:
+        raise InputError("--image needs --prompt (the question about that image)")
+    if args.image is None and args.prompt is not None:
+        raise InputError("--prompt needs --image (without --image, analyze uses a ShiftBench walk and its own prompt)")
+    if args.image is not None and args.seed is not None:
+        raise InputError("--seed picks the ShiftBench sample, so it has no effect with --image")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for s in args.steps or []:
+        if not 0 <= s < args.max_new_tokens:
+            raise InputError(f"--steps {s} is outside 0..{args.max_new_tokens - 1} (a step per new token, "
+                             f"--max-new-tokens {args.max_new_tokens})")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out} is a file, not a folder")
+
+
+def check_against_model(args, pipe) -> None:
+    """The flags that depend on the loaded model, before it runs."""
+    from dstp.errors import InputError
+
+    layers = pipe.adapter.n_layers
+    if args.layer is not None and not 0 <= args.layer < layers:
+        raise InputError(f"--layer {args.layer} is outside the model's {layers} layers (0..{layers - 1})")
+    if args.image is None and pipe.adapter.family != "shiftbench":
+        raise InputError(f"without --image, analyze runs a ShiftBench sample, which a {pipe.adapter.family} model "
+                         "cannot read: pass --image FILE --prompt TEXT")
+    limit = context_limit(pipe.adapter)
+    if limit is not None and args.max_new_tokens >= limit:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens} does not fit the model's context of {limit} tokens")
+
+
+def context_limit(adapter) -> int | None:
+    """The language model's position limit (max_position_embeddings), if its config states one."""
+    return getattr(adapter.language_model.config, "max_position_embeddings", None)
+
+
+def analysis_input(args):
+    """(image as an array, prompt): the given ones, or a 4-hop ShiftBench walk."""
     if args.image is None:
         from dstp.shiftbench import generate_samples
 
-        sample = generate_samples("walk", 1, seed=args.seed, hops=4)[0]
-        image, prompt = sample.image, sample.prompt
-    else:
-        if args.prompt is None:
-            raise dstp.InputError("--prompt is required with --image")
-        image, prompt = np.asarray(open_image(args.image)), args.prompt
+        seed = DEFAULT_SAMPLE_SEED if args.seed is None else args.seed
+        sample = generate_samples("walk", 1, seed=seed, hops=4)[0]
+        return sample.image, sample.prompt
+    from dstp.generate_cli import open_image
+
+    return np.asarray(open_image(args.image)), args.prompt
+
+
+def heatmap_steps(args, rep: RVISReport, n_steps: int) -> list[int]:
+    """The steps to draw: --steps, or every step of a short answer, else the prompt, the first three events and the
+    last step."""
+    import sys
+
+    if args.steps is None:
+        return list(range(n_steps)) if n_steps <= ALL_STEPS_UP_TO else sorted({0, *rep.events[:3], n_steps - 1})
+    beyond = [s for s in args.steps if s >= n_steps]
+    if beyond:
+        print(f"dstp analyze: warning: the answer has {n_steps} steps (0..{n_steps - 1}); no heatmap for --steps "
+              + ",".join(map(str, beyond)), file=sys.stderr)
+    return [s for s in args.steps if s < n_steps]
+
+
+def dstp_shift_steps(pipe, prepared, max_new_tokens: int) -> tuple[list[int], str]:
+    """Where DSTP on FastV at 33.3% declares a shift on the same input (as decoding steps), and its answer."""
+    import dstp
+    from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
+
+    method, retention = DSTP_COMPARISON
+    dpipe = dstp.from_model(pipe.adapter.model, pipe.processor, prune=PruneConfig(method, retention),
+                            shift=DSTPConfig())
+    res = dpipe.generate_prepared(prepared, GenerationConfig(max_new_tokens=max_new_tokens))
+    return [s["step"] + 1 for s in res.trace.row(0)["steps"] if s.get("shift")], res.texts[0]
+
+
+def run_analyze_cli(args) -> int:
+    import dstp
     from PIL import Image
 
+    from dstp.config import GenerationConfig
+    from dstp.generate_cli import default_model
+
+    check_analyze_flags(args)
+    pipe = dstp.load(args.model or default_model())
+    check_against_model(args, pipe)
+    image, prompt = analysis_input(args)
     prepared = pipe.prepare([Image.fromarray(np.asarray(image))], [prompt])
     out = pipe.engine.generate(prepared, GenerationConfig(max_new_tokens=args.max_new_tokens))
     n = out.trace.new_tokens[0]
@@ -223,22 +351,17 @@ def run_analyze_cli(args) -> int:
     reports = [report(rel[i], i, nv) for i in range(rel.shape[0])]
     layer = args.layer if args.layer is not None else most_focused_layer(rel[:, :, :nv])
     rep = reports[layer]
-    # what DSTP does on the same input, on top of FastV at 33.3%
-    from dstp.config import DSTPConfig, PruneConfig
-
-    dpipe = dstp.from_model(pipe.adapter.model, pipe.processor, prune=PruneConfig("fastv", 0.333),
-                            shift=DSTPConfig())
-    dres = dpipe.generate_prepared(prepared, GenerationConfig(max_new_tokens=args.max_new_tokens))
-    shifts = [s["step"] + 1 for s in dres.trace.row(0)["steps"] if s.get("shift")]
+    shifts, dstp_answer = dstp_shift_steps(pipe, prepared, args.max_new_tokens)
     os.makedirs(args.out, exist_ok=True)
     plot_curve(rep, os.path.join(args.out, "shift_curve.png"), shifts=shifts, labels=fed)
-    steps = args.steps or sorted({0, *rep.events[:3], len(rep.curve) - 1})
-    steps = [s for s in steps if 0 <= s < rel.shape[1]]
+    steps = heatmap_steps(args, rep, rel.shape[1])
     plot_heatmaps(np.asarray(image), rel[layer, :, :nv], steps, os.path.join(args.out, "heatmaps.png"),
-                  titles=[f"step {s}: fed {fed[s]!r}" + (" (event)" if s in rep.events else "") for s in steps])
+                  titles=[f"step {s}: fed {fed[s]!r}" + (" (event)" if s in rep.events else "") for s in steps],
+                  suptitle=f"relevance at layer {layer} (one colour scale for all steps)")
     result = {"prompt": prompt, "answer": pipe.decode(tokens, [n])[0], "layer": layer,
+              "event_rule": {"threshold": EVENT_THRESHOLD, "prominence": EVENT_PROMINENCE},
               "reports": [r.to_dict() for r in reports], "dstp_shift_steps": shifts,
-              "dstp_answer": dres.texts[0], "fed_tokens": fed}
+              "dstp_answer": dstp_answer, "fed_tokens": fed}
     with open(os.path.join(args.out, "rvis.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"answer: {result['answer']}")
