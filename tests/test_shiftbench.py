@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -264,3 +266,123 @@ def test_revival_check_counts_are_consistent():
     assert walk["revived_needed"] == walk["revived_fed_cell"] <= walk["shifted"] <= walk["missing_reads"]
     pair = revival_check(pipe, "pair", n=12, seed=5, batch_size=6)
     assert max(pair["revived_needed"], pair["revived_fed_cell"]) <= pair["shifted"] <= pair["missing_reads"]
+
+
+# ---- what the processor accepts ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def walk3():
+    return generate_samples("walk", 1, seed=0, hops=3)[0]
+
+
+@pytest.mark.parametrize("prompt,needle", [
+    ("<image> describe this picture", "unknown word 'describe'"),
+    ("<image> lookup r12c3", "cell r12c3 in prompt '<image> lookup r12c3' is outside the 12x12 grid"),
+    ("<image> lookup r03c1", "cells are written r3c1"),
+    ("<image> walk h7 r1c1", "built for walks of 1..6 hops"),  # the shipped model trained on 1..6
+    ("<image> walk h0 r1c1", "built for walks of 1..6 hops"),
+    ("lookup r1c1", "needs exactly one <image>, found 0"),
+    ("<image> <image> lookup r1c1", "found 2"),
+    ("lookup <image> r1c1", "must start with <image>"),
+    ("<image> pair r1c1", "pair takes CELL CELL"),
+    ("<image> walk r1c1 h3", "walk takes HOPS CELL"),
+    ("<image> lookup r1c1 walk", "continues with 'walk' after the question"),
+    ("<image> lookup r1c1 <eos> r2c2", "continues with '<eos>'"),
+])
+def test_prompts_outside_the_language_are_rejected_by_name(shipped, walk3, prompt, needle):
+    from dstp.errors import InputError
+
+    _, proc = shipped
+    with pytest.raises(InputError, match=re.escape(needle)):
+        proc([walk3.image], [prompt])
+
+
+def test_the_language_includes_teacher_forced_answers(shipped, walk3):
+    _, proc = shipped
+    ids = proc([walk3.image], [f"{walk3.prompt} {walk3.target} <eos>"])["input_ids"]
+    assert ids.shape[1] == 1 + 144 + 3 + len(walk3.target.split()) + 1
+
+
+def test_max_hops_comes_from_the_training_record(tmp_path):
+    assert load_shiftbench()[1].max_hops == 6
+    proc = ShiftBenchProcessor.build()
+    proc.save_pretrained(tmp_path)  # no training record: the vocabulary's h1..h8
+    again = ShiftBenchProcessor.from_pretrained(tmp_path)
+    assert again.max_hops is None
+    s = generate_samples("walk", 1, seed=0, hops=8)[0]
+    assert again([s.image], [s.prompt])["input_ids"].shape[0] == 1
+    ShiftBenchProcessor(proc.tokenizer, max_hops=4).save_pretrained(tmp_path)
+    assert ShiftBenchProcessor.from_pretrained(tmp_path).max_hops == 4
+
+
+def _bad_images(image):
+    from PIL import Image
+
+    noise = np.random.default_rng(0).integers(0, 256, image.shape).astype(np.uint8)
+    return [
+        (np.zeros((100, 80, 3), np.uint8), "image is 80x100 pixels; ShiftBench renders are 96x96"),
+        (Image.fromarray(image).convert("L"), "image has mode 'L'"),
+        (Image.fromarray(image).convert("RGBA"), "image has mode 'RGBA'"),
+        (torch.from_numpy(image).permute(2, 0, 1), "image has shape (3, 96, 96)"),
+        (image.astype(np.float32), "float images must lie in [0, 1]"),  # 0..255 as floats: not cast to garbage
+        (np.full(image.shape, np.nan, np.float32), "image has NaN or infinite values"),
+        (image.astype(np.int16) * 3, "integer images must lie in 0..255"),
+        (image > 0, "has dtype bool"),
+        (noise, "is not a ShiftBench render"),
+        (None, "no images given"),
+    ]
+
+
+def test_images_that_are_not_renders_are_rejected_by_name(shipped, walk3):
+    from dstp.errors import InputError
+
+    _, proc = shipped
+    for image, needle in _bad_images(walk3.image):
+        with pytest.raises(InputError, match=re.escape(needle)):
+            proc(image, [walk3.prompt])
+
+
+def test_a_lossy_copy_is_not_a_render(shipped, walk3):
+    # JPEG at quality 95 drops the shipped model's walk accuracy to 0.66 (measured), so it is refused
+    import io
+
+    from PIL import Image
+
+    from dstp.errors import InputError
+
+    buf = io.BytesIO()
+    Image.fromarray(walk3.image).save(buf, "JPEG", quality=95)
+    with pytest.raises(InputError, match="lossy formats such as JPEG"):
+        shipped[1]([Image.open(buf).convert("RGB")], [walk3.prompt])
+
+
+def test_every_image_form_of_a_render_gives_the_same_pixels(shipped, walk3):
+    from PIL import Image
+
+    _, proc = shipped
+    want = proc([walk3.image], [walk3.prompt])["pixel_values"]
+    for form in (walk3.image.astype(np.float32) / 255, walk3.image.astype(np.float64) / 255,
+                 torch.from_numpy(walk3.image), walk3.image.astype(np.int64), Image.fromarray(walk3.image)):
+        assert torch.equal(proc([form], [walk3.prompt])["pixel_values"], want)
+
+
+def test_batch_shape_problems_are_named(shipped, walk3):
+    from dstp.errors import InputError
+
+    _, proc = shipped
+    with pytest.raises(InputError, match="got 2 images but 1 prompts"):
+        proc([walk3.image] * 2, [walk3.prompt])
+    with pytest.raises(InputError, match="no prompts given"):
+        proc([], [])
+    with pytest.raises(InputError, match="prompts must be a string or a list of strings, got int"):
+        proc([walk3.image], 5)
+    with pytest.raises(InputError, match="image 1 is 90x96"):
+        proc([walk3.image, walk3.image[:, :90]], [walk3.prompt] * 2)
+
+
+def test_pointers_and_needed_cells_read_back_from_a_render():
+    from dstp.shiftbench.inputs import read_pointers, relevant_cells
+
+    for task in TASKS:
+        for s in generate_samples(task, 5, seed=2):
+            assert np.array_equal(read_pointers(s.image), s.pointers)
+            assert relevant_cells(s.prompt, s.image) == s.cells_needed

@@ -10,6 +10,8 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BatchFeature, PreTrainedTokenizerFast
 
+from dstp.errors import InputError
+from dstp.shiftbench.inputs import check_prompt, image_array
 from dstp.shiftbench.symbols import cell_name
 from dstp.shiftbench.tasks import IMAGE_TOKEN, MAX_HOPS, TASKS
 
@@ -45,14 +47,33 @@ def images_to_pixels(images) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def _as_lists(images, text) -> tuple[list, list]:
+    """One image per prompt, as lists (a single image or prompt may come bare)."""
+    text = [text] if isinstance(text, str) else text
+    images = [images] if images is not None and not isinstance(images, (list, tuple)) else images
+    if text is not None and not isinstance(text, (list, tuple)):
+        raise InputError(f"prompts must be a string or a list of strings, got {type(text).__name__}")
+    if not text:
+        raise InputError("no prompts given: ShiftBench needs one prompt per image")
+    if images is None:
+        raise InputError("no images given: every ShiftBench prompt needs its image")
+    if len(images) != len(text):
+        raise InputError(f"got {len(images)} images but {len(text)} prompts: pass one image per prompt")
+    return list(images), list(text)
+
+
 class ShiftBenchProcessor:
     """Turns images and prompts containing one ``<image>`` into ``input_ids``, ``attention_mask``,
-    ``pixel_values``. ``<image>`` expands to G*G image tokens (row-major cells); ``<bos>`` is prepended."""
+    ``pixel_values``. ``<image>`` expands to G*G image tokens (row-major cells); ``<bos>`` is prepended.
+    Prompts outside the testbed's language and images that are not its renders raise `InputError`
+    (``inputs.py``); ``max_hops``: the longest walk the model was trained on (None: the vocabulary's h1..h8)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, grid_size: int = 12, cell_pixels: int = 8):
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, grid_size: int = 12, cell_pixels: int = 8,
+                 max_hops: int | None = None):
         self.tokenizer = tokenizer
         self.grid_size = grid_size
         self.cell_pixels = cell_pixels
+        self.max_hops = max_hops
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
@@ -64,18 +85,25 @@ class ShiftBenchProcessor:
     def num_image_tokens(self) -> int:
         return self.grid_size * self.grid_size
 
+    def check_prompt(self, prompt, where: str = "prompt") -> None:
+        check_prompt(prompt, self.grid_size, self.max_hops, self.tokenizer.get_vocab(), where)
+
     def expand_prompt(self, prompt: str) -> str:
-        if prompt.count(IMAGE_TOKEN) != 1:
-            raise ValueError(f"a ShiftBench prompt needs exactly one {IMAGE_TOKEN}, got {prompt!r}")
+        self.check_prompt(prompt)
         return "<bos> " + prompt.replace(IMAGE_TOKEN, " ".join([IMAGE_TOKEN] * self.num_image_tokens))
 
+    def check_batch(self, images, text) -> tuple[list, list[str]]:
+        """(images as uint8 arrays, prompts), after every check; one image per prompt."""
+        images, text = _as_lists(images, text)
+        many = len(text) > 1
+        for i, t in enumerate(text):
+            self.check_prompt(t, f"prompt {i}" if many else "prompt")
+        arrays = [image_array(im, self.grid_size, self.cell_pixels, f"image {i}" if many else "image")
+                  for i, im in enumerate(images)]
+        return arrays, text
+
     def __call__(self, images=None, text=None, padding_side: str = "left", return_tensors: str = "pt", **kwargs):
-        if isinstance(text, str):
-            text = [text]
-        if images is not None and not isinstance(images, (list, tuple)):
-            images = [images]
-        if images is None or len(images) != len(text):
-            raise ValueError("ShiftBenchProcessor needs one image per prompt")
+        images, text = self.check_batch(images, text)
         side = self.tokenizer.padding_side
         self.tokenizer.padding_side = padding_side
         try:
@@ -85,9 +113,6 @@ class ShiftBenchProcessor:
         finally:
             self.tokenizer.padding_side = side
         pixels = images_to_pixels(images)
-        want = self.grid_size * self.cell_pixels
-        if pixels.shape[-2:] != (want, want):
-            raise ValueError(f"images must be {want}x{want} pixels, got {tuple(pixels.shape[-2:])}")
         return BatchFeature(
             {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "pixel_values": pixels}
         )
@@ -176,6 +201,8 @@ class ShiftBenchProcessor:
         path.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(path)
         cfg = {"processor_class": type(self).__name__, "grid_size": self.grid_size, "cell_pixels": self.cell_pixels}
+        if self.max_hops is not None:
+            cfg["max_hops"] = self.max_hops
         (path / PROCESSOR_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
 
     @classmethod
@@ -183,7 +210,15 @@ class ShiftBenchProcessor:
         path = Path(path)
         cfg = json.loads((path / PROCESSOR_CONFIG).read_text())
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        return cls(tokenizer, cfg["grid_size"], cfg["cell_pixels"])
+        return cls(tokenizer, cfg["grid_size"], cfg["cell_pixels"], cfg.get("max_hops", trained_max_hops(path)))
+
+
+def trained_max_hops(path: Path) -> int | None:
+    """The longest walk a checkpoint was trained on, from its training record (None if it has none)."""
+    record = path / "training_record.json"
+    if not record.is_file():
+        return None
+    return json.loads(record.read_text()).get("config", {}).get("max_hops")
 
 
 def _load_image(item: dict, where: str):

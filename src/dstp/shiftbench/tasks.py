@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dstp.errors import ConfigError
 from dstp.shiftbench.render import MAX_GRID, render_grid
 from dstp.shiftbench.symbols import cell_name
 
@@ -63,20 +64,20 @@ def random_grid(rng: np.random.Generator, grid_size: int) -> np.ndarray:
 
 def _validate(task: str, grid_size: int, hops) -> None:
     if task not in TASKS:
-        raise ValueError(f"unknown ShiftBench task {task!r}; known tasks: {', '.join(TASKS)}")
+        raise ConfigError(f"unknown ShiftBench task {task!r}; known tasks: {', '.join(TASKS)}")
     if grid_size < MIN_GRID:
-        raise ValueError(f"grid_size={grid_size} is too small: need grid_size >= {MIN_GRID}")
+        raise ConfigError(f"grid_size={grid_size} is too small: need grid_size >= {MIN_GRID}")
     if grid_size > MAX_GRID:
-        raise ValueError(f"grid_size={grid_size} is too large: the renderer draws at most {MAX_GRID}")
+        raise ConfigError(f"grid_size={grid_size} is too large: the renderer draws at most {MAX_GRID}")
     if task != "walk":
         if hops is not None:
-            raise ValueError(f"hops applies only to the walk task, got hops={hops!r} for {task!r}")
+            raise ConfigError(f"hops applies only to the walk task, got hops={hops!r} for {task!r}")
         return
     for h in _hop_choices(hops):
         if not 1 <= h <= MAX_HOPS:
-            raise ValueError(f"walk hops must be in 1..{MAX_HOPS}, got {h}")
+            raise ConfigError(f"walk hops must be in 1..{MAX_HOPS}, got {h}")
         if grid_size * grid_size < 2 * (h + 1):
-            raise ValueError(
+            raise ConfigError(
                 f"grid_size={grid_size} is too small for walks of {h} hops: a walk visits {h + 1} "
                 f"distinct cells, need grid_size**2 >= {2 * (h + 1)}"
             )
@@ -89,7 +90,7 @@ def _hop_choices(hops) -> list[int]:
         return [int(hops)]
     choices = [int(h) for h in hops]
     if not choices:
-        raise ValueError("hops is an empty range")
+        raise ConfigError("hops is an empty range")
     return choices
 
 
@@ -142,7 +143,7 @@ def generate_samples(task: str, n: int, seed: int, grid_size: int = 12, hops=Non
     """
     _validate(task, grid_size, hops)
     if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+        raise ConfigError(f"n must be >= 0, got {n}")
     hop_choices = _hop_choices(hops) if task == "walk" else [0]
     rng = np.random.default_rng([int(seed), TASKS.index(task), grid_size])
     samples = []
