@@ -138,3 +138,25 @@ def test_bad_inputs_are_one_line_dstp_errors(hub_models, tmp_path):
         assert isinstance(info.value, dstp.DSTPError), info.value
         message = str(info.value)
         assert needle in message and "\n" not in message, message
+
+
+def test_cli_generate_takes_a_hub_id_and_chat_input(hub_models, tmp_path, capsys):
+    from dstp.cli import main
+
+    paths = []
+    for i, image in enumerate(sample_images(2, seed=9, sizes=[(40, 40), (64, 32)])):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    argv = ["generate", "--model", hub_models["qwen2_5_vl"], "--image", paths[0], "--image", paths[1], "--prompt",
+            "compare the pictures", "--max-new-tokens", "6", "--prune", "divprune", "--retention", "0.5", "--dstp",
+            "--trace"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    pipe = dstp.load(hub_models["qwen2_5_vl"], prune=PruneConfig("divprune", 0.5), shift=DSTPConfig())
+    from PIL import Image
+    expected = pipe.chat([conversation([Image.open(p).convert("RGB") for p in paths], "compare the pictures")],
+                         max_new_tokens=6)
+    assert out.startswith(expected.texts[0] + "\n")
+    assert '"n_visual": 57' in out  # 25 + 32 visual tokens of the two images
+    assert main(["generate", "--model", "no-such-org/model", "--prompt", "hi"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
