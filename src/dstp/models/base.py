@@ -17,6 +17,7 @@ from torch import nn
 
 from dstp.errors import InputError, UnsupportedModelError
 from dstp.models import hf_compat
+from dstp.models.vision import VisionInternals  # noqa: F401 (the type of PreparedInputs.vision)
 
 
 @dataclass
@@ -29,6 +30,7 @@ class PreparedInputs:
     vision_scores: torch.Tensor | None = None  # [B, Nmax] encoder importance per visual token, if known
     extras: dict = field(default_factory=dict)  # family-specific per-token inputs (e.g. DeepStack)
     input_ids: torch.Tensor | None = None  # [B, T] the prompt's token ids (repetition penalty)
+    vision: "VisionInternals | None" = None  # encoder internals before the projector (VisionZip), if asked for
 
     @property
     def n_visual(self) -> torch.Tensor:
@@ -42,6 +44,7 @@ class Adapter:
     architectures: tuple[str, ...] = ()
     model_type: str = ""  # config.model_type that selects this adapter
     example_id: str = ""
+    vision_internals: bool = False  # prepare(vision_scores=True) fills PreparedInputs.vision (VisionZip)
 
     def __init__(self, model: nn.Module, processor=None):
         self.model = model.eval()
@@ -144,8 +147,8 @@ class Adapter:
 
     # -- inputs ---------------------------------------------------------------------------------
     def prepare(self, batch, vision_scores: bool = True) -> PreparedInputs:
-        """Embed a processed batch. `vision_scores=False` skips the encoder-attention pass that only
-        VisionZip-style pruners read (`PreparedInputs.vision_scores` is then None)."""
+        """Embed a processed batch. `vision_scores=False` skips the encoder-internals pass that only
+        VisionZip reads (`PreparedInputs.vision_scores` and `.vision` are then None)."""
         raise NotImplementedError
 
     @property

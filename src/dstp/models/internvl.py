@@ -10,8 +10,8 @@ from dstp.models.llava import LlavaAdapter
 
 
 class InternVLAdapter(LlavaAdapter):
-    """Same feature call, 1-D positions and VisionZip scores as LLaVA: InternViT's CLS attention at the
-    feature layer, here averaged over the patches that pixel shuffle folds into each LLM token."""
+    """Same feature call, 1-D positions and vision internals as LLaVA, one view per tile: a unit is one LLM token,
+    the pixel-shuffled group of patches the projector reads; its CLS attention and key are its patches' mean."""
 
     family = "internvl"
     architectures = ("InternVLForConditionalGeneration",)
@@ -25,9 +25,15 @@ class InternVLAdapter(LlavaAdapter):
     def attention_parts(layer):
         return layer.layernorm_before, layer.attention
 
-    def token_scores(self, patch_scores: torch.Tensor, **vision_kwargs) -> torch.Tensor:
-        """[tiles, patches] -> [tiles * tokens per tile], by the model's own pixel shuffle."""
-        side = int(patch_scores.shape[1] ** 0.5)
-        grid = patch_scores.reshape(patch_scores.shape[0], side, side, 1)
+    def unit_layout(self, per_token: torch.Tensor) -> torch.Tensor:
+        """[tiles, 1 + patches, C] -> [tiles, tokens per tile, C]: CLS dropped, then each LLM token's patches (the
+        model's own pixel shuffle groups them) averaged."""
+        patches = per_token[:, 1:]
+        side = int(patches.shape[1] ** 0.5)
+        grid = patches.reshape(patches.shape[0], side, side, -1)
         groups = self.model.model.pixel_shuffle(grid, scale_factor=self.model.config.downsample_ratio)
-        return groups.mean(-1).flatten()
+        C = patches.shape[-1]
+        return groups.reshape(patches.shape[0], -1, groups.shape[-1] // C, C).mean(2)
+
+    def cls_features(self, out):
+        return None  # the projector reads pixel-shuffled groups of patches: InternViT's CLS has no place there

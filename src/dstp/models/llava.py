@@ -1,13 +1,14 @@
 """LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP vision tower, MLP projector, Llama LM, 1-D RoPE.
 
-Vision scores (VisionZip): the CLS token's head-mean attention on each patch in the CLIP layer that
-produces the vision feature layer, from that layer's q/k projections (captured with a hook on its
-input norm, so the tower keeps its own attention implementation)."""
+Vision internals (VisionZip, `features_and_internals`): per image, the CLIP layer that produces the vision feature
+layer gives each patch's CLS attention (head mean) and head-mean key, the projector's input gives its features,
+and the feature layer's CLS row is kept for VisionZip to feed to the LLM; `vision_scores` is the CLS attention."""
 from __future__ import annotations
 
 import torch
 
 from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, scores_by_row, text_positions
+from dstp.models.vision import VisionInternals, consecutive_slots, head_mean_keys
 
 
 class LlavaAdapter(Adapter):
@@ -15,33 +16,70 @@ class LlavaAdapter(Adapter):
     architectures = ("LlavaForConditionalGeneration",)
     model_type = "llava"
     example_id = "llava-hf/llava-1.5-7b-hf"
+    vision_internals = True
 
-    def image_features(self, pixel_values: torch.Tensor, **vision_kwargs) -> torch.Tensor:
+    def vision_call(self, pixel_values: torch.Tensor, **vision_kwargs):
+        """transformers' own image-feature call (its output keeps the tower's hidden states)."""
         cfg = self.model.config
-        out = self.model.model.get_image_features(
+        return self.model.model.get_image_features(
             pixel_values=pixel_values.to(self.dtype),
             vision_feature_layer=cfg.vision_feature_layer,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
             **vision_kwargs,
-        ).pooler_output
-        return torch.cat(list(out), dim=0) if not torch.is_tensor(out) else out.flatten(0, 1)
+        )
 
-    def features_and_scores(self, pixel_values: torch.Tensor, scores: bool = True, **vision_kwargs):
-        """(features [n_tokens, D], CLS-attention vision scores [n_tokens] or None), in placeholder order."""
-        if not scores:
+    @staticmethod
+    def flat_features(out) -> torch.Tensor:
+        feats = out.pooler_output
+        return torch.cat(list(feats), dim=0) if not torch.is_tensor(feats) else feats.flatten(0, 1)
+
+    def image_features(self, pixel_values: torch.Tensor, **vision_kwargs) -> torch.Tensor:
+        return self.flat_features(self.vision_call(pixel_values, **vision_kwargs))
+
+    @property
+    def projector(self):
+        return self.model.model.multi_modal_projector
+
+    def features_and_internals(self, pixel_values: torch.Tensor, internals: bool = True, **vision_kwargs):
+        """(features [n_tokens, D], VisionInternals or None), in placeholder order. One view per image (LLaVA-NeXT:
+        per crop), one unit per patch: the projector's input, the feature layer's head-mean keys and CLS attention
+        (from that layer's q/k projections of its normed input, captured with a hook so the tower keeps its own
+        attention implementation), and the CLS token's features, which the LLM does not see."""
+        if not internals:
             return self.image_features(pixel_values, **vision_kwargs), None
-        layer = self.score_layer()
-        norm, attn = self.attention_parts(layer)
+        norm, attn = self.attention_parts(self.score_layer())
         seen = {}
-        hook = norm.register_forward_hook(lambda mod, args, out: seen.update(x=out))
+        hooks = [norm.register_forward_hook(lambda mod, args, out: seen.update(x=out)),
+                 self.projector.register_forward_pre_hook(lambda mod, args: seen.update(units=args[0]))]
         try:
-            feats = self.image_features(pixel_values, **vision_kwargs)
+            out = self.vision_call(pixel_values, **vision_kwargs)
         finally:
-            hook.remove()
-        cls = self.cls_attention(attn, seen["x"])
-        if self.model.config.vision_feature_select_strategy == "default":
-            cls = cls[:, 1:]  # the CLS token itself is not a visual token
-        return feats, self.token_scores(cls, **vision_kwargs)
+            for h in hooks:
+                h.remove()
+        scores, keys = self.cls_attention(attn, seen["x"]), head_mean_keys(attn, seen["x"])
+        units = seen["units"]  # [views, units, U]
+        scores, keys = self.unit_layout(scores[..., None])[..., 0], self.unit_layout(keys)
+        slot = self.unit_slots(units.shape[0], units.shape[1], **vision_kwargs)
+        vision = VisionInternals(hidden=units, keys=keys, scores=scores.float(), slot=slot, project=self.projector,
+                                 cls=self.cls_features(out))
+        return self.flat_features(out), vision
+
+    def unit_layout(self, per_token: torch.Tensor) -> torch.Tensor:
+        """[views, S, ...] per encoder token -> per unit: the patches (the CLS token is not a visual token)."""
+        return per_token[:, 1:] if self.model.config.vision_feature_select_strategy == "default" else per_token
+
+    def unit_slots(self, n_views: int, n_units: int, **vision_kwargs) -> torch.Tensor:
+        """[views, units]: LLaVA's image tokens are its patches, image after image."""
+        return consecutive_slots([n_units] * n_views, self.device)
+
+    def cls_features(self, out) -> torch.Tensor | None:
+        """[views, U] the CLS token at the feature layer(s), as the projector would read it; None when the
+        select strategy already feeds it to the LLM."""
+        cfg = self.model.config
+        if cfg.vision_feature_select_strategy != "default" or out.hidden_states is None:
+            return None
+        layers = [cfg.vision_feature_layer] if isinstance(cfg.vision_feature_layer, int) else cfg.vision_feature_layer
+        return torch.cat([out.hidden_states[i][:, 0] for i in layers], dim=-1)
 
     def vision_kwargs(self, batch) -> dict:
         """Extra processor outputs the vision call needs (none for LLaVA-1.5)."""
@@ -55,10 +93,6 @@ class LlavaAdapter(Adapter):
     def attention_parts(layer):
         """(the norm whose output the layer's attention reads, the attention module) of a CLIP layer."""
         return layer.layer_norm1, layer.self_attn
-
-    def token_scores(self, patch_scores: torch.Tensor, **vision_kwargs) -> torch.Tensor:
-        """[images, patches] -> [n_tokens]: LLaVA's projector keeps one token per patch."""
-        return patch_scores.flatten()
 
     def score_layer(self):
         """The vision layer whose output is the vision feature layer (the last one when several are used)."""
@@ -89,11 +123,12 @@ class LlavaAdapter(Adapter):
         image_token = self.model.config.image_token_id
         visual = input_ids == image_token
         embeds = self.embed_tokens(input_ids)
-        scores = None
+        scores = vision = None
         if batch.get("pixel_values") is not None:
-            feats, scores = self.features_and_scores(batch["pixel_values"].to(self.device), vision_scores,
-                                                     **self.vision_kwargs(batch))
+            feats, vision = self.features_and_internals(batch["pixel_values"].to(self.device), vision_scores,
+                                                        **self.vision_kwargs(batch))
             check_image_tokens(input_ids, image_token, feats.shape[0])
+            scores = None if vision is None else vision.token_scores(feats.shape[0])
             embeds = embeds.masked_scatter(visual[..., None], feats.to(embeds.dtype))
         else:
             check_image_tokens(input_ids, image_token, 0)
@@ -105,4 +140,5 @@ class LlavaAdapter(Adapter):
             visual_mask=visual,
             vision_scores=None if scores is None else scores_by_row(visual, scores),
             input_ids=input_ids,
+            vision=vision,
         )

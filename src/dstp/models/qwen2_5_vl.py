@@ -2,10 +2,11 @@
 3-axis M-RoPE. Image tokens get (t, h, w) positions; text continues after the image's largest one, and
 decoding continues from `max position + 1` (transformers' rope delta).
 
-Vision scores (VisionZip; the ViT has no CLS token): the mean attention each patch receives in the last
-vision block (head-mean, averaged over the queries of its attention segment: the whole image when that
-block attends globally, as in the released configs, else its window), averaged over the patches of each
-merged token. Computed from the block's own qkv and rotary inputs, captured with a hook."""
+Vision internals (VisionZip; the ViT has no CLS token), one view per image, one unit per merged LLM token: the
+merger's input, and as the stand-in for CLS attention the mean attention each patch receives in the last vision
+block (head-mean, averaged over the queries of its attention segment: the whole image when that block attends
+globally, as in the released configs, else its window), averaged over the token's patches, as are its patches'
+head-mean keys. Computed from the block's own qkv and rotary inputs, captured with a hook."""
 from __future__ import annotations
 
 import torch
@@ -13,6 +14,7 @@ import torch
 from dstp.errors import InputError
 from dstp.models import hf_compat
 from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, scores_by_row
+from dstp.models.vision import VisionInternals, consecutive_slots, pad_views
 
 QUERY_CHUNK = 1024  # query rows per softmax block when scoring (bounds memory on large images)
 
@@ -22,22 +24,25 @@ class Qwen25VLAdapter(Adapter):
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
     model_type = "qwen2_5_vl"
     example_id = "Qwen/Qwen2.5-VL-3B-Instruct"
+    vision_internals = True
 
     def image_features(self, pixel_values, image_grid_thw) -> torch.Tensor:
         out = self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
         feats = out.pooler_output
         return torch.cat(list(feats), dim=0) if not torch.is_tensor(feats) else feats
 
-    def features_and_scores(self, pixel_values, image_grid_thw, scores: bool = True):
-        """(features [n_tokens, D], received-attention vision scores [n_tokens] or None), in placeholder order."""
-        if not scores:
-            return self.image_features(pixel_values, image_grid_thw), None
-        feats, merged = self.with_received_attention(lambda: self.image_features(pixel_values, image_grid_thw))
-        return feats, merged[torch.argsort(self.window_index(image_grid_thw))]  # the ViT runs in window order
+    def features_and_internals(self, pixel_values, image_grid_thw, internals: bool = True):
+        """(features [n_tokens, D], VisionInternals or None), in placeholder order (the ViT runs in window order)."""
+        call = lambda: self.image_features(pixel_values, image_grid_thw)  # noqa: E731
+        if not internals:
+            return call(), None
+        return self.with_internals(call, image_grid_thw, torch.argsort(self.window_index(image_grid_thw)))
 
-    def with_received_attention(self, vision_call):
-        """(vision_call()'s result, [n_tokens] head-mean attention each LLM visual token's patches receive in
-        the ViT's last block, in the ViT's own token order), the block's input captured by a hook."""
+    def with_internals(self, vision_call, grid, order=None):
+        """(vision_call()'s result, VisionInternals). The ViT has no CLS token: a unit is one merged LLM token (its
+        `spatial_merge_unit` patches), its features the merger's input (the last block's output), its key and score
+        its patches' mean of the last block's head-mean keys (before rotary) and of the head-mean attention each
+        patch receives. `order`: LLM order of the ViT's merged tokens (Qwen2.5-VL's window order), None: same."""
         visual = self.model.model.visual
         block, seen = visual.blocks[-1], {}
 
@@ -45,33 +50,47 @@ class Qwen25VLAdapter(Adapter):
             seen.update(x=args[0] if args else kwargs["hidden_states"], cu=kwargs["cu_seqlens"],
                         rope=kwargs["position_embeddings"])
 
-        hook = block.register_forward_pre_hook(grab, with_kwargs=True)
+        hooks = [block.register_forward_pre_hook(grab, with_kwargs=True),
+                 visual.merger.register_forward_pre_hook(lambda mod, args: seen.update(units=args[0]))]
         try:
             out = vision_call()
         finally:
-            hook.remove()
-        received = self.received_attention(block, seen["x"], seen["cu"], seen["rope"])
-        return out, received.view(-1, visual.spatial_merge_unit).mean(-1)  # patches -> merged tokens
+            for h in hooks:
+                h.remove()
+        received, keys = self.attention_internals(block, seen["x"], seen["cu"], seen["rope"])
+        m, Dv = visual.spatial_merge_unit, seen["units"].shape[-1]
+        units = seen["units"].reshape(-1, m * Dv)
+        keys, scores = keys.view(-1, m, keys.shape[-1]).mean(1), received.view(-1, m).mean(-1)
+        if order is not None:
+            units, keys, scores = units[order], keys[order], scores[order]
+        counts = (grid.prod(-1) // m).tolist()  # merged tokens per image, in placeholder order
+        split = lambda t: pad_views(list(torch.split(t, counts)))  # noqa: E731
+        vision = VisionInternals(hidden=split(units), keys=split(keys), scores=split(scores),
+                                 slot=consecutive_slots(counts, units.device),
+                                 project=lambda u: visual.merger(u.reshape(-1, Dv)))
+        return out, vision
 
     @staticmethod
     @torch.no_grad()
-    def received_attention(block, x, cu_seqlens, rope) -> torch.Tensor:
-        """[S]: head-mean attention each token receives, averaged over the queries of its segment."""
+    def attention_internals(block, x, cu_seqlens, rope):
+        """([S] head-mean attention each token receives, averaged over the queries of its segment; [S, hd] its
+        head-mean key before rotary)."""
         attn = block.attn
         S = x.shape[0]
         q, k, _ = attn.qkv(block.norm1(x)).reshape(S, 3, attn.num_heads, -1).float().unbind(1)
+        keys = k.mean(1)
         cos, sin = (t.float()[:, None, :] for t in rope)
         q, k = (t * cos + hf_compat.rotate_half(t) * sin for t in (q, k))  # [S, H, hd]
         out = torch.zeros(S, device=x.device)
         bounds = cu_seqlens.tolist()
         for s, e in zip(bounds[:-1], bounds[1:]):
-            keys = k[s:e].transpose(0, 1)  # [H, n, hd]
+            keys_seg = k[s:e].transpose(0, 1)  # [H, n, hd]
             for c in range(s, e, QUERY_CHUNK):
                 qc = q[c:min(c + QUERY_CHUNK, e)].transpose(0, 1)
-                probs = torch.softmax(qc @ keys.transpose(1, 2) * attn.scaling, dim=-1)
+                probs = torch.softmax(qc @ keys_seg.transpose(1, 2) * attn.scaling, dim=-1)
                 out[s:e] += probs.sum((0, 1))
             out[s:e] /= attn.num_heads * (e - s)
-        return out
+        return out, keys
 
     def window_index(self, grid) -> torch.Tensor:
         """The ViT's merged-token order (window order), as its forward computes it."""
@@ -83,10 +102,10 @@ class Qwen25VLAdapter(Adapter):
         return get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
                                        window_size=visual.window_size, patch_size=visual.patch_size)[0]
 
-    def visual_inputs(self, pixel_values, grid, visual, embeds, scores: bool = True):
-        """(features [n_tokens, D], vision scores [n_tokens] or None, extras) for `prepare`."""
-        feats, vision_scores = self.features_and_scores(pixel_values, grid, scores)
-        return feats, vision_scores, {}
+    def visual_inputs(self, pixel_values, grid, visual, embeds, internals: bool = True):
+        """(features [n_tokens, D], VisionInternals or None, extras) for `prepare`."""
+        feats, vision = self.features_and_internals(pixel_values, grid, internals)
+        return feats, vision, {}
 
     @torch.no_grad()
     def prepare(self, batch, vision_scores: bool = True) -> PreparedInputs:
@@ -96,15 +115,16 @@ class Qwen25VLAdapter(Adapter):
         mask = batch["attention_mask"].to(self.device).bool()
         visual = input_ids == cfg.image_token_id
         embeds = self.embed_tokens(input_ids)
-        grid, scores, extras = None, None, {}
+        grid, scores, vision, extras = None, None, None, {}
         if batch.get("pixel_values") is not None:
             if batch.get("image_grid_thw") is None:
                 raise InputError(f"{self.family} inputs have pixel_values but no image_grid_thw: pass the "
                                  f"processor's whole output")
             grid = batch["image_grid_thw"].to(self.device)
-            feats, scores, extras = self.visual_inputs(batch["pixel_values"].to(self.device, self.dtype), grid,
+            feats, vision, extras = self.visual_inputs(batch["pixel_values"].to(self.device, self.dtype), grid,
                                                        visual, embeds, vision_scores)
             check_image_tokens(input_ids, cfg.image_token_id, feats.shape[0])
+            scores = None if vision is None else vision.token_scores(feats.shape[0])
             embeds = embeds.masked_scatter(visual[..., None], feats.to(self.dtype))
         else:
             check_image_tokens(input_ids, cfg.image_token_id, 0)
@@ -118,6 +138,7 @@ class Qwen25VLAdapter(Adapter):
             vision_scores=None if scores is None else scores_by_row(visual, scores),
             extras=extras,
             input_ids=input_ids,
+            vision=vision,
         )
 
     def rope_index(self, input_ids, visual, grid, mask):

@@ -20,17 +20,17 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
     model_type = "qwen3_vl"
     example_id = "Qwen/Qwen3-VL-4B-Instruct"
 
-    def visual_inputs(self, pixel_values, grid, visual, embeds, scores: bool = True):
-        # VisionZip scores: attention received in the ViT's last block, as for Qwen2.5-VL (no window reordering:
-        # every Qwen3-VL ViT block attends over the whole image)
+    def visual_inputs(self, pixel_values, grid, visual, embeds, internals: bool = True):
+        # vision internals as for Qwen2.5-VL (no window reordering: every Qwen3-VL ViT block attends over the whole
+        # image); the DeepStack mergers read other blocks and are left as they are
         call = lambda: self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid)  # noqa: E731
-        out, vision_scores = self.with_received_attention(call) if scores else (call(), None)
+        out, vision = self.with_internals(call, grid) if internals else (call(), None)
         feats = torch.cat(list(out.pooler_output), dim=0)
         check_image_tokens(visual.long(), 1, feats.shape[0])
         deepstack = embeds.new_zeros(len(out.deepstack_features), *embeds.shape)
         if len(out.deepstack_features):
             deepstack[:, visual] = torch.stack(list(out.deepstack_features)).to(embeds.dtype)
-        return feats, vision_scores, {"deepstack": deepstack}
+        return feats, vision, {"deepstack": deepstack}
 
     def after_layer(self, layer_idx, hidden, token_index, prepared_extras):
         deepstack = prepared_extras.get("deepstack")

@@ -6,6 +6,7 @@ import torch
 
 from dstp.errors import InputError
 from dstp.models.base import Adapter, PreparedInputs, scores_by_row, text_positions
+from dstp.models.vision import VisionInternals, consecutive_slots, pad_views
 
 
 class ShiftBenchAdapter(Adapter):
@@ -13,6 +14,7 @@ class ShiftBenchAdapter(Adapter):
     architectures = ("ShiftBenchForConditionalGeneration",)
     model_type = "dstp_shiftbench"
     example_id = "dstp.shiftbench.default_checkpoint_dir()"
+    vision_internals = True
 
     @classmethod
     def model_class(cls, architecture: str):
@@ -59,9 +61,18 @@ class ShiftBenchAdapter(Adapter):
             raise InputError(f"ShiftBench inputs: {e}") from None
         if not bool(visual.any()):
             raise InputError("ShiftBench prompts need an <image>: no image tokens found")
-        # The per-cell front end has no attention for VisionZip to read; its stand-in for "how much the encoder
-        # attends to a token" is the token's feature norm (query-agnostic saliency, as VisionZip's score is).
-        scores = scores_by_row(visual, embeds[visual].float().norm(dim=-1)) if vision_scores else None
+        vision = self.vision_internals(embeds[visual], visual.sum(-1)) if vision_scores else None
+        scores = scores_by_row(visual, vision.token_scores(int(visual.sum()))) if vision_scores else None
         return PreparedInputs(inputs_embeds=embeds, attention_mask=mask, position_ids=text_positions(mask),
                               next_position=mask.long().sum(-1), visual_mask=visual, vision_scores=scores,
-                              input_ids=input_ids)
+                              input_ids=input_ids, vision=vision)
+
+    @staticmethod
+    def vision_internals(features: torch.Tensor, per_row: torch.Tensor) -> VisionInternals:
+        """The per-cell front end has no attention and no projector: one view per image, a unit per cell whose
+        features and key are its visual token itself, the projector the identity, and as the stand-in for CLS
+        attention the token's feature norm (query-agnostic saliency, as VisionZip's score is)."""
+        counts = [int(n) for n in per_row if n > 0]
+        views = pad_views(list(torch.split(features, counts)))
+        return VisionInternals(hidden=views, keys=views, scores=views.float().norm(dim=-1),
+                               slot=consecutive_slots(counts, features.device), project=lambda x: x)
