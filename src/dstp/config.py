@@ -70,8 +70,8 @@ class PruneConfig:
     retention: float = 1.0
     layer: int | None = None
     seed: int = 0
-    # visionzip: fraction of the kept budget spent on merged contextual tokens
-    contextual_fraction: float = 0.15
+    # visionzip: fraction of the kept budget spent on merged contextual tokens (the authors' 10 of 64)
+    contextual_fraction: float = 10 / 64
 
     def __post_init__(self):
         check_retention(self.retention)
