@@ -4,6 +4,7 @@ from __future__ import annotations
 from dstp.config import PruneConfig
 from dstp.errors import ConfigError
 from dstp.pruners.base import Pruner, depth_scaled_layer
+from dstp.pruners.cdpruner import CDPruner
 from dstp.pruners.divprune import DivPrune
 from dstp.pruners.fastv import FastV
 from dstp.pruners.oracle import Oracle
@@ -12,8 +13,8 @@ from dstp.pruners.sparsevlm import SparseVLM
 from dstp.pruners.uniform import Uniform
 from dstp.pruners.visionzip import VisionZip
 
-PRUNERS: dict[str, type[Pruner]] = {p.name: p for p in (FastV, DivPrune, VisionZip, SparseVLM, Random, Uniform,
-                                                        Oracle)}
+PRUNERS: dict[str, type[Pruner]] = {p.name: p for p in (FastV, DivPrune, VisionZip, SparseVLM, CDPruner, Random,
+                                                        Uniform, Oracle)}
 
 
 def check_method(method: str) -> str:
