@@ -7,6 +7,11 @@ prompt token's head-mean attention over S0 at the probe layer p. At each decodin
         active set becomes S0 u T_l for `window` steps, this one included; then back to S0.
 Revived tokens get K/V at layers >= P from their hidden states at P (`recompute`) or from a full-prefill
 copy (`store`), written into the revival slots of the pruned KV store. Every row shifts independently.
+
+Multi-stage pruners: S0 is the final stage's set, R every other visual token. A revived token gets K/V and a
+revival slot in every stage from the first one that dropped it (`recompute`: from its hidden state at that
+stage's prune point, through that stage's layers and every later one, attending at each stage to the text and
+the visual tokens that stage kept).
 """
 from __future__ import annotations
 
@@ -33,11 +38,12 @@ class ShiftState:
     remaining: torch.Tensor  # [B] window steps left (0: inactive)
     in_window: torch.Tensor  # [B] bool: the active set differs from S0
     revived: torch.Tensor  # [B, Nmax] bool: tokens currently in the revival slots
-    base_valid: torch.Tensor  # [B, Tk] validity of the kept prompt slots at prefill
-    slot_rank: torch.Tensor  # [B, Tk] visual rank held by each kept slot (-1: text or padding)
+    base_valid: list  # per stage, [B, Tk] validity of its kept prompt slots at prefill
+    slot_rank: list  # per stage, [B, Tk] visual rank held by each kept slot (-1: text or padding)
     generator: torch.Generator
     history: list
     cache_k: torch.Tensor | None = None  # recompute: [L-P, B, Hkv, Nmax, hd] K/V of visual tokens computed so far
+    # (layer P + i at index i; a token's entries are filled from the first stage that dropped it)
     cache_v: torch.Tensor | None = None
     computed: torch.Tensor | None = None  # [B, Nmax] bool  # per step: (similarity, shift, active, revived mask)
     extra_flops: float = 0.0
@@ -83,12 +89,11 @@ class ShiftPolicy:
         B, N = vpos.shape
         hd = state.cos.shape[-1]
         idx_hd = vpos[..., None].expand(-1, -1, hd)
+        hid = probe_hidden  # [B, T, D] input of the probe layer (P = 0: the embeddings the first stage kept)
         if state.P == 0:
-            hid = state.hidden_at_P
             hv = hid.gather(1, vpos[..., None].expand(-1, -1, hid.shape[-1]))
             keys = a.key(0, hv, state.cos.gather(1, idx_hd), state.sin.gather(1, idx_hd))
         else:
-            hid = probe_hidden
             store = state.full
             keys = store.k[store.local(p)].gather(2, vpos[:, None, :, None].expand(-1, a.n_kv_heads, -1, a.head_dim))
         keys = keys.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1).float() * a.attention_scale(p)
@@ -98,13 +103,14 @@ class ShiftPolicy:
         s0_rank = torch.argsort((~state.kept).to(torch.int8), dim=-1, stable=True)[:, : int(kcount.max())]
         s0_valid = torch.arange(s0_rank.shape[1], device=vpos.device)[None] < kcount[:, None]
         s0_keys = keys.gather(2, s0_rank[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1]))
-        Tk = state.Tk
-        base_valid = state.pruned.valid[:, :Tk].clone()
-        order = state.pruned.order[:, :Tk]
-        # which visual rank each kept slot holds
+        # which visual rank each kept slot of each stage holds
         rank_of_pos = torch.full((B, state.T), -1, dtype=torch.long, device=vpos.device)
         rank_of_pos.scatter_(1, vpos, torch.arange(N, device=vpos.device).expand(B, N).masked_fill(~state.visual_valid, -1))
-        slot_rank = torch.where(order >= 0, rank_of_pos.gather(1, order.clamp(min=0)), -1)
+        base_valid, slot_rank = [], []
+        for stage in state.stages:
+            order = stage.store.order[:, :stage.Tk]
+            base_valid.append(stage.store.valid[:, :stage.Tk].clone())
+            slot_rank.append(torch.where(order >= 0, rank_of_pos.gather(1, order.clamp(min=0)), -1))
         return ShiftState(
             probe=p, keys=keys, s0_rank=s0_rank, s0_valid=s0_valid, s0_keys=s0_keys, anchor=anchor, k=kcount,
             remaining=torch.zeros(B, dtype=torch.long, device=vpos.device),
@@ -118,7 +124,7 @@ class ShiftPolicy:
         if self.config.source != "recompute" or state.R == 0:
             return {}
         s, N = state.pruned, state.visual_pos.shape[1]
-        shape = (len(s.layers), s.k.shape[1], s.k.shape[2], N, s.k.shape[-1])
+        shape = (s.layers.stop - state.P, s.k.shape[1], s.k.shape[2], N, s.k.shape[-1])
         return dict(cache_k=s.k.new_zeros(shape), cache_v=s.v.new_zeros(shape),
                     computed=torch.zeros(state.kept.shape, dtype=torch.bool, device=s.k.device))
 
@@ -172,100 +178,120 @@ class ShiftPolicy:
         return topk_mask(scores, valid, st.k)
 
     def _deactivate(self, state, rows):
-        st, s, Tk, r0 = state.shift_state, state.pruned, state.Tk, state.rev0
-        s.valid[:, r0:] &= ~rows[:, None]
-        s.valid[:, :Tk] = torch.where(rows[:, None], st.base_valid, s.valid[:, :Tk])
+        st = state.shift_state
+        for stage, base in zip(state.stages, st.base_valid):
+            s, r0 = stage.store, stage.rev0
+            s.valid[:, r0:] &= ~rows[:, None]
+            s.valid[:, :stage.Tk] = torch.where(rows[:, None], base, s.valid[:, :stage.Tk])
+            s.tail_len = int(s.valid[:, r0:].sum(-1).max())
         st.revived &= ~rows[:, None]
         st.in_window &= ~rows
-        s.tail_len = int(s.valid[:, r0:].sum(-1).max())
+
+    @staticmethod
+    def _pack(mask: torch.Tensor, n: int):
+        """The first n True entries of each row of mask [B, N], in rank order: (rank [B, n], valid [B, n])."""
+        rank = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n]
+        return rank, torch.arange(rank.shape[1], device=mask.device)[None] < mask.sum(-1, keepdim=True)
 
     def _activate(self, engine, state, rows, target):
-        st, s, Tk, R, r0, cfg = state.shift_state, state.pruned, state.Tk, state.R, state.rev0, self.config
+        st, R, cfg = state.shift_state, state.R, self.config
         kept = state.kept
         revive = target & ~kept & rows[:, None]
         if R > 0:
-            s.tail_len = R  # the whole tail while revived K/V are produced
-            # revived ranks, best first, at most R of them, then in rank order
-            score = revive.float() * 2 - torch.arange(revive.shape[1], device=revive.device) * 1e-6
-            rank = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :R]
-            rvalid = revive.gather(1, rank)
-            rank = torch.sort(torch.where(rvalid, rank, rank.new_full((), 1 << 40)), dim=-1).values
-            rvalid = rank < (1 << 40)
-            rank = rank.clamp(max=revive.shape[1] - 1)
-            new_revived = torch.zeros_like(revive).scatter(1, rank, rvalid)
+            rank, rvalid = self._pack(revive, R)  # at most R revived per row, in rank order
+            new_revived = torch.zeros_like(revive).scatter(1, rank, rvalid) & revive
             st.revived = torch.where(rows[:, None], new_revived, st.revived)
-            pos = state.visual_pos.gather(1, rank)
-            if cfg.source == "store":
-                self._fill_tail(state, rows, state.reserve.k, state.reserve.v, pos)
-            else:
+            for stage in state.stages:
+                stage.store.tail_len = R  # the whole tail while revived K/V are produced
+            if cfg.source == "recompute":
                 self._compute_missing(engine, state, new_revived)
-                self._fill_tail(state, rows, st.cache_k, st.cache_v, rank)
-            pad_tag = -1 - torch.arange(r0, r0 + R, device=pos.device).expand_as(pos)
-            s.order[:, r0:] = torch.where(rows[:, None], torch.where(rvalid, pos, pad_tag), s.order[:, r0:])
-            s.valid[:, r0:] = torch.where(rows[:, None], rvalid, s.valid[:, r0:])
-            s.tail_len = int(s.valid[:, r0:].sum(-1).max())  # each row's revived tokens fill its first slots
-        if cfg.variant == "hard":  # replace: S0 tokens outside T_l leave for the window
-            in_target = target.gather(1, st.slot_rank.clamp(min=0)) | (st.slot_rank < 0)
-            s.valid[:, :Tk] = torch.where(rows[:, None], st.base_valid & in_target, s.valid[:, :Tk])
-        else:
-            s.valid[:, :Tk] = torch.where(rows[:, None], st.base_valid, s.valid[:, :Tk])
+            for stage in state.stages:
+                # this stage's revival slots: the revived tokens it does not hold, each row's in its first slots
+                s, r0 = stage.store, stage.rev0
+                rank, rvalid = self._pack(new_revived & ~stage.kept, R)
+                pos = state.visual_pos.gather(1, rank)
+                if cfg.source == "store":
+                    self._fill_tail(state, stage, rows, state.reserve.k, state.reserve.v, pos)
+                else:
+                    self._fill_tail(state, stage, rows, st.cache_k, st.cache_v, rank)
+                pad_tag = -1 - torch.arange(r0, r0 + R, device=pos.device).expand_as(pos)
+                s.order[:, r0:] = torch.where(rows[:, None], torch.where(rvalid, pos, pad_tag), s.order[:, r0:])
+                s.valid[:, r0:] = torch.where(rows[:, None], rvalid, s.valid[:, r0:])
+                s.tail_len = int(s.valid[:, r0:].sum(-1).max())
+        for stage, base, slot_rank in zip(state.stages, st.base_valid, st.slot_rank):
+            s, Tk = stage.store, stage.Tk
+            if cfg.variant == "hard":  # replace: kept tokens outside T_l leave for the window
+                base = base & (target.gather(1, slot_rank.clamp(min=0)) | (slot_rank < 0))
+            s.valid[:, :Tk] = torch.where(rows[:, None], base, s.valid[:, :Tk])
 
     @staticmethod
-    def _fill_tail(state, rows, src_k, src_v, index):
-        """Revival slots of `rows` <- K/V of `src` at `index` [B, R] (its token axis), every layer >= P."""
-        s, r0 = state.pruned, state.rev0
+    def _fill_tail(state, stage, rows, src_k, src_v, index):
+        """Revival slots of `stage` for `rows` <- K/V of `src` (layer P + i at index i) at `index` [B, R] of its
+        token axis, every layer of the stage."""
+        s, r0 = stage.store, stage.rev0
         idx = index[:, None, :, None].expand(-1, s.k.shape[2], -1, s.k.shape[-1])
         keep = rows[:, None, None, None]
-        for li in range(len(s.layers)):
-            s.k[li, :, :, r0:] = torch.where(keep, src_k[li].gather(2, idx), s.k[li, :, :, r0:])
-            s.v[li, :, :, r0:] = torch.where(keep, src_v[li].gather(2, idx), s.v[li, :, :, r0:])
+        for li, layer in enumerate(stage.layers):
+            g = layer - state.P
+            s.k[li, :, :, r0:] = torch.where(keep, src_k[g].gather(2, idx), s.k[li, :, :, r0:])
+            s.v[li, :, :, r0:] = torch.where(keep, src_v[g].gather(2, idx), s.v[li, :, :, r0:])
 
     def _compute_missing(self, engine, state, wanted):
-        """`recompute` source: K/V at layers P..L-1 of the wanted visual tokens not computed yet, into the
-        per-sequence cache (bounded by N tokens). Each token attends causally to the text prefix and S0 before
-        it (not to other revived tokens), so its K/V equal those of a prefill that had also kept that one token
-        and stay valid for the rest of the sequence, whichever window revives it again."""
-        st, s, r0, Tk = state.shift_state, state.pruned, state.rev0, state.Tk
+        """`recompute` source: K/V at layers >= P of the wanted visual tokens not computed yet, into the
+        per-sequence cache (bounded by N tokens). A token starts from its hidden state at the prune point of the
+        first stage that dropped it and runs that stage's layers and every later one; in each stage it attends
+        causally to the text prefix and the visual tokens that stage kept (not to other revived tokens), so its
+        K/V equal those of a prefill that had also kept that one token, and stay valid for the rest of the
+        sequence, whichever window revives it again."""
+        st = state.shift_state
         need = wanted & ~st.computed
         count = need.sum(-1)
         if not bool(need.any()):
             return
         m = int(count.max())
-        rank = torch.argsort((~need).to(torch.int8), dim=-1, stable=True)[:, :m]
-        nvalid = torch.arange(m, device=rank.device)[None] < count[:, None]
+        rank, nvalid = self._pack(need, m)
         rows = count > 0
         pos = state.visual_pos.gather(1, rank)
-        order = torch.where(nvalid, pos, -1 - torch.arange(r0, r0 + m, device=pos.device).expand_as(pos))
-        # the revival slots of the rows computing serve as scratch; every query sees only S0 and itself
-        s.order[:, r0:r0 + m] = torch.where(rows[:, None], order, s.order[:, r0:r0 + m])
-        kept_valid = s.valid[:, :Tk].clone()
-        s.valid[:, :Tk] = st.base_valid
-        mask = s.mask(order)
-        tail = torch.arange(s.capacity, device=pos.device) >= r0
-        mask &= ~tail | (s.order[:, None, None, :] == order[:, None, :, None])
+        first = state.dropped_at.gather(1, rank)  # the stage each token starts in
         hid = state.hidden_at_P
         D, hd = hid.shape[-1], state.cos.shape[-1]
-        h = hid.gather(1, pos[..., None].expand(-1, -1, D))
+        h_drop = hid.gather(1, pos[..., None].expand(-1, -1, D))
         cos = state.cos.gather(1, pos[..., None].expand(-1, -1, hd))
         sin = state.sin.gather(1, pos[..., None].expand(-1, -1, hd))
-        L = engine.adapter.n_layers
-        engine.run_layers(range(state.P, L), h, s, r0, order, cos, sin, torch.where(nvalid, pos, -1),
-                           state.prepared.extras, rows=rows, mask=mask)
-        s.valid[:, :Tk] = kept_valid
-        st.extra_flops += engine.flops(L - state.P, need.sum(), (mask[:, 0] & nvalid[:, :, None]).sum())
-        idx = rank[:, None, :, None].expand(-1, s.k.shape[2], -1, s.k.shape[-1])
-        put = nvalid[:, None, :, None]
-        for li in range(len(s.layers)):
-            for cache, fresh in ((st.cache_k, s.k), (st.cache_v, s.v)):
-                old = cache[li].gather(2, idx)
-                cache[li].scatter_(2, idx, torch.where(put, fresh[li, :, :, r0:r0 + m], old))
+        h = h_drop
+        idx = rank[:, None, :, None].expand(-1, st.cache_k.shape[2], -1, st.cache_k.shape[-1])
+        start = int(first.masked_fill(~nvalid, len(state.stages)).min())
+        for i in range(start, len(state.stages)):
+            stage, base = state.stages[i], st.base_valid[i]
+            s, r0, Tk = stage.store, stage.rev0, stage.Tk
+            h = torch.where((first == i)[..., None], h_drop, h)  # tokens this stage dropped join here
+            live = nvalid & (first <= i)
+            order = torch.where(live, pos, -1 - torch.arange(r0, r0 + m, device=pos.device).expand_as(pos))
+            # the revival slots of the rows computing serve as scratch; every query sees only the kept set and itself
+            s.order[:, r0:r0 + m] = torch.where(rows[:, None], order, s.order[:, r0:r0 + m])
+            kept_valid = s.valid[:, :Tk].clone()
+            s.valid[:, :Tk] = base
+            mask = s.mask(order)
+            tail = torch.arange(s.capacity, device=pos.device)[: mask.shape[-1]] >= r0
+            mask &= ~tail | (s.order[:, None, None, : mask.shape[-1]] == order[:, None, :, None])
+            h, _ = engine.run_layers(stage.layers, h, s, r0, order, cos, sin, torch.where(live, pos, -1),
+                                     state.prepared.extras, rows=rows, mask=mask)
+            s.valid[:, :Tk] = kept_valid
+            st.extra_flops += engine.flops(len(stage.layers), live.sum(), (mask[:, 0] & live[:, :, None]).sum())
+            put = live[:, None, :, None]
+            for li, layer in enumerate(stage.layers):
+                g = layer - state.P
+                for cache, fresh in ((st.cache_k, s.k), (st.cache_v, s.v)):
+                    old = cache[g].gather(2, idx)
+                    cache[g].scatter_(2, idx, torch.where(put, fresh[li, :, :, r0:r0 + m], old))
         st.computed |= need
 
     @staticmethod
     def _active_count(state) -> torch.Tensor:
-        """Visual tokens active at layers >= P, per row: kept slots still valid + revived slots."""
-        st, s, Tk, r0 = state.shift_state, state.pruned, state.Tk, state.rev0
-        kept_slots = ((st.slot_rank >= 0) & s.valid[:, :Tk]).sum(-1)
+        """Visual tokens active at the last stage's layers, per row: kept slots still valid + revived slots."""
+        st, stage = state.shift_state, state.stages[-1]
+        s, Tk, r0 = stage.store, stage.Tk, stage.rev0
+        kept_slots = ((st.slot_rank[-1] >= 0) & s.valid[:, :Tk]).sum(-1)
         return kept_slots + s.valid[:, r0:].sum(-1)
 
     def finish(self, trace, state):

@@ -1,13 +1,15 @@
-"""The generation engine: prefill with an optional prune point, then one-token decode steps.
+"""The generation engine: prefill with an optional pruning schedule, then one-token decode steps.
 
-Layers [0, P) keep every prompt token in the `full` store; layers [P, L) see only text + kept visual
-tokens in the `pruned` store, laid out as  [kept prompt | revival slots | generated tokens].
-Without pruning P = L and the pruned store does not exist. Every token keeps its original position id.
+Layers [0, P) keep every prompt token in the `full` store. A pruner's schedule P = P_0 < P_1 < ... gives one
+stage per prune point: stage s runs layers [P_s, P_s+1) (the last one up to L) on text + its kept visual tokens
+only, in a store of its own compacted to them, laid out as  [kept prompt | generated tokens | revival slots].
+Each stage keeps a subset of the one before; a single-stage pruner has one pruned stage. Without pruning P = L
+and there is no pruned stage. Every token keeps its original position id.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,20 +23,35 @@ from dstp.models.base import Adapter, PreparedInputs
 
 
 @dataclass
+class Stage:
+    """One pruned stage: layers [P_s, P_s+1), their KV store compacted to text + `kept`."""
+    layers: range
+    store: KVStore
+    kept: torch.Tensor  # [B, Nmax] bool: visual tokens in its prompt slots
+    index: torch.Tensor  # [B, Tk] original index of each prompt slot (padding slots point anywhere)
+    Tk: int  # prompt slots, followed by generated tokens
+    R: int = 0  # revival slots at the end of the store
+
+    @property
+    def rev0(self) -> int:
+        """First revival slot."""
+        return self.store.tail
+
+
+@dataclass
 class State:
     prepared: PreparedInputs
-    P: int  # prune point (L: no pruning)
+    P: int  # first prune point (L: no pruning)
     T: int  # padded prompt length
     cos: torch.Tensor  # [B, T, hd] rotary tables of the prompt, at original positions
     sin: torch.Tensor
     full: KVStore | None  # layers [0, P)
-    pruned: KVStore | None  # layers [P, L)
-    Tk: int = 0  # kept prompt slots in `pruned`, followed by generated tokens
-    R: int = 0  # revival slots at the end of `pruned`
+    stages: list[Stage] = field(default_factory=list)  # layers [P, L), one per prune point
     visual_pos: torch.Tensor | None = None  # [B, Nmax] original index of each visual token
     visual_valid: torch.Tensor | None = None  # [B, Nmax]
-    kept: torch.Tensor | None = None  # [B, Nmax] bool: the prefill kept set S0
-    hidden_at_P: torch.Tensor | None = None  # [B, T, D] input of layer P (for recomputing revived K/V)
+    kept: torch.Tensor | None = None  # [B, Nmax] bool: the final stage's set S0
+    dropped_at: torch.Tensor | None = None  # [B, Nmax] first stage without the token (len(stages): never dropped)
+    hidden_at_P: torch.Tensor | None = None  # [B, T, D] each visual token's input to the first stage without it
     reserve: KVStore | None = None  # store source: K/V of every prompt token at layers [P, L)
     step: int = 0
     shift_state: object = None
@@ -45,13 +62,33 @@ class State:
 
     @property
     def kept_count(self) -> torch.Tensor:
-        """[B] visual tokens in the prefill kept set S0."""
+        """[B] visual tokens in the final kept set S0."""
         return self.kept.sum(-1)
+
+    # the last stage (the one holding S0); the whole of [P, L) for a single-stage pruner
+    @property
+    def pruned(self) -> KVStore | None:
+        return self.stages[-1].store if self.stages else None
+
+    @property
+    def Tk(self) -> int:
+        return self.stages[-1].Tk if self.stages else 0
+
+    @property
+    def R(self) -> int:
+        return self.stages[-1].R if self.stages else 0
 
     @property
     def rev0(self) -> int:
-        """First revival slot of the pruned store."""
-        return self.pruned.tail
+        return self.stages[-1].rev0
+
+
+def prune_points(pruner) -> tuple[int, ...]:
+    """The pruner's schedule of prune points: `stage_layers` for a multi-stage pruner, else (layer,)."""
+    points = tuple(getattr(pruner, "stage_layers", None) or (pruner.layer,))
+    if any(b <= a for a, b in zip(points, points[1:])):
+        raise ConfigError(f"pruning stages must come at increasing layers, got {list(points)}")
+    return points
 
 
 class Engine:
@@ -120,13 +157,15 @@ class Engine:
         a = self.adapter
         L = a.n_layers
         h = prepared.inputs_embeds
-        B, T, _ = h.shape
-        P = L if pruner is None or not bool(prepared.visual_mask.any()) else pruner.layer
-        if not 0 <= P <= L:
-            raise ConfigError(f"prune layer {P} is outside the model: it has {L} layers (valid: 0..{L})")
+        B, T, D = h.shape
+        points = prune_points(pruner) if pruner is not None and bool(prepared.visual_mask.any()) else ()
+        for p in points:
+            if not 0 <= p <= L:
+                raise ConfigError(f"prune layer {p} is outside the model: it has {L} layers (valid: 0..{L})")
+        P = points[0] if points else L
         order = torch.arange(T, device=h.device).expand(B, T)
         cos, sin = a.rotary(h, prepared.position_ids)
-        state = State(prepared=prepared, P=P, T=T, cos=cos, sin=sin, full=None, pruned=None)
+        state = State(prepared=prepared, P=P, T=T, cos=cos, sin=sin, full=None)
         flops = 0.0
         probe = shift.probe_layer(P, L) if shift is not None else None
         capture = {i: None for i in {P - 1, probe} if i is not None and 0 <= i < P}
@@ -140,56 +179,89 @@ class Engine:
         if P == L:
             return state, self._logits(h[:, -1:]), flops
 
-        # ---- the prune point --------------------------------------------------------------------
+        # ---- the prune points, one stage each ---------------------------------------------------
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        ctx = PruneContext(self, prepared, P, h, retention, state.full, capture.get(P - 1), cos, sin, gen,
-                           relevant)
-        result: PruneResult = pruner.select(ctx)
-        state.visual_pos, state.visual_valid = ctx.visual_pos, ctx.visual_valid
-        state.kept = result.kept & ctx.visual_valid
-        if result.hidden is not None:
-            D = h.shape[-1]
-            merged = torch.where(state.kept[..., None], result.hidden, ctx.visual_hidden())
-            h = h.scatter(1, ctx.visual_pos[..., None].expand(-1, -1, D), merged)
-        keep_tok = prepared.attention_mask & ~prepared.visual_mask
-        keep_tok = keep_tok.scatter(1, ctx.visual_pos, state.kept | keep_tok.gather(1, ctx.visual_pos))
-        Tk = int(keep_tok.sum(-1).max())
-        # right-aligned compaction: each row's kept tokens in order, padding first
-        idx = torch.argsort(keep_tok.to(torch.int8), dim=-1, stable=True)[:, T - Tk:]
-        kvalid = keep_tok.gather(1, idx)
-        pad_tag = -1 - torch.arange(Tk, device=h.device).expand(B, Tk)  # unique: a pad slot sees itself
-        korder = torch.where(kvalid, idx, pad_tag)
-        R = shift.revival_slots(state) if shift is not None else 0
-        state.Tk, state.R = Tk, R
-        state.pruned = self.decode_store(range(P, L), B, Tk, max_new_tokens, R)
-        state.pruned.reserve_tail(R)
-        state.pruned.claim(0, korder, kvalid)
-        state.hidden_at_P = h
-        D, hd = h.shape[-1], cos.shape[-1]
-        token_index = torch.where(kvalid, idx, -1)
+        vpos, vvalid, _ = visual_layout(prepared.visual_mask)
+        state.visual_pos, state.visual_valid = vpos, vvalid
+        text = prepared.attention_mask & ~prepared.visual_mask
+        store_source = shift is not None and shift.needs_full_kv
+        kept = vvalid
+        state.dropped_at = torch.full(vpos.shape, len(points), dtype=torch.long, device=h.device)
+        # what the stage before the prune point holds: its store, slot layout, layer inputs (P-1 and P), rotary
+        store, slot_order, slot_valid, probe_h, stage_h, scos, ssin = (state.full, None, None, capture.get(P - 1),
+                                                                       h, cos, sin)
+        h_at = h  # [B, T, D] every token's hidden state at the last prune point it reached
+        probe_source = None
+        for s, Ps in enumerate(points):
+            last = s == len(points) - 1
+            stop = L if last else points[s + 1]
+            ctx = PruneContext(self, prepared, Ps, h_at, retention, store, probe_h, scos, ssin, gen, relevant,
+                               stage=s, kept_before=kept, slot_order=slot_order, slot_valid=slot_valid,
+                               stage_hidden=stage_h)
+            result: PruneResult = pruner.select(ctx)
+            new = result.kept & vvalid
+            if bool((new & ~kept).any()):
+                raise ConfigError(f"pruning stage {s} (layer {Ps}) keeps visual tokens an earlier stage dropped: "
+                                  f"each stage must keep a subset of the one before")
+            if result.hidden is not None:
+                merged = torch.where(new[..., None], result.hidden, ctx.visual_hidden())
+                h_at = h_at.scatter(1, vpos[..., None].expand(-1, -1, D), merged)
+            if s == 0:
+                probe_source = h_at  # P = 0: the probe layer's keys come from the pruner's embeddings
+            state.dropped_at = torch.where(kept & ~new, s, state.dropped_at)
+            kept = new
+            keep_tok = text.scatter(1, vpos, kept | text.gather(1, vpos))
+            Tk = int(keep_tok.sum(-1).max())
+            # right-aligned compaction: each row's kept tokens in order, padding first
+            idx = torch.argsort(keep_tok.to(torch.int8), dim=-1, stable=True)[:, T - Tk:]
+            kvalid = keep_tok.gather(1, idx)
+            pad_tag = -1 - torch.arange(Tk, device=h.device).expand(B, Tk)  # unique: a pad slot sees itself
+            korder = torch.where(kvalid, idx, pad_tag)
+            R = 0
+            if last:
+                state.kept = kept
+                R = shift.revival_slots(state) if shift is not None else 0
+            st_store = self.decode_store(range(Ps, stop), B, Tk, max_new_tokens, R)
+            st_store.reserve_tail(R)
+            st_store.claim(0, korder, kvalid)
+            state.stages.append(Stage(range(Ps, stop), st_store, kept, idx, Tk, R))
+            if last and store_source:
+                break  # this stage's K/V come from the unpruned prefill below
+            hk = h_at.gather(1, idx[..., None].expand(-1, -1, D))
+            ck = cos.gather(1, idx[..., None].expand(-1, -1, cos.shape[-1]))
+            sk = sin.gather(1, idx[..., None].expand(-1, -1, cos.shape[-1]))
+            cap = None if last else {stop - 1: None}
+            hk, pairs = self.run_layers(range(Ps, stop), hk, st_store, 0, korder, ck, sk,
+                                         torch.where(kvalid, idx, -1), prepared.extras, cap)
+            flops += self.flops(stop - Ps, int(kvalid.sum()), pairs)
+            if last:
+                logits = self._logits(hk[:, -1:])
+            else:
+                back = torch.where(kvalid[..., None], hk, h_at.gather(1, idx[..., None].expand(-1, -1, D)))
+                h_at = h_at.scatter(1, idx[..., None].expand(-1, -1, D), back)
+                store, slot_order, slot_valid, probe_h, stage_h, scos, ssin = (st_store, korder, kvalid,
+                                                                               cap[stop - 1], hk, ck, sk)
+        state.hidden_at_P = h_at
+        if shift is not None and state.R > 0:
+            for stage in state.stages[:-1]:  # every stage gets revival slots, for tokens dropped by it or before
+                stage.store.add_tail(state.R)
+                stage.R = state.R
 
-        if shift is not None and shift.needs_full_kv:
-            # store source: run layers >= P on every prompt token, then copy the kept ones out
+        if store_source:
+            # store source: layers >= P on every prompt token, then every stage copies its kept ones out
             state.reserve = self.new_store(range(P, L), B, T)
             state.reserve.claim(0, order, prepared.attention_mask)
-            h_full, pairs = self.run_layers(range(P, L), h, state.reserve, 0, order, cos, sin, order,
+            h_full, pairs = self.run_layers(range(P, L), probe_source, state.reserve, 0, order, cos, sin, order,
                                              prepared.extras)
             flops += self.flops(L - P, int(prepared.attention_mask.sum()), pairs)
-            slot = idx[:, None, :, None].expand(-1, a.n_kv_heads, -1, a.head_dim)
-            for li in range(L - P):
-                state.pruned.k[li, :, :, :Tk] = state.reserve.k[li].gather(2, slot)
-                state.pruned.v[li, :, :, :Tk] = state.reserve.v[li].gather(2, slot)
+            for stage in state.stages:
+                slot = stage.index[:, None, :, None].expand(-1, a.n_kv_heads, -1, a.head_dim)
+                for li, layer in enumerate(stage.layers):
+                    stage.store.k[li, :, :, :stage.Tk] = state.reserve.k[layer - P].gather(2, slot)
+                    stage.store.v[li, :, :, :stage.Tk] = state.reserve.v[layer - P].gather(2, slot)
             logits = self._logits(h_full[:, -1:])
-        else:
-            hk = h.gather(1, idx[..., None].expand(-1, -1, D))
-            ck = cos.gather(1, idx[..., None].expand(-1, -1, hd))
-            sk = sin.gather(1, idx[..., None].expand(-1, -1, hd))
-            hk, pairs = self.run_layers(range(P, L), hk, state.pruned, 0, korder, ck, sk, token_index,
-                                         prepared.extras)
-            flops += self.flops(L - P, int(kvalid.sum()), pairs)
-            logits = self._logits(hk[:, -1:])
         if shift is not None:
-            state.shift_state = shift.setup(self, state, capture.get(probe))
+            state.shift_state = shift.setup(self, state, capture.get(probe) if P > 0 else probe_source)
         return state, logits, flops
 
     # ---------------------------------------------------------------------------------------------
@@ -215,15 +287,16 @@ class Engine:
             flops += self.flops(P, B, pairs)
             if probe is not None:
                 q_probe = a.query(probe, capture[probe], cos, sin)
-        if P < L:
+        if state.stages:
             # the attended visual set changes only through DSTP, which reports it; otherwise it is S0
             step_trace = shift.step(self, state, q_probe) if shift is not None else \
                 StepTrace(visual_attended=state.kept_count)
-            slot = state.Tk + state.step
-            state.pruned.claim(slot, order, ones)
-            h, pairs = self.run_layers(range(P, L), h, state.pruned, slot, order, cos, sin, None,
-                                        state.prepared.extras)
-            flops += self.flops(L - P, B, pairs)
+            for stage in state.stages:
+                slot = stage.Tk + state.step
+                stage.store.claim(slot, order, ones)
+                h, pairs = self.run_layers(stage.layers, h, stage.store, slot, order, cos, sin, None,
+                                            state.prepared.extras)
+                flops += self.flops(len(stage.layers), B, pairs)
         else:
             step_trace = StepTrace(visual_attended=state.prepared.n_visual)
         state.step += 1
@@ -243,7 +316,7 @@ class Engine:
         a = self.adapter
         per_slot = 2 * a.n_kv_heads * a.head_dim * torch.finfo(a.dtype).bits // 8 * state.batch
         total = 0
-        for store in (state.full, state.pruned, state.reserve):
+        for store in (state.full, *(stage.store for stage in state.stages), state.reserve):
             if store is not None:
                 total += (store.used + store.capacity - store.tail) * len(store.layers) * per_slot
         return total
@@ -289,9 +362,10 @@ class Engine:
         prefill_flops = flops + self.lm_head_flops(B)
         sync()
         t1 = time.perf_counter()
+        kept_lists = lambda kept: [torch.nonzero(kept[b]).flatten().tolist() for b in range(B)]
         trace = Trace(n_visual=prepared.n_visual.tolist(), prune_layer=state.P,
-                      kept=[[] for _ in range(B)] if state.kept is None else
-                      [torch.nonzero(state.kept[b]).flatten().tolist() for b in range(B)])
+                      kept=[[] for _ in range(B)] if state.kept is None else kept_lists(state.kept),
+                      stages=[(stage.layers.start, kept_lists(stage.kept)) for stage in state.stages])
         trace.prefill_flops = prefill_flops
         tokens, all_logits = [], []
         finished = torch.zeros(B, dtype=torch.bool, device=a.device)
@@ -330,4 +404,4 @@ class GenerationOutput:
     logits: torch.Tensor | None = None  # [B, n, V] float32, when asked for
 
 
-__all__ = ["Engine", "State", "GenerationOutput", "visual_layout"]
+__all__ = ["Engine", "State", "Stage", "GenerationOutput", "visual_layout", "prune_points"]

@@ -52,20 +52,35 @@ class KVStore:
         if self.capacity + need > self.limit:
             raise RuntimeError(f"KV store overflow: {self.capacity + need} slots needed, limit {self.limit}")
         extra = min(max(need, GROW_CHUNK), self.limit - self.capacity)
-        tail, cap = self.tail, self.capacity
+        self._insert_slots(self.tail, extra)
+        self.tail += extra
+
+    def add_tail(self, n: int):
+        """Append n empty tail slots (DSTP revival) to a store created without any: one reallocation. A store of
+        an earlier pruning stage learns how many it needs only once the final stage's set is known."""
+        if n <= 0:
+            return
+        if self.tail != self.capacity:
+            raise RuntimeError("add_tail: this store already has a tail")
+        self._insert_slots(self.capacity, n)
+        self.limit += n
+        self.reserve_tail(n)
+
+    def _insert_slots(self, at: int, extra: int):
+        """Reallocate with `extra` empty slots inserted before slot `at` (contents and tags of the others kept)."""
+        cap = self.capacity
 
         def widen(t: torch.Tensor, fill) -> torch.Tensor:
             axis = t.dim() - 2 if t.dim() == 5 else 1  # slots: axis 3 of K/V, axis 1 of order/valid
             shape = list(t.shape)
             shape[axis] = cap + extra
             out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
-            out.narrow(axis, 0, tail).copy_(t.narrow(axis, 0, tail))
-            out.narrow(axis, tail + extra, cap - tail).copy_(t.narrow(axis, tail, cap - tail))
+            out.narrow(axis, 0, at).copy_(t.narrow(axis, 0, at))
+            out.narrow(axis, at + extra, cap - at).copy_(t.narrow(axis, at, cap - at))
             return out
 
         self.k, self.v = widen(self.k, 0), widen(self.v, 0)
         self.order, self.valid = widen(self.order, NEVER), widen(self.valid, False)
-        self.tail += extra
 
     def reserve_tail(self, n: int):
         """Set the last n slots aside, empty, for tokens that come and go (DSTP revival)."""

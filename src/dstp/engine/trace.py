@@ -10,7 +10,7 @@ import torch
 class StepTrace:
     """Per decoding step, one entry per batch row (tensors of shape [B])."""
 
-    visual_attended: torch.Tensor  # visual tokens the new token attends to at layers >= P
+    visual_attended: torch.Tensor  # visual tokens the new token attends to at the last stage's layers
     similarity: torch.Tensor | None = None  # DSTP: cos(a_l, a0)
     shift: torch.Tensor | None = None  # DSTP: a shift was detected at this step
     active: torch.Tensor | None = None  # DSTP: size of the active visual set
@@ -20,8 +20,10 @@ class StepTrace:
 @dataclass
 class Trace:
     n_visual: list[int]
-    kept: list[list[int]]  # per row, kept visual-token indices (rank among the row's visual tokens)
-    prune_layer: int
+    kept: list[list[int]]  # per row, kept visual-token indices (rank among the row's visual tokens): S0
+    prune_layer: int  # the first prune point
+    # per pruned stage: (its first layer, per row its kept visual-token indices); one entry for a single stage
+    stages: list[tuple[int, list[list[int]]]] = field(default_factory=list)
     steps: list[StepTrace] = field(default_factory=list)
     prefill_flops: float = 0.0
     decode_flops: float = 0.0
@@ -41,4 +43,7 @@ class Trace:
                 rec.update(similarity=float(s.similarity[b]), shift=bool(s.shift[b]), active=int(s.active[b]),
                            revived=s.revived[b] if s.revived else [])
             out.append(rec)
-        return {"n_visual": self.n_visual[b], "kept": self.kept[b], "prune_layer": self.prune_layer, "steps": out}
+        rec = {"n_visual": self.n_visual[b], "kept": self.kept[b], "prune_layer": self.prune_layer, "steps": out}
+        if len(self.stages) > 1:
+            rec["stages"] = [{"layer": layer, "kept": kept[b]} for layer, kept in self.stages]
+        return rec
