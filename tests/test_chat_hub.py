@@ -115,6 +115,10 @@ def test_bad_inputs_are_one_line_dstp_errors(hub_models, tmp_path):
         (lambda: dstp.load(hub_models["llava"], dtype="float8"), ConfigError, "unknown dtype 'float8'"),
         (lambda: dstp.load(hub_models["llava"], device="cuda:7"), ConfigError, "cuda"),
         (lambda: dstp.load(hub_models["llava"], attn_implementation="eager"), Exception, "sdpa"),
+        (lambda: dstp.load(hub_models["llava"], device_map={"model.vision_tower": "cpu", "model.multi_modal_projector":
+                                                            "cpu", "model.language_model": "meta", "lm_head": "cpu"}),
+         ConfigError, "several devices (cpu, meta)"),
+        (lambda: dstp.load(hub_models["llava"], device="cpu", device_map="cpu"), ConfigError, "not both"),
     ]
     pipe = dstp.load(hub_models["llava"])
     img = sample_images(1, seed=0)[0]

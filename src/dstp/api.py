@@ -190,6 +190,10 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
         raise InputError(f"cannot load the weights of {source!r}: {first_line(e)}") from None
     if target is not None:
         model = model.to(target)
+    devices = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
+    if len(devices) > 1:
+        raise ConfigError(f"device_map placed the model on several devices ({', '.join(devices)}); the dstp engine "
+                          f"runs a model on one device: pass device= or a device_map onto one device")
     processor = adapter_cls.load_processor(source, **hub)
     return Pipeline(adapter_cls(model.eval(), processor), prune=prune, shift=shift)
 
