@@ -3,3 +3,12 @@ own module, so `import dstp` works whether or not the tool is installed.
 
 - `dstp.integrations.lmms_eval`: the lmms-eval model `dstp` (install with `pip install "dstp[eval]"`).
 """
+
+
+def lmms_eval_models():
+    """lmms-eval's `lmms_eval.models` entry point: its model `dstp` is `dstp.integrations.lmms_eval.DSTPModel`
+    (chat interface). It lives here, apart from that module, because lmms-eval builds its registry while its
+    models package is first imported, which importing that module itself does."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="dstp", chat_class_path="dstp.integrations.lmms_eval.DSTPModel")

@@ -1,6 +1,7 @@
 """dstp as an lmms-eval model: ``lmms-eval --model dstp --model_args ...`` (lmms-eval 0.7, its chat interface).
 
-Registered through lmms-eval's ``lmms_eval.models`` entry point (``pip install "dstp[eval]"``); no fork, no copy
+Registered through lmms-eval's ``lmms_eval.models`` entry point (``pip install "dstp[eval]"``;
+`dstp.integrations.lmms_eval_models`); no fork, no copy
 of lmms-eval code. Each request's messages (the task's ``doc_to_messages``) become one conversation of
 `Pipeline.chat`; requests with the same generation settings run ``batch_size`` at a time through the dstp
 engine. Example:
@@ -39,7 +40,6 @@ from pathlib import Path
 import torch
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 from lmms_eval.protocol import ChatMessages
 
 import dstp
@@ -71,11 +71,6 @@ MODEL_ARGS = {
 }
 PRUNE_FIELDS = {"prune_layer": "layer", "contextual_fraction": "contextual_fraction"}
 DSTP_FIELDS = ("tau", "window", "source", "probe_layer", "max_revived", "variant")
-
-
-def manifest() -> ModelManifest:
-    """The `lmms_eval.models` entry point: lmms-eval's model `dstp` is `DSTPModel` (chat interface)."""
-    return ModelManifest(model_id=MODEL_NAME, chat_class_path=f"{__name__}.DSTPModel")
 
 
 # ---- model_args ----------------------------------------------------------------------------------------------
