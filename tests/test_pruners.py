@@ -386,3 +386,74 @@ def test_llava_next_without_image_sizes_is_a_clear_error():
     batch = {k: v for k, v in family.batch.items() if k != "image_sizes"}
     with pytest.raises(InputError, match="llava_next inputs need image_sizes"):
         family.adapter.prepare(batch)
+
+
+# -- pre-LLM pruners of issue 15: DSTP on top, the stand-in families -------------------------------------------------
+@pytest.mark.parametrize("method", ["visionzip", "cdpruner"])
+def test_dstp_composes_with_pre_llm_pruners(llava_family, method):
+    from dstp.config import DSTPConfig
+    from dstp.shift import ShiftPolicy
+
+    engine, prepared, cfg = Engine(llava_family.adapter), llava_family.prepared, GenerationConfig(max_new_tokens=6)
+    pruner = get_pruner(PruneConfig(method, 0.3), llava_family.adapter.n_layers)
+    run = lambda shift=None: engine.generate(prepared, cfg, pruner=pruner, retention=0.3, return_logits=True,  # noqa: E731
+                                             shift=None if shift is None else ShiftPolicy(shift, pruner.layer))
+    vanilla, never = run(), run(DSTPConfig(tau=-1.0))
+    assert ShiftPolicy(DSTPConfig(), pruner.layer).probe_layer(pruner.layer, llava_family.adapter.n_layers) == 0
+    assert torch.equal(vanilla.tokens, never.tokens) and torch.equal(vanilla.logits, never.logits)
+    forced = run(DSTPConfig(force_every=1, window=3, variant="random"))
+    assert all(bool(s.shift.all()) for s in forced.trace.steps)
+    assert all(forced.trace.steps[0].revived)  # every row revived reserve tokens (merged ones kept their embedding)
+    assert forced.trace.kept == vanilla.trace.kept
+
+
+def test_visionzip_and_cdpruner_on_shiftbench():
+    """ShiftBench's per-cell front end: VisionZip on its stand-ins (feature norm, features as keys, identity
+    projector); CDPruner on the prompt's embeddings after the image."""
+    from dstp.shiftbench import generate_samples
+    from dstp.shiftbench.processor import ShiftBenchProcessor
+    from dstp.shiftbench.train import TrainConfig, build_model
+
+    processor = ShiftBenchProcessor.build()
+    model = build_model(TrainConfig(seed=3), processor).eval()
+    samples = generate_samples("lookup", 2, seed=5) + generate_samples("walk", 1, seed=5, hops=2)
+    adapter = adapter_for_model(model, processor)
+    prepared = adapter.prepare(processor(images=[s.image for s in samples], text=[s.prompt for s in samples]))
+    views = prepared.vision
+    assert views.cls is None and views.hidden.shape[:2] == (3, 144)
+    assert torch.equal(views.hidden, prepared.inputs_embeds[prepared.visual_mask].view(3, 144, -1))
+    for method in ("visionzip", "cdpruner"):
+        pruner = get_pruner(PruneConfig(method, 0.333), adapter.n_layers)
+        out = Engine(adapter).generate(prepared, GenerationConfig(max_new_tokens=3), pruner=pruner, retention=0.333)
+        assert [len(kept) for kept in out.trace.kept] == [48, 48, 48]
+
+
+def test_visionzip_shares_k_over_llava_next_crops_and_keeps_no_cut_patch():
+    family = build_family("llava_next")
+    vision, n = family.prepared.vision, family.prepared.n_visual
+    assert vision.cls is not None and vision.hidden.shape[0] == 8  # 1 x 2 and 2 x 2 crops, each with a base view
+    slots = vision.slot[vision.valid]
+    assert len(set(slots.tolist())) == slots.numel() and int(vision.valid.sum()) < int(n.sum())  # newlines: no unit
+    ctx_engine = Engine(family.adapter)
+    for r in (0.111, 0.333, 0.666, 0.95):  # 0.95: k exceeds the patches of row 0 (75 of 80 tokens)
+        pruner = get_pruner(PruneConfig("visionzip", r), family.adapter.n_layers)
+        state, _, _ = ctx_engine.prefill(family.prepared, 2, pruner=pruner, retention=r)
+        assert state.kept.sum(-1).tolist() == budget(n, r).tolist()
+        # a token kept where no patch lands is a newline, taken only when k exceeds the row's patches
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)[:-1]])
+        for b in range(len(n)):
+            mine = slots[(slots >= offsets[b]) & (slots < offsets[b] + n[b])] - offsets[b]
+            unit_tokens = torch.zeros(int(n[b]), dtype=torch.bool)
+            unit_tokens[mine] = True
+            newlines_kept = int((state.kept[b, : int(n[b])] & ~unit_tokens).sum())
+            assert newlines_kept == max(0, int(budget(n[b:b + 1], r)) - int(unit_tokens.sum()))
+
+
+def test_budget_shares():
+    from dstp.pruners.visionzip import contextual_count, share
+
+    assert share(10, [25, 25]) == [5, 5] and share(7, [25, 25, 50]) == [2, 2, 3] and share(9, [4, 100]) == [0, 9]
+    assert sum(share(13, [3, 5, 7])) == 13 and share(40, [3, 5]) == [3, 5]  # capped at each part's size
+    # the authors' presets for LLaVA-1.5 (576 patches): 54+10, 108+20, 162+30 tokens
+    assert [contextual_count(k, 10 / 64) for k in (64, 128, 192)] == [10, 20, 30]
+    assert contextual_count(1, 0.9) == 0 and contextual_count(3, 0.9) == 2

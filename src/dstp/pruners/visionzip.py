@@ -39,8 +39,9 @@ def share(k: int, counts: list[int]) -> list[int]:
     total = sum(counts)
     if total == 0:
         return [0] * len(counts)
+    k = min(k, total)
     exact = [k * n / total for n in counts]
-    out = [min(int(e), n) for e, n in zip(exact, counts)]
+    out = [int(e) for e in exact]
     for i in sorted(range(len(counts)), key=lambda i: -(exact[i] - int(exact[i])))[: k - sum(out)]:
         out[i] += 1
     return out
