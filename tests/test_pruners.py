@@ -457,3 +457,20 @@ def test_budget_shares():
     # the authors' presets for LLaVA-1.5 (576 patches): 54+10, 108+20, 162+30 tokens
     assert [contextual_count(k, 10 / 64) for k in (64, 128, 192)] == [10, 20, 30]
     assert contextual_count(1, 0.9) == 0 and contextual_count(3, 0.9) == 2
+
+
+@pytest.mark.parametrize("name", sorted(ALL_FAMILIES))
+def test_vision_units_project_to_the_models_own_visual_tokens(name):
+    """Every family's internals are coherent: projecting each unit's features and placing them at its slot gives
+    the model's own visual embeddings (so a merged unit projects as the model would project it)."""
+    family = build_family(name)
+    prepared, vision = family.prepared, family.prepared.vision
+    flat = prepared.inputs_embeds[prepared.visual_mask]  # [n_tokens, D] in placeholder order
+    with torch.no_grad():
+        projected = vision.project(vision.hidden[vision.valid])
+    assert torch.allclose(projected, flat[vision.slot[vision.valid]], atol=1e-5)
+    assert vision.keys.shape[:2] == vision.scores.shape == vision.slot.shape
+    if name in ("llava", "llava_next"):  # CLIP's CLS token, at the feature layer
+        assert vision.cls is not None and vision.cls.shape == (vision.hidden.shape[0], vision.hidden.shape[-1])
+    else:
+        assert vision.cls is None
