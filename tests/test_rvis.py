@@ -70,3 +70,18 @@ def test_report_shift_curve_starts_at_one_and_masses_are_shares():
     assert rep.overlap_with_prefill_topk[0] == 1.0
     assert all(0.0 <= m <= 1.0 for m in rep.mass_in_prefill_topk)
     assert np.allclose(shift_curve(r).numpy(), rep.curve, atol=1e-6)
+
+
+def test_heatmaps_share_one_colour_scale_with_a_colorbar_and_cell_labels():
+    from dstp.rvis import heatmap_figure
+
+    r = torch.zeros(3, 144)
+    r[0, 5], r[1, 40], r[2, 100] = 0.75, 0.25, 0.0625  # (exact in float32); one panel alone would scale its own peak to full colour
+    fig = heatmap_figure(np.zeros((96, 96, 3), np.uint8), r, [0, 1, 2], titles=["a", "b", "c"])
+    heat = [im for ax in fig.axes for im in ax.images][1:]  # after the image panel
+    assert len(heat) == 3 and {im.get_clim() for im in heat} == {(0.0, 0.75)}
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in panels] == ["image", "a", "b", "c"]
+    assert [int(t) for t in panels[1].get_yticks()] == list(range(12))  # every row of a 12 x 12 grid labelled

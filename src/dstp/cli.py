@@ -26,14 +26,14 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit code 2, as for every other bad input
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dstp", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = OneLineParser(prog="dstp", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     b = sub.add_parser("bench", help="ShiftBench sweep: methods x {vanilla, +DSTP} x retention x tasks")
     b.add_argument("--model", default=None, help="model dir or hub id (default: the shipped ShiftBench model)")
@@ -43,11 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=1234, help="seed of the fresh evaluation samples")
     b.add_argument("--n", type=int, default=None, help="samples per task")
     b.add_argument("--batch-size", type=int, default=16)
-    b.add_argument("--out", default=None, help="output folder for bench.json and plots (default results/, "
-                                                  "results/ablation/ with --ablation)")
+    b.add_argument("--out", default=None, help="output folder for bench.json and plots (default results/; "
+                                                  "results/quick/ with --quick; + ablation/ with --ablation)")
     b.add_argument("--prune-layer", type=int, default=None,
-                   help="K of FastV/SparseVLM (default: 2 of 32 layers' depth fraction, K=1 on ShiftBench)")
-    b.add_argument("--quick", action="store_true", help="a one-minute version")
+                   help="K of FastV/SparseVLM (default: 2 of 32 layers' depth fraction, K=1 on ShiftBench); "
+                        "an error when --methods has neither")
+    b.add_argument("--quick", action="store_true",
+                   help="a one-minute version: --n 24 --methods fastv,divprune --retentions 0.333 (flags given "
+                        "override these), written to results/quick/")
     b.add_argument("--ablation", action="store_true", help="DSTP variants and tau/window sweeps on walk at 33.3%%")
 
     g = sub.add_parser("generate", help="answer a question about images (or a text-only prompt)")
@@ -93,9 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default=None, help="write the rows as JSON here")
 
     sb = sub.add_parser("shiftbench", help="ShiftBench model tools")
-    sbs = sb.add_subparsers(dest="shiftbench_command", required=True, parser_class=_Parser)
+    sbs = sb.add_subparsers(dest="shiftbench_command", required=True, parser_class=OneLineParser)
     sbs.add_parser("train", help="train the ShiftBench model (all remaining args go to the trainer)",
                    add_help=False)
+    ss = sbs.add_parser("sample", help="write ShiftBench images (PNG) and their prompts to try dstp generate on")
+    ss.add_argument("--out", required=True, help="output folder")
+    ss.add_argument("--task", default="walk", choices=("lookup", "pair", "walk"))
+    ss.add_argument("--n", type=int, default=3, help="how many samples")
+    ss.add_argument("--seed", type=int, default=0)
+    ss.add_argument("--hops", type=int, default=None, help="walk length (--task walk only; default: 2..6 at random)")
     se = sbs.add_parser("export", help="write ShiftBench samples + lmms-eval task YAMLs (the samples dstp bench "
                                        "evaluates with the same --seed/--n)")
     f.add_argument("--device", default="cpu")
@@ -154,6 +163,10 @@ def _dispatch(args) -> int:
         from dstp.bench.speed import run_speed_cli
 
         return run_speed_cli(args)
+    if args.command == "shiftbench" and args.shiftbench_command == "sample":
+        from dstp.shiftbench.sample import run_sample_cli
+
+        return run_sample_cli(args)
     if args.command == "shiftbench" and args.shiftbench_command == "export":
         from dstp.shiftbench.export import run_export_cli
 

@@ -193,8 +193,7 @@ def plot_curve(rep: RVISReport, path: str, shifts: list[int] | None = None, labe
         ax.set_xticklabels(labels, rotation=90, fontsize=7)
     ax.set_xlabel("decoding step (token fed)")
     ax.set_ylabel("cos similarity to the\nprompt's relevance")
-    count = f"{len(rep.events)} event" + ("" if len(rep.events) == 1 else "s")
-    ax.set_title(f"RVIS shift curve, layer {rep.layer}: {count}")
+    ax.set_title(f"RVIS shift curve, layer {rep.layer}: {_count(rep.events, 'event')}")
     ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -205,6 +204,10 @@ def plot_curve(rep: RVISReport, path: str, shifts: list[int] | None = None, labe
 HEATMAP_COLUMNS = 4
 
 
+def _count(items, noun: str) -> str:
+    return f"{len(items)} {noun}" + ("" if len(items) == 1 else "s")
+
+
 def _cell_ticks(n: int, most: int = 12) -> list[int]:
     step = max(1, math.ceil(n / most))
     return list(range(0, n, step))
@@ -213,6 +216,14 @@ def _cell_ticks(n: int, most: int = 12) -> list[int]:
 def plot_heatmaps(image: np.ndarray, r: torch.Tensor, steps: list[int], path: str,
                   grid: tuple[int, int] | None = None, titles: list[str] | None = None, suptitle: str | None = None):
     """The image, then the relevance over the visual-token grid at each of `steps`, on one colour scale."""
+    plt = _pyplot()
+    fig = heatmap_figure(image, r, steps, grid, titles, suptitle)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def heatmap_figure(image: np.ndarray, r: torch.Tensor, steps: list[int], grid: tuple[int, int] | None = None,
+                   titles: list[str] | None = None, suptitle: str | None = None):
     plt = _pyplot()
     h, w = grid_shape(r.shape[-1], grid)
     heats = [r[s].reshape(h, w).float().numpy() for s in steps]
@@ -240,8 +251,7 @@ def plot_heatmaps(image: np.ndarray, r: torch.Tensor, steps: list[int], path: st
     bar.ax.tick_params(labelsize=6)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    return fig
 
 
 # ---- CLI -------------------------------------------------------------------------------------------
@@ -365,6 +375,6 @@ def run_analyze_cli(args) -> int:
     with open(os.path.join(args.out, "rvis.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(f"answer: {result['answer']}")
-    print(f"layer {layer}: {len(rep.events)} RVIS events at steps {rep.events}; DSTP shifted at {shifts}")
+    print(f"layer {layer}: {_count(rep.events, 'RVIS event')} at steps {rep.events}; DSTP shifted at {shifts}")
     print(f"wrote {args.out}/shift_curve.png, heatmaps.png, rvis.json")
     return 0

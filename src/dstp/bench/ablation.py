@@ -16,19 +16,31 @@ def ablation_config(cfg):
     return replace(cfg, tasks=("walk",), retentions=(0.333,), methods=("fastv", "divprune"))
 
 
-def run_ablation(cfg, console: Console) -> list[dict]:
-    from dstp.bench.sweep import run_bench
+def ablation_runs(dstp: DSTPConfig) -> list[tuple[str, DSTPConfig]]:
+    """(label, DSTP configuration) of every variant and sweep point."""
+    runs = [(f"variant={v}", replace(dstp, variant=v)) for v in VARIANTS]
+    runs += [(f"tau={t}", replace(dstp, tau=t)) for t in TAUS if t != dstp.tau]
+    return runs + [(f"window={w}", replace(dstp, window=w)) for w in WINDOWS if w != dstp.window]
 
-    records = run_bench(replace(cfg, shifts=("none",)), console)  # unpruned + vanilla pruners
-    runs = [(f"variant={v}", replace(cfg.dstp, variant=v)) for v in VARIANTS]
-    runs += [(f"tau={t}", replace(cfg.dstp, tau=t)) for t in TAUS if t != cfg.dstp.tau]
-    runs += [(f"window={w}", replace(cfg.dstp, window=w)) for w in WINDOWS if w != cfg.dstp.window]
-    for label, dcfg in runs:
-        recs = run_bench(replace(cfg, dstp=dcfg, shifts=("dstp",), include_unpruned=False), console)
-        for r in recs:
-            r["shift"] = label
-        records += recs
+
+def run_ablation(cfg, console: Console, pipe=None, on_record=None) -> list[dict]:
+    """Unpruned and vanilla pruners, then every DSTP run; `on_record(records so far)` after each run."""
+    from dstp.bench.sweep import load_pipeline, run_bench
+
+    pipe = pipe or load_pipeline(cfg.model)
+    records: list[dict] = []
+
+    def collect(new: list[dict], label: str | None = None) -> None:
+        if label is not None:
+            new[-1]["shift"] = label
+        if on_record is not None:
+            on_record(records + new)
+
+    records += run_bench(replace(cfg, shifts=("none",)), console, pipe, collect)  # unpruned + vanilla pruners
+    for label, dcfg in ablation_runs(cfg.dstp):
+        run = replace(cfg, dstp=dcfg, shifts=("dstp",), include_unpruned=False)
+        records += run_bench(run, console, pipe, lambda new, label=label: collect(new, label))
     return records
 
 
-__all__ = ["ablation_config", "run_ablation", "DSTPConfig"]
+__all__ = ["ablation_config", "ablation_runs", "run_ablation"]

@@ -154,49 +154,86 @@ def rvis_events(pipe: Pipeline, data: TaskData, unpruned_texts: list[str]) -> No
             data.events.append(len(events(curves[b, :n].tolist())))
 
 
-def run_bench(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
-    console = console or Console(width=150)
+def check_config(cfg: BenchConfig) -> None:
+    """What the configuration alone can tell, before a model is loaded."""
     for m in cfg.methods:
         if m not in PRUNERS and m != "none":
             raise ConfigError(f"unknown method {m!r}; known: none, {', '.join(sorted(PRUNERS))}")
     for r in cfg.retentions:
         check_retention(r)
-    torch.manual_seed(cfg.seed)
-    pipe = load_pipeline(cfg.model)
+    if cfg.n < 1 or cfg.batch_size < 1:
+        raise ConfigError(f"--n and --batch-size must be >= 1, got {cfg.n} and {cfg.batch_size}")
+
+
+def check_model(pipe: Pipeline, cfg: BenchConfig) -> None:
+    """The loaded model can run every configuration (a bad prune layer fails here, not after the first runs)."""
+    if pipe.adapter.family != "shiftbench":
+        raise ConfigError(f"dstp bench runs ShiftBench, so --model must be a ShiftBench checkpoint; "
+                          f"{cfg.model} is a {pipe.adapter.family} model")
+    for m in cfg.methods:
+        if m != "none":
+            get_pruner(_prune_config(cfg, m, cfg.retentions[0]), pipe.adapter.n_layers)
+
+
+def _prune_config(cfg: BenchConfig, method: str, retention: float) -> PruneConfig:
+    layer = cfg.prune_layer if PRUNERS[method].default_layer > 0 else None  # only the pruners inside the LLM
+    return PruneConfig(method=method, retention=retention, seed=cfg.seed, layer=layer)
+
+
+def _jobs(cfg: BenchConfig) -> list[tuple]:
+    """(task, method or None, variant or None, retention) for every run, the unpruned ones first."""
     methods = [m for m in cfg.methods if m != "none"]
-    variants = _variants(cfg)
     jobs = [(t, None, None, 1.0) for t in cfg.tasks] if cfg.include_unpruned or not methods else []
-    jobs += [(t, m, v, r) for t in cfg.tasks for m in methods for v in variants for r in cfg.retentions]
+    return jobs + [(t, m, v, r) for t in cfg.tasks for m in methods for v in _variants(cfg) for r in cfg.retentions]
+
+
+def run_bench(cfg: BenchConfig, console: Console | None = None, pipe: Pipeline | None = None,
+              on_record=None) -> list[dict]:
+    """Every job of `cfg`; `on_record(records so far)` after each (to write partial results)."""
+    console = console or Console(width=150)
+    check_config(cfg)
+    torch.manual_seed(cfg.seed)
+    pipe = pipe or load_pipeline(cfg.model)
+    check_model(pipe, cfg)
+    jobs = _jobs(cfg)
     records, data = [], {}
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
         bar = progress.add_task("ShiftBench", total=len(jobs))
         for task, method, variant, retention in jobs:
             if task not in data:
-                progress.update(bar, description=f"{task}: preparing samples")
+                progress.update(bar, description=f"{task}: preparing {cfg.n} samples")
                 data[task] = prepare_task(pipe, task, cfg)
-            d = data[task]
             shift_name = "none" if variant is None else variant[0]
-            progress.update(bar, description=f"{task} {method or 'unpruned'} {shift_name} {retention:.3f}")
-            layer = cfg.prune_layer if method and PRUNERS[method].default_layer > 0 else None
-            prune = PruneConfig(method=method, retention=retention, seed=cfg.seed, layer=layer) if method else None
-            out = run_config(pipe, d, prune, None if variant is None else variant[2], cfg.seed)
-            if method is None:
-                rvis_events(pipe, d, out["texts"])
-            rec = dict(task=task, method=method or "none", shift=shift_name, retention=retention, n=len(d.samples),
-                       accuracy=out["accuracy"], rvis_events_mean=float(np.mean(d.events)) if d.events else None,
-                       rvis_layer=d.rvis_layer, visual_tokens_per_step=out["visual_tokens_per_step"],
-                       prefill_flops=out["prefill_flops"], decode_flops=out["decode_flops"],
-                       kv_bytes_peak=out["kv_bytes_peak"], seconds=out["seconds"],
-                       shifts_per_answer=out["shifts_per_answer"], model=cfg.model or "shiftbench (shipped)",
-                       seed=cfg.seed, correct=out["correct"], events=d.events,
-                       hops=[s.hops for s in d.samples], prune_layer=None if method is None else
-                       get_pruner(prune, pipe.adapter.n_layers).layer)
-            if variant is not None and variant[2] is not None:
-                rec["dstp"] = asdict(variant[2])
+            label = f"{task} {method or 'unpruned'} {shift_name} {retention:.3f}"
+            progress.update(bar, description=label)
+            rec = _run_job(pipe, data[task], cfg, method, variant, retention)
             records.append(rec)
+            progress.console.print(f"{label}: accuracy {rec['accuracy']:.3f}, {rec['seconds']:.1f} s")
+            if on_record is not None:
+                on_record(records)
             progress.advance(bar)
     return records
+
+
+def _run_job(pipe: Pipeline, d: TaskData, cfg: BenchConfig, method, variant, retention) -> dict:
+    shift_name = "none" if variant is None else variant[0]
+    prune = _prune_config(cfg, method, retention) if method else None
+    out = run_config(pipe, d, prune, None if variant is None else variant[2], cfg.seed)
+    if method is None:
+        rvis_events(pipe, d, out["texts"])
+    rec = dict(task=d.task, method=method or "none", shift=shift_name, retention=retention, n=len(d.samples),
+               accuracy=out["accuracy"], rvis_events_mean=float(np.mean(d.events)) if d.events else None,
+               rvis_layer=d.rvis_layer, visual_tokens_per_step=out["visual_tokens_per_step"],
+               prefill_flops=out["prefill_flops"], decode_flops=out["decode_flops"],
+               kv_bytes_peak=out["kv_bytes_peak"], seconds=out["seconds"],
+               shifts_per_answer=out["shifts_per_answer"], model=cfg.model or "shiftbench (shipped)",
+               seed=cfg.seed, correct=out["correct"], events=d.events,
+               hops=[s.hops for s in d.samples], prune_layer=None if method is None else
+               get_pruner(prune, pipe.adapter.n_layers).layer)
+    if variant is not None and variant[2] is not None:
+        rec["dstp"] = asdict(variant[2])
+    return rec
 
 
 def print_table(records: list[dict], console: Console | None = None):
@@ -216,23 +253,25 @@ def print_table(records: list[dict], console: Console | None = None):
 def markdown(records: list[dict]) -> str:
     """Accuracy per task x method x shift, retentions as columns (the README's table)."""
     rets = sorted({r["retention"] for r in records if r["method"] != "none"}, reverse=True)
-    lines = ["| task | method | shift | " + " | ".join(f"{100 * r:.1f}%" for r in rets) + " | GFLOPs/sample at "
-             f"{100 * rets[len(rets) // 2]:.1f}% |" if rets else "| task | method | shift |",
-             "|---|---|---|" + "---|" * (len(rets) + (1 if rets else 0))]
+    mid = rets[len(rets) // 2] if rets else 1.0  # the retention whose GFLOPs the table shows (unpruned: 1.0)
+    lines = ["| task | method | shift | " + "".join(f"{100 * r:.1f}% | " for r in rets)
+             + f"GFLOPs/sample at {100 * mid:.1f}% |", "|---|---|---|" + "---|" * (len(rets) + 1)]
     for r in records:
         if r["method"] == "none":
-            lines.append(f"| {r['task']} | unpruned | - | " + " | ".join(f"{r['accuracy']:.3f}" for _ in rets)
-                         + f" | {(r['prefill_flops'] + r['decode_flops']) / 1e9:.3f} |")
+            lines.append(f"| {r['task']} | unpruned | - | " + "".join(f"{r['accuracy']:.3f} | " for _ in rets)
+                         + f"{_gflops(r)} |")
     groups: dict = {}
     for r in records:
         if r["method"] != "none":
             groups.setdefault((r["task"], r["method"], r["shift"]), {})[r["retention"]] = r
     for (task, method, shift), by in groups.items():
-        mid = by.get(rets[len(rets) // 2])
-        cells = [f"{by[x]['accuracy']:.3f}" if x in by else "-" for x in rets]
-        flops = f"{(mid['prefill_flops'] + mid['decode_flops']) / 1e9:.3f}" if mid else "-"
-        lines.append(f"| {task} | {method} | {shift} | " + " | ".join(cells) + f" | {flops} |")
+        cells = "".join(f"{by[x]['accuracy']:.3f} | " if x in by else "- | " for x in rets)
+        lines.append(f"| {task} | {method} | {shift} | {cells}{_gflops(by[mid]) if mid in by else '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _gflops(r: dict) -> str:
+    return f"{(r['prefill_flops'] + r['decode_flops']) / 1e9:.3f}"
 
 
 def save(records: list[dict], out: str) -> str:
@@ -245,41 +284,80 @@ def save(records: list[dict], out: str) -> str:
     return path
 
 
-def run_bench_cli(args) -> int:
-    from dstp.bench.plots import plot_all
+QUICK = dict(n=24, methods=("fastv", "divprune"), retentions=(0.333,))
 
-    if args.prune_layer is not None and args.prune_layer < 1:
-        raise ConfigError(f"--prune-layer must be >= 1 (layer 0 is before the LLM), got {args.prune_layer}")
+
+def bench_config(args) -> BenchConfig:
+    """The configuration the flags ask for, checked before anything runs."""
+    from dstp.bench.ablation import ablation_config
+    from dstp.shiftbench import TASKS
+
+    check_flags(args)
     cfg = BenchConfig(model=args.model, seed=args.seed, batch_size=args.batch_size, prune_layer=args.prune_layer)
     if args.quick:
-        cfg = replace(cfg, n=24, methods=("fastv", "divprune"), retentions=(0.333,))
+        cfg = replace(cfg, **QUICK)
     if args.ablation:
-        from dstp.bench.ablation import ablation_config
-
         cfg = ablation_config(cfg)
-    if args.methods is not None:
-        cfg = replace(cfg, methods=tuple(args.methods))
     if args.tasks is not None:
-        from dstp.shiftbench import TASKS
-
         bad = [t for t in args.tasks if t not in TASKS]
         if bad:
             raise ConfigError(f"unknown task {bad[0]!r}; known: {', '.join(TASKS)}")
-        cfg = replace(cfg, tasks=tuple(args.tasks))
-    if args.retentions is not None:
-        cfg = replace(cfg, retentions=tuple(args.retentions))
-    if args.n is not None:
-        if args.n < 1:
-            raise ConfigError(f"--n must be >= 1, got {args.n}")
-        cfg = replace(cfg, n=args.n)
-    out = args.out or ("results/ablation" if args.ablation else "results")  # an ablation never overwrites the main run
+    explicit = dict(methods=args.methods, tasks=args.tasks, retentions=args.retentions, n=args.n)
+    cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in explicit.items() if v is not None})
+    check_config(cfg)
+    check_flag_combinations(args, cfg)
+    return cfg
+
+
+def check_flags(args) -> None:
+    if args.prune_layer is not None and args.prune_layer < 1:
+        raise ConfigError(f"--prune-layer must be >= 1 (layer 0 is before the LLM), got {args.prune_layer}")
+    if args.n is not None and args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.out is not None and os.path.isfile(args.out):
+        raise ConfigError(f"--out {args.out} is a file, not a folder")
+
+
+def check_flag_combinations(args, cfg: BenchConfig) -> None:
+    """A flag that would change nothing in this combination is an error, not silently ignored."""
+    methods = [m for m in cfg.methods if m != "none"]
+    if not methods and args.retentions is not None:
+        raise ConfigError("--retentions has no effect with --methods none (unpruned runs keep every token)")
+    if not methods and args.ablation:
+        raise ConfigError("--ablation compares DSTP variants on pruners: --methods needs at least one pruner")
+    inside = [m for m in methods if PRUNERS[m].default_layer > 0]
+    if args.prune_layer is not None and not inside:
+        within = sorted(m for m, p in PRUNERS.items() if p.default_layer > 0)
+        raise ConfigError(f"--prune-layer sets K of the pruners inside the LLM ({', '.join(within)}); "
+                          f"--methods {','.join(methods) or 'none'} has none of them")
+
+
+def output_dir(args) -> str:
+    """--out, else results/ (results/quick/ for --quick, never over a full run), + ablation/ for --ablation."""
+    if args.out is not None:
+        return args.out
+    base = os.path.join("results", "quick") if args.quick else "results"
+    return os.path.join(base, "ablation") if args.ablation else base
+
+
+def run_bench_cli(args) -> int:
+    from dstp.bench.plots import plot_all
+
+    cfg = bench_config(args)
+    out = output_dir(args)
     console = Console(width=150)
+    pipe = load_pipeline(cfg.model)
+    check_model(pipe, cfg)
+    console.print(f"writing to {out}/ (bench.json and bench.md after every run, plots at the end)")
+    partial = lambda records: save(records, out)  # noqa: E731
     if args.ablation:
         from dstp.bench.ablation import run_ablation
 
-        records = run_ablation(cfg, console)
+        records = run_ablation(cfg, console, pipe, partial)
     else:
-        records = run_bench(cfg, console)
+        records = run_bench(cfg, console, pipe, partial)
     print_table(records, console)
     path = save(records, out)
     plots = plot_all(records, out)

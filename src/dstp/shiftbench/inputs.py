@@ -196,3 +196,13 @@ def cells_needed(prompt: str, pointers: np.ndarray) -> list[int]:
 def relevant_cells(prompt: str, image, grid_size: int = 12, cell_pixels: int = 8) -> list[int]:
     """What `--prune oracle` keeps for one ShiftBench image and question: the cells its answer needs."""
     return cells_needed(prompt, read_pointers(image, grid_size, cell_pixels))
+
+
+def relevant_mask(images, prompts, grid_size: int = 12, cell_pixels: int = 8):
+    """`relevant=` for `Pipeline.generate` with the oracle pruner: [B, G*G] bool, the cells each answer needs."""
+    import torch
+
+    mask = torch.zeros(len(prompts), grid_size * grid_size, dtype=torch.bool)
+    for b, (image, prompt) in enumerate(zip(images, prompts)):
+        mask[b, relevant_cells(prompt, image, grid_size, cell_pixels)] = True
+    return mask
