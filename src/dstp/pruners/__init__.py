@@ -8,13 +8,14 @@ from dstp.pruners.cdpruner import CDPruner
 from dstp.pruners.divprune import DivPrune
 from dstp.pruners.fastv import FastV
 from dstp.pruners.oracle import Oracle
+from dstp.pruners.pyramiddrop import PyramidDrop
 from dstp.pruners.random import Random
 from dstp.pruners.sparsevlm import SparseVLM
 from dstp.pruners.uniform import Uniform
 from dstp.pruners.visionzip import VisionZip
 
 PRUNERS: dict[str, type[Pruner]] = {p.name: p for p in (FastV, DivPrune, VisionZip, SparseVLM, CDPruner, Random,
-                                                        Uniform, Oracle)}
+                                                        Uniform, Oracle, PyramidDrop)}
 
 
 def check_method(method: str) -> str:

@@ -3,6 +3,11 @@
 A pruner declares its prune point `layer` (0 = before the LLM) and what it `needs`, and `select(ctx)`
 returns a `PruneResult` whose `kept` mask holds exactly k[b] = ceil(retention * N_b) visual tokens per
 row (visual tokens are addressed by rank 0..N_b-1 among the row's visual tokens, padded to Nmax).
+
+A multi-stage pruner also sets `stage_layers`, its schedule of increasing prune points (`layer` is the first);
+the engine calls `select(ctx)` once at each, with `ctx.stage` its index and `ctx.kept_before` the set the stage
+before kept, and each call returns a subset of that set (its own budget). So the schedule is a list of
+(layer, kept set) with shrinking sets, each stage's set decided on the sequence the stages before left.
 """
 from __future__ import annotations
 
@@ -24,10 +29,39 @@ def depth_scaled_layer(n_layers: int, layer: int = 2, of_layers: int = 32) -> in
     return max(1, min(n_layers - 1, round(layer * n_layers / of_layers)))
 
 
+def stage_points(n_layers: int, points, first: int | None = None, method: str = "") -> tuple[int, ...]:
+    """Prune points for a model of `n_layers` layers from depth-scaled `points`: the first replaced by `first`
+    (a configured K) if given, then made strictly increasing within [1, n_layers - 1] (a shallow model gets
+    neighbouring layers). A ConfigError when they do not fit."""
+    pts = list(points)
+    if first is not None:
+        pts[0] = first
+    for i in range(1, len(pts)):
+        pts[i] = max(pts[i], pts[i - 1] + 1)
+    for i in reversed(range(len(pts))):
+        pts[i] = min(pts[i], n_layers - len(pts) + i)
+    if pts[0] < 1 or (first is not None and pts[0] != first):
+        where = f"from layer {first}" if first is not None else "inside it"
+        raise ConfigError(f"{method}: {len(pts)} pruning stages do not fit a model of {n_layers} layers {where} "
+                          f"(each stage needs a layer of its own, the last one below layer {n_layers})")
+    return tuple(pts)
+
+
+def check_shrinking(values, what: str, method: str) -> tuple:
+    """Per-stage budgets (fractions of N) must lie in (0, 1] and shrink from stage to stage."""
+    values = tuple(float(v) for v in values)
+    if not values or any(not 0.0 < v <= 1.0 for v in values) or any(b >= a for a, b in zip(values, values[1:])):
+        raise ConfigError(f"{method}: {what} must be fractions in (0, 1] that shrink from stage to stage, "
+                          f"got {list(values)}")
+    return values
+
+
 class Pruner:
     name: str = ""
     default_layer: int = 0  # of a 32-layer model; scaled to the model's depth (depth_scaled_layer)
     needs: tuple[str, ...] = ()
+    multi_stage: bool = False  # True: `stage_layers` is set, `select` runs once per stage
+    stage_layers: tuple[int, ...] | None = None  # multi-stage pruners: the prune points, `layer` the first
 
     def __init__(self, config: PruneConfig, n_layers: int):
         self.config = config
@@ -89,4 +123,5 @@ def scatter_true(index: torch.Tensor, take: torch.Tensor, n: int) -> torch.Tenso
     return out.scatter_(1, index, True)[:, :n]
 
 
-__all__ = ["Pruner", "PruneResult", "topk_mask", "budget", "require", "evenly_spaced", "scatter_true", "NEEDS"]
+__all__ = ["Pruner", "PruneResult", "topk_mask", "budget", "require", "evenly_spaced", "scatter_true", "NEEDS",
+           "stage_points", "check_shrinking"]
