@@ -199,3 +199,19 @@ def run_main(fn, argv):
         return fn(argv)
     except SystemExit as e:
         return e.code
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["/no/such/dir"], "/no/such/dir is not a directory"),
+    (["EMPTY"], "has no training_record.json, config.json"),
+    (["SHIPPED", "--notes-only", "--eval-n", "5"], "--eval-n re-runs the model, which --notes-only does not"),
+    (["SHIPPED", "--eval-n", "0"], "--eval-n must be >= 1"),
+])
+def test_model_card_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
+    from dstp.shiftbench import default_checkpoint_dir
+    from dstp.shiftbench.card import main as card_main
+
+    names = {"EMPTY": str(tmp_path), "SHIPPED": str(default_checkpoint_dir())}
+    assert run_main(card_main, [names.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err

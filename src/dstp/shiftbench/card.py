@@ -146,33 +146,65 @@ def render_files(out_dir: Path, result: dict, notes: str | None = None) -> None:
     (Path(out_dir) / "MODEL_CARD.md").write_text(card)
 
 
-def main(argv=None) -> int:
-    import argparse
+PROG = "python -m dstp.shiftbench.card"
 
-    from dstp.shiftbench import load_shiftbench
-    from dstp.shiftbench.train import FINAL_EVAL_SEED, final_metrics
 
-    parser = argparse.ArgumentParser(prog="python -m dstp.shiftbench.card", description=__doc__.splitlines()[0])
+def build_parser():
+    from dstp.cli import OneLineParser
+
+    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="a trained ShiftBench checkpoint directory")
     parser.add_argument("--eval-n", type=int, default=None,
                         help="re-run the final evaluation with this many fresh samples per task / hop count first")
     parser.add_argument("--notes-only", action="store_true",
                         help="re-render the card from the saved analysis.json and NOTES.md (no model run)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_args(args) -> None:
+    from dstp.errors import ConfigError
+
+    if not args.dir.is_dir():
+        raise ConfigError(f"{args.dir} is not a directory")
+    needed = ["training_record.json"] + (["analysis.json"] if args.notes_only else ["config.json"])
+    missing = [f for f in needed if not (args.dir / f).is_file()]
+    if missing:
+        raise ConfigError(f"{args.dir} has no {', '.join(missing)}: is it a trained ShiftBench checkpoint?")
+    if args.notes_only and args.eval_n is not None:
+        raise ConfigError("--eval-n re-runs the model, which --notes-only does not: pass one of them")
+    if args.eval_n is not None and args.eval_n < 1:
+        raise ConfigError(f"--eval-n must be >= 1, got {args.eval_n}")
+
+
+def main(argv=None) -> int:
+    from dstp.errors import DSTPError
+
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+    except DSTPError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     if args.notes_only:
         render_files(args.dir, json.loads((args.dir / "analysis.json").read_text()))
         return 0
+    return rewrite_card(args.dir, args.eval_n)
+
+
+def rewrite_card(out_dir: Path, eval_n: int | None) -> int:
+    from dstp.shiftbench import load_shiftbench
+    from dstp.shiftbench.train import FINAL_EVAL_SEED, final_metrics
+
     torch.set_num_threads(2)
-    model, processor = load_shiftbench(args.dir)
-    if args.eval_n is not None:
-        path = args.dir / "training_record.json"
+    model, processor = load_shiftbench(out_dir)
+    if eval_n is not None:
+        path = out_dir / "training_record.json"
         record = json.loads(path.read_text())
         with torch.no_grad():
-            record.update(eval_n=args.eval_n, eval_seed=FINAL_EVAL_SEED,
-                          metrics=final_metrics(model, processor, args.eval_n))
+            record.update(eval_n=eval_n, eval_seed=FINAL_EVAL_SEED, metrics=final_metrics(model, processor, eval_n))
         path.write_text(json.dumps(record, indent=2) + "\n")
         print(json.dumps(record["metrics"]))
-    print(json.dumps(write_card(args.dir, model, processor), indent=1))
+    print(json.dumps(write_card(out_dir, model, processor), indent=1))
     return 0
 
 
