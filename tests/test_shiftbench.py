@@ -386,3 +386,20 @@ def test_pointers_and_needed_cells_read_back_from_a_render():
         for s in generate_samples(task, 5, seed=2):
             assert np.array_equal(read_pointers(s.image), s.pointers)
             assert relevant_cells(s.prompt, s.image) == s.cells_needed
+
+
+def test_evaluation_helpers_reject_bad_arguments_before_running(shipped):
+    from dstp.errors import ConfigError
+    from dstp.shiftbench.evaluation import prefill_recall, pruned_accuracy
+
+    model, proc = shipped
+    with pytest.raises(ConfigError, match="n must be >= 1"):
+        evaluate(model, proc, "walk", 0, seed=0)
+    with pytest.raises(ConfigError, match="unknown method 'visionzip'; known: fastv, random, prompt_oracle"):
+        pruned_accuracy(model, proc, "walk", 0.333, 1, method="visionzip")
+    with pytest.raises(ConfigError, match=re.escape("layer 0 is outside 1..15")):
+        pruned_accuracy(model, proc, "walk", 0.333, 0, method="fastv")
+    with pytest.raises(ConfigError, match=re.escape("retention must be in (0, 1]")):
+        prefill_recall(model, proc, "walk", 1.5, layer=0)
+    with pytest.raises(ConfigError, match=re.escape("layer 16 is outside 0..15")):
+        prefill_recall(model, proc, "walk", 0.333, layer=16)

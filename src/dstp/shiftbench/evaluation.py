@@ -6,8 +6,23 @@ from collections import defaultdict
 
 import torch
 
+from dstp.config import check_retention
+from dstp.errors import ConfigError
 from dstp.shiftbench.symbols import parse_cell_name
 from dstp.shiftbench.tasks import check_answer, generate_samples
+
+PRUNED_METHODS = ("fastv", "random", "prompt_oracle")
+
+
+def _check_n(n: int) -> None:
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}")
+
+
+def _check_layer(model, layer: int, lowest: int = 0) -> None:
+    layers = len(model.language_model.layers)
+    if not lowest <= layer < layers:
+        raise ConfigError(f"layer {layer} is outside {lowest}..{layers - 1} (the model has {layers} layers)")
 
 
 def _banned_ids(processor) -> torch.Tensor:
@@ -61,6 +76,7 @@ def evaluate(model, processor, task: str, n: int, seed: int, generate_fn=None, h
 
     ``generate_fn(samples) -> list[str]`` replaces the default greedy decoder (e.g. the dstp engine).
     """
+    _check_n(n)
     grid = grid_size or processor.grid_size
     samples = generate_samples(task, n, seed, grid_size=grid, hops=hops)
     was_training = model.training
@@ -93,6 +109,7 @@ def lookup_attention_profile(model, processor, task: str = "walk", n: int = 64, 
     (``Sample.token_reads``), the attention of the position that predicts it (the token before it,
     teacher forced) on that cell's visual token, per layer: head mean and the best head's mean.
     ``uniform`` is the mass one visual token would get under uniform attention over the sequence."""
+    _check_n(n)
     samples = generate_samples(task, n, seed, grid_size=processor.grid_size, hops=hops)
     model.eval()
     batch, visual_mask, attentions = _teacher_forced_attentions(model, processor, samples)
@@ -121,6 +138,9 @@ def prefill_recall(model, processor, task: str, retention: float, layer: int, n:
     head-mean attention of the last prompt token at ``layer`` (FastV's K - 1) and report how many
     of the cells the answer needs (``Sample.cells_needed``) survive: mean recall and the fraction
     of samples that keep all of them."""
+    _check_n(n)
+    check_retention(retention)
+    _check_layer(model, layer)
     samples = generate_samples(task, n, seed, grid_size=processor.grid_size, hops=hops)
     model.eval()
     batch = processor([s.image for s in samples], [s.prompt for s in samples], padding_side="left")
@@ -158,6 +178,11 @@ def pruned_accuracy(model, processor, task: str, retention: float, prune_layer: 
     top-k by the last prompt token's head-mean attention at layer ``prune_layer - 1``;
     ``random`` keeps a random k; ``prompt_oracle`` keeps the cells the prompt names, then random
     ones (what a pruner that knew the question's cells could keep at prefill). Greedy, no cache (every step recomputes the sequence)."""
+    _check_n(n)
+    check_retention(retention)
+    if method not in PRUNED_METHODS:
+        raise ConfigError(f"unknown method {method!r}; known: {', '.join(PRUNED_METHODS)}")
+    _check_layer(model, prune_layer, lowest=1 if method == "fastv" else 0)
     samples = generate_samples(task, n, seed, grid_size=processor.grid_size, hops=hops)
     model.eval()
     batch = processor([s.image for s in samples], [s.prompt for s in samples], padding_side="left")
@@ -166,8 +191,6 @@ def pruned_accuracy(model, processor, task: str, retention: float, prune_layer: 
     n_visual = processor.num_image_tokens
     k = max(1, int(-(-retention * n_visual // 1)))
     if method == "fastv":
-        if prune_layer < 1:
-            raise ValueError("fastv needs prune_layer >= 1")
         _, _, attentions = _prompt_attentions(model, batch)
         scores = attentions[prune_layer - 1][:, :, -1].mean(1)  # [B, T]
         scores = scores.masked_fill(~visual_mask, -1.0)
@@ -175,7 +198,7 @@ def pruned_accuracy(model, processor, task: str, retention: float, prune_layer: 
     elif method == "random":
         gen = torch.Generator().manual_seed(seed)
         keep_pos = torch.stack([row.nonzero().squeeze(-1)[torch.randperm(n_visual, generator=gen)[:k]] for row in visual_mask])
-    elif method == "prompt_oracle":  # the cells the prompt names, then random ones up to k
+    else:  # prompt_oracle: the cells the prompt names, then random ones up to k
         gen = torch.Generator().manual_seed(seed)
         rows = []
         for row, s in zip(visual_mask, samples):
@@ -183,8 +206,6 @@ def pruned_accuracy(model, processor, task: str, retention: float, prune_layer: 
             rest = [int(i) for i in torch.randperm(n_visual, generator=gen) if int(i) not in named]
             rows.append(row.nonzero().squeeze(-1)[torch.tensor((named + rest)[:k])])
         keep_pos = torch.stack(rows)
-    else:
-        raise ValueError(f"unknown method {method!r}; known: fastv, random, prompt_oracle")
     dropped = visual_mask.clone()
     dropped.scatter_(1, keep_pos, False)  # visual tokens that are pruned
     eos = processor.tokenizer.eos_token_id
