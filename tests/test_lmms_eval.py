@@ -429,3 +429,39 @@ def test_data_parallel_two_cpu_processes_same_accuracy(single_run, exported, tmp
     assert done == sorted((f"shiftbench_{t}", i) for t in TASKS for i in range(N))  # each once, padding not run
     assert {r["rank"] for r in records} == {0, 1}
     assert len([line for line in proc.stdout.splitlines() if line.startswith("dstp (rank ")]) == 2
+
+
+# ---- the paper's grid script (scripts/paper_table.py) ---------------------------------------------------------
+def _paper_table():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_table", Path(__file__).parents[1] / "scripts" / "paper_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["paper_table"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_grid_commands(capsys):
+    pt = _paper_table()
+    assert pt.main(["--out", "/tmp/never-written", "--dry-run"]) == 0
+    commands = capsys.readouterr().out.strip().splitlines()
+    assert len(commands) == 2 * (1 + 4 * 2 * 3)  # models x (unpruned + methods x {vanilla, dstp} x retentions)
+    assert all("--model dstp" in c and f"--tasks {','.join(pt.TASKS)}" in c for c in commands)
+    assert sum("pretrained=OpenGVLab/InternVL3_5-8B-HF,dtype=bfloat16,batch_size=1,prune=sparsevlm,retention=0.111,"
+               "dstp=true " in c for c in commands) == 1
+    assert sum(",prune=" not in c for c in commands) == 2
+
+
+def test_paper_table_from_a_finished_run(single_run, bench_records, tmp_path):
+    """The table the grid script writes, built from the end-to-end run's files laid out as one grid cell."""
+    import shutil
+
+    pt = _paper_table()
+    _, out = single_run
+    run = pt.Run(CKPT, "fastv", True, 0.333)
+    shutil.copytree(out, run.folder(tmp_path))
+    table = pt.markdown(pt.collect([run], tmp_path), [0.333])
+    for task in TASKS:
+        row = next(line for line in table.splitlines() if f"| shiftbench_{task} (accuracy) | fastv | dstp |" in line)
+        assert row.split(" | ")[4] == f"{bench_records[task]['accuracy']:.4g}"
