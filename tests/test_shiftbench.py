@@ -403,3 +403,13 @@ def test_evaluation_helpers_reject_bad_arguments_before_running(shipped):
         prefill_recall(model, proc, "walk", 1.5, layer=0)
     with pytest.raises(ConfigError, match=re.escape("layer 16 is outside 0..15")):
         prefill_recall(model, proc, "walk", 0.333, layer=16)
+
+
+def test_revival_check_with_the_oracle_finds_no_pruned_read():
+    # the oracle keeps every cell a walk needs (revival_check passes them), so no step misses its read
+    import dstp
+    from dstp.config import DSTPConfig, PruneConfig
+    from dstp.shiftbench.revival_check import revival_check
+
+    pipe = dstp.load(str(default_checkpoint_dir()), prune=PruneConfig("oracle", 0.111), shift=DSTPConfig())
+    assert revival_check(pipe, "walk", n=6, seed=5, batch_size=6)["missing_reads"] == 0
