@@ -163,8 +163,9 @@ def llava():
 
 def run(engine, prepared, pruner, shift=None, n=10):
     policy = ShiftPolicy(shift, pruner.layer) if shift is not None else None
+    retention = pruner.config.retention if hasattr(pruner, "config") else 1.0
     return engine.generate(prepared, GenerationConfig(max_new_tokens=n), pruner=pruner, shift=policy,
-                           return_logits=True)
+                           retention=retention, return_logits=True)
 
 
 @pytest.mark.parametrize("points", [(1, 2, 3), (0, 2, 3)])
@@ -242,3 +243,33 @@ def test_window_expires_in_every_stage(llava):
     assert any(out.trace.steps[0].revived) and not any(out.trace.steps[W].revived)
     state_free = [stage.store.tail_len for stage in engine.prefill(prepared, 2, pruner=pruner)[0].stages]
     assert state_free == [0, 0, 0]
+
+
+@pytest.mark.parametrize("method", ["sparsevlm", "pyramiddrop"])
+def test_dstp_on_the_multi_stage_pruners(method):
+    """Never triggered: the vanilla pruner to the bit. Forced shifts, both sources: revived tokens come from the
+    reserve (every visual token not in the final set, cluster tokens' members included) and the window widens
+    the final stage. all_tokens + store: unpruned decoding (pyramiddrop; sparsevlm's `store` prefill carries its
+    first stage's cluster tokens, as a single-stage merging pruner's does, so it is not the unpruned model)."""
+    from dstp.config import PruneConfig
+    from dstp.pruners import get_pruner
+
+    adapter = adapter_for_model(tm.tiny_llava(layers=8))
+    engine, prepared = Engine(adapter), adapter.prepare(tm.llava_batch([3, 7, 1]))
+    pruner = get_pruner(PruneConfig(method, 0.333), adapter.n_layers)
+    vanilla = run(engine, prepared, pruner)
+    quiet = run(engine, prepared, pruner, DSTPConfig(tau=-1.0))
+    assert torch.equal(vanilla.logits, quiet.logits)
+    assert quiet.trace.stages == vanilla.trace.stages and len(vanilla.trace.stages) == 3
+    assert sum(map(len, vanilla.trace.kept)) < sum(map(len, vanilla.trace.stages[0][1]))
+    for source in ("recompute", "store"):
+        out = run(engine, prepared, pruner, DSTPConfig(force_every=3, window=2, variant="random", source=source))
+        revived = [r for s in out.trace.steps for row in s.revived for r in row]
+        assert revived and all(r not in out.trace.kept[b] for s in out.trace.steps for b, row in enumerate(s.revived)
+                               for r in row)
+        assert (out.trace.steps[0].active > vanilla.trace.steps[0].visual_attended).any()
+    if method == "pyramiddrop":
+        full = engine.generate(prepared, GenerationConfig(max_new_tokens=10), return_logits=True)
+        out = run(engine, prepared, pruner, DSTPConfig(variant="all_tokens", source="store", window=10,
+                                                       force_every=100))
+        assert torch.equal(out.tokens, full.tokens) and (out.logits - full.logits).abs().max() < 1e-5

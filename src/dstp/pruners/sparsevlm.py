@@ -27,6 +27,9 @@ Departures (one line each; README "Pruners"):
 - rows of a batch are pruned independently (the authors' code runs batch 1); the text after the image is every
   non-visual token after the row's first visual token (all text if none follows), and when no candidate beats
   the mean (a single one) all candidates rate.
+With DSTP's `store` source the prefill from the first prune point runs unpruned but carries the first stage's
+cluster tokens (as a single-stage merging pruner's merged tokens); later stages' cluster tokens hold their centre
+token's K/V from that prefill.
 """
 from __future__ import annotations
 
