@@ -97,6 +97,10 @@ class DSTPConfig:
     variant: str = "dstp"
     seed: int = 0
     force_every: int | None = None  # benchmarks/tests: also declare a shift at every n-th decode step
+    # recompute: visual tokens per sequence whose K/V the cache keeps (None: the whole reserve, never evicts);
+    # when full, the least recently revived tokens are evicted and recomputed if revived again. At least the
+    # revival slots per sequence (max_revived, default k)
+    cache_tokens: int | None = None
 
     def __post_init__(self):
         if self.force_every is not None and self.force_every < 1:
@@ -111,5 +115,11 @@ class DSTPConfig:
             raise ConfigError(f"unknown DSTP variant {self.variant!r}; known: {', '.join(VARIANTS)}")
         if self.max_revived is not None and self.max_revived < 1:
             raise ConfigError(f"max_revived must be >= 1, got {self.max_revived}")
+        if self.cache_tokens is not None and (isinstance(self.cache_tokens, bool) or not isinstance(self.cache_tokens, int)
+                                              or self.cache_tokens < 1):
+            raise ConfigError(f"cache_tokens must be an integer >= 1, got {self.cache_tokens!r}")
+        if self.cache_tokens is not None and self.max_revived is not None and self.cache_tokens < self.max_revived:
+            raise ConfigError(f"cache_tokens={self.cache_tokens} must be >= max_revived={self.max_revived}: one "
+                              f"shift's revived tokens must fit in the cache")
         if self.probe_layer is not None and self.probe_layer < 0:
             raise ConfigError(f"probe_layer must be >= 0, got {self.probe_layer}")

@@ -12,6 +12,16 @@ Multi-stage pruners: S0 is the final stage's set, R every other visual token. A 
 revival slot in every stage from the first one that dropped it (`recompute`: from its hidden state at that
 stage's prune point, through that stage's layers and every later one, attending at each stage to the text and
 the visual tokens that stage kept).
+
+Host synchronisation: one per decoding step. CPTS's candidate set is computed for every row at every step (one
+query row over the reserve and a top-k, on the device), so a single read brings back everything the host needs
+to decide: whether any row shifted or closed its window, each stage's revival-tail length, and (`recompute`) how
+many tokens to compute and how large the cache must be.
+
+`recompute` cache: the K/V of revived tokens computed so far, in slots that grow by `CACHE_CHUNK` tokens up to
+`DSTPConfig.cache_tokens` per sequence (default: the reserve, so nothing is ever evicted). When a shift needs
+tokens and the cache is full, the tokens least recently revived that the shift does not revive are evicted; an
+evicted token is recomputed if it is revived again (same K/V: its inputs do not change).
 """
 from __future__ import annotations
 
@@ -24,6 +34,15 @@ from dstp.config import DSTPConfig
 from dstp.engine.prune_context import topk_mask
 from dstp.engine.trace import StepTrace
 from dstp.errors import ConfigError
+
+CACHE_CHUNK = 64  # recompute cache: token slots added per growth step
+
+
+def _extend(t: torch.Tensor, axis: int, extra: int, fill) -> torch.Tensor:
+    """t with `extra` slots filled with `fill` appended along `axis` (one reallocation)."""
+    shape = list(t.shape)
+    shape[axis] = extra
+    return torch.cat([t, t.new_full(shape, fill)], axis)
 
 
 @dataclass
@@ -42,10 +61,14 @@ class ShiftState:
     slot_rank: list  # per stage, [B, Tk] visual rank held by each kept slot (-1: text or padding)
     generator: torch.Generator
     history: list
-    cache_k: torch.Tensor | None = None  # recompute: [L-P, B, Hkv, Nmax, hd] K/V of visual tokens computed so far
-    # (layer P + i at index i; a token's entries are filled from the first stage that dropped it)
+    # recompute: K/V of revived tokens computed so far, [L-P, B, Hkv, C, hd] (layer P + i at index i; a token's
+    # entries are filled from the first stage that dropped it); C slots, grown by CACHE_CHUNK up to cache_bound
+    cache_k: torch.Tensor | None = None
     cache_v: torch.Tensor | None = None
-    computed: torch.Tensor | None = None  # [B, Nmax] bool  # per step: (similarity, shift, active, revived mask)
+    cache_slot: torch.Tensor | None = None  # [B, Nmax + 1] slot of each visual rank (-1: not cached; last: scratch)
+    cache_token: torch.Tensor | None = None  # [B, C] visual rank held by each slot (-1: free)
+    last_revived: torch.Tensor | None = None  # [B, Nmax] step at which each token was last revived (LRU)
+    cache_bound: int = 0
     extra_flops: float = 0.0
     detect_seconds: float = 0.0
     revive_seconds: float = 0.0
@@ -117,16 +140,25 @@ class ShiftPolicy:
             in_window=torch.zeros(B, dtype=torch.bool, device=vpos.device),
             revived=torch.zeros(B, N, dtype=torch.bool, device=vpos.device),
             base_valid=base_valid, slot_rank=slot_rank,
-            generator=torch.Generator(device="cpu").manual_seed(self.config.seed), history=[],
+            generator=torch.Generator(device=vpos.device).manual_seed(self.config.seed), history=[],
             **self._revived_cache(state))
 
     def _revived_cache(self, state) -> dict:
+        """An empty recompute cache (no slots yet) and its bound: `cache_tokens`, or the largest reserve."""
         if self.config.source != "recompute" or state.R == 0:
             return {}
-        s, N = state.pruned, state.visual_pos.shape[1]
-        shape = (s.layers.stop - state.P, s.k.shape[1], s.k.shape[2], N, s.k.shape[-1])
-        return dict(cache_k=s.k.new_zeros(shape), cache_v=s.v.new_zeros(shape),
-                    computed=torch.zeros(state.kept.shape, dtype=torch.bool, device=s.k.device))
+        s, (B, N) = state.pruned, state.visual_pos.shape
+        reserve = int((state.visual_valid & ~state.kept).sum(-1).max())
+        bound = reserve if self.config.cache_tokens is None else min(self.config.cache_tokens, reserve)
+        if bound < state.R:
+            raise ConfigError(f"DSTP cache_tokens={self.config.cache_tokens} is below the {state.R} revival slots per "
+                              f"sequence: one shift's revived tokens must fit (raise cache_tokens or lower max_revived)")
+        shape = (s.layers.stop - state.P, B, s.k.shape[2], 0, s.k.shape[-1])
+        dev = s.k.device
+        return dict(cache_k=s.k.new_zeros(shape), cache_v=s.v.new_zeros(shape), cache_bound=bound,
+                    cache_slot=torch.full((B, N + 1), -1, dtype=torch.long, device=dev),
+                    cache_token=torch.full((B, 0), -1, dtype=torch.long, device=dev),
+                    last_revived=torch.full((B, N), -1, dtype=torch.long, device=dev))
 
     @staticmethod
     def _attend(q: torch.Tensor, keys: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
@@ -147,20 +179,27 @@ class ShiftPolicy:
         shift = torch.ones_like(sim, dtype=torch.bool) if cfg.variant == "every_step" else sim < cfg.tau
         if cfg.force_every is not None and state.step % cfg.force_every == 0:
             shift = torch.ones_like(shift)
+        expired = (st.remaining == 0) & st.in_window & ~shift
+        # CPTS for every row, whether or not one shifted: then one read tells the host all it must know
+        a_r = self._attend(q_probe, st.keys, valid & ~kept)
+        target = self._target(torch.where(kept, a_l, a_r), valid, st)
+        revive = target & ~kept & shift[:, None]
+        rank, rvalid = self._pack(revive, state.R)  # at most R revived per row, in rank order
+        new_revived = torch.zeros_like(revive).scatter(1, rank, rvalid) & revive
         t1 = time.perf_counter()
         st.detect_seconds += t1 - t0
 
-        expired = (st.remaining == 0) & st.in_window & ~shift
-        if bool(expired.any()):
+        plan = self._plan(state, shift, expired, new_revived).tolist()  # the step's one host synchronisation
+        S = len(state.stages)
+        any_shift, any_expired, tails, work = plan[0], plan[1], plan[2:2 + S], plan[2 + S:]
+        if any_expired:
             self._deactivate(state, expired)
-        any_shift = bool(shift.any())  # host sync: whether to produce revived K/V at all
         if any_shift:
-            a_r = self._attend(q_probe, st.keys, valid & ~kept)
-            scores = torch.where(kept, a_l, a_r)
-            target = self._target(scores, valid, st)
-            self._activate(engine, state, shift, target)
+            self._activate(engine, state, shift, target, new_revived, work)
             st.remaining = torch.where(shift, torch.full_like(st.remaining, cfg.window), st.remaining)
             st.in_window |= shift
+        for stage, n in zip(state.stages, tails):
+            stage.store.tail_len = n
         st.revive_seconds += time.perf_counter() - t1
         active = self._active_count(state)
         st.history.append((shift, st.revived.clone() if any_shift else None))
@@ -177,13 +216,31 @@ class ShiftPolicy:
             return topk_mask(noise, valid, st.k)
         return topk_mask(scores, valid, st.k)
 
+    def _plan(self, state, shift, expired, new_revived) -> torch.Tensor:
+        """What the host needs from this step, as one int tensor: [any row shifts, any window closes, each stage's
+        revival-tail length after the step, then (recompute) tokens to compute (max over rows), cache slots needed
+        (max over rows), the first stage they start in]."""
+        st = state.shift_state
+        tails = []
+        for stage in state.stages:
+            now = stage.store.valid[:, stage.rev0:].sum(-1)
+            after = (new_revived & ~stage.kept).sum(-1)
+            tails.append(torch.where(shift, after, torch.where(expired, 0, now)).max())
+        parts = [shift.any(), expired.any(), *tails]
+        if st.cache_k is not None:
+            cached = st.cache_slot[:, :-1] >= 0
+            need = new_revived & ~cached
+            count = need.sum(-1)
+            first = torch.where(need, state.dropped_at, len(state.stages)).min()
+            parts += [count.max(), (cached.sum(-1) + count).max(), first]
+        return torch.stack([torch.as_tensor(p, device=shift.device).long() for p in parts])
+
     def _deactivate(self, state, rows):
         st = state.shift_state
         for stage, base in zip(state.stages, st.base_valid):
             s, r0 = stage.store, stage.rev0
             s.valid[:, r0:] &= ~rows[:, None]
             s.valid[:, :stage.Tk] = torch.where(rows[:, None], base, s.valid[:, :stage.Tk])
-            s.tail_len = int(s.valid[:, r0:].sum(-1).max())
         st.revived &= ~rows[:, None]
         st.in_window &= ~rows
 
@@ -193,18 +250,16 @@ class ShiftPolicy:
         rank = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n]
         return rank, torch.arange(rank.shape[1], device=mask.device)[None] < mask.sum(-1, keepdim=True)
 
-    def _activate(self, engine, state, rows, target):
+    def _activate(self, engine, state, rows, target, new_revived, work):
+        """Open windows for `rows`: revive `new_revived` into every stage's tail (its length is set by the caller);
+        `work`: the recompute part of the step's plan."""
         st, R, cfg = state.shift_state, state.R, self.config
-        kept = state.kept
-        revive = target & ~kept & rows[:, None]
         if R > 0:
-            rank, rvalid = self._pack(revive, R)  # at most R revived per row, in rank order
-            new_revived = torch.zeros_like(revive).scatter(1, rank, rvalid) & revive
             st.revived = torch.where(rows[:, None], new_revived, st.revived)
             for stage in state.stages:
                 stage.store.tail_len = R  # the whole tail while revived K/V are produced
             if cfg.source == "recompute":
-                self._compute_missing(engine, state, new_revived)
+                self._compute_missing(engine, state, new_revived, *work)
             for stage in state.stages:
                 # this stage's revival slots: the revived tokens it does not hold, each row's in its first slots
                 s, r0 = stage.store, stage.rev0
@@ -212,12 +267,12 @@ class ShiftPolicy:
                 pos = state.visual_pos.gather(1, rank)
                 if cfg.source == "store":
                     self._fill_tail(state, stage, rows, state.reserve.k, state.reserve.v, pos)
-                else:
-                    self._fill_tail(state, stage, rows, st.cache_k, st.cache_v, rank)
+                elif st.cache_token.shape[1]:  # an empty cache: nothing was ever revived, nothing to copy
+                    slot = st.cache_slot.gather(1, rank).clamp(min=0)
+                    self._fill_tail(state, stage, rows, st.cache_k, st.cache_v, slot)
                 pad_tag = -1 - torch.arange(r0, r0 + R, device=pos.device).expand_as(pos)
                 s.order[:, r0:] = torch.where(rows[:, None], torch.where(rvalid, pos, pad_tag), s.order[:, r0:])
                 s.valid[:, r0:] = torch.where(rows[:, None], rvalid, s.valid[:, r0:])
-                s.tail_len = int(s.valid[:, r0:].sum(-1).max())
         for stage, base, slot_rank in zip(state.stages, st.base_valid, st.slot_rank):
             s, Tk = stage.store, stage.Tk
             if cfg.variant == "hard":  # replace: kept tokens outside T_l leave for the window
@@ -236,21 +291,23 @@ class ShiftPolicy:
             s.k[li, :, :, r0:] = torch.where(keep, src_k[g].gather(2, idx), s.k[li, :, :, r0:])
             s.v[li, :, :, r0:] = torch.where(keep, src_v[g].gather(2, idx), s.v[li, :, :, r0:])
 
-    def _compute_missing(self, engine, state, wanted):
-        """`recompute` source: K/V at layers >= P of the wanted visual tokens not computed yet, into the
-        per-sequence cache (bounded by N tokens). A token starts from its hidden state at the prune point of the
-        first stage that dropped it and runs that stage's layers and every later one; in each stage it attends
+    def _compute_missing(self, engine, state, wanted, m: int, slots_needed: int, start: int):
+        """`recompute` source: K/V at layers >= P of the wanted visual tokens not in the cache (at most m per row;
+        the cache grown to `slots_needed` slots within its bound, LRU eviction beyond it). A token starts from its
+        hidden state at the prune point of the first stage that dropped it and runs that stage's layers and every
+        later one; in each stage it attends
         causally to the text prefix and the visual tokens that stage kept (not to other revived tokens), so its
         K/V equal those of a prefill that had also kept that one token, and stay valid for the rest of the
         sequence, whichever window revives it again."""
         st = state.shift_state
-        need = wanted & ~st.computed
-        count = need.sum(-1)
-        if not bool(need.any()):
+        st.last_revived = torch.where(wanted, state.step, st.last_revived)
+        if m == 0:
             return
-        m = int(count.max())
+        self._grow_cache(st, slots_needed)
+        need = wanted & ~(st.cache_slot[:, :-1] >= 0)
         rank, nvalid = self._pack(need, m)
-        rows = count > 0
+        slots = self._free_slots(st, wanted, m)  # [B, m]: where each row's j-th needed token goes
+        rows = nvalid.any(-1)
         pos = state.visual_pos.gather(1, rank)
         first = state.dropped_at.gather(1, rank)  # the stage each token starts in
         hid = state.hidden_at_P
@@ -259,8 +316,7 @@ class ShiftPolicy:
         cos = state.cos.gather(1, pos[..., None].expand(-1, -1, hd))
         sin = state.sin.gather(1, pos[..., None].expand(-1, -1, hd))
         h = h_drop
-        idx = rank[:, None, :, None].expand(-1, st.cache_k.shape[2], -1, st.cache_k.shape[-1])
-        start = int(first.masked_fill(~nvalid, len(state.stages)).min())
+        idx = slots[:, None, :, None].expand(-1, st.cache_k.shape[2], -1, st.cache_k.shape[-1])
         for i in range(start, len(state.stages)):
             stage, base = state.stages[i], st.base_valid[i]
             s, r0, Tk = stage.store, stage.rev0, stage.Tk
@@ -284,7 +340,33 @@ class ShiftPolicy:
                 for cache, fresh in ((st.cache_k, s.k), (st.cache_v, s.v)):
                     old = cache[g].gather(2, idx)
                     cache[g].scatter_(2, idx, torch.where(put, fresh[li, :, :, r0:r0 + m], old))
-        st.computed |= need
+        # the slot maps: evicted tokens leave (their writes go to the scratch column when nothing is evicted), the
+        # computed ones arrive; the slots of a row are distinct, so no two writes of one scatter meet
+        N = need.shape[1]
+        evicted = st.cache_token.gather(1, slots)
+        st.cache_slot.scatter_(1, torch.where(nvalid & (evicted >= 0), evicted, N), -1)
+        st.cache_slot.scatter_(1, torch.where(nvalid, rank, N), torch.where(nvalid, slots, -1))
+        st.cache_token.scatter_(1, slots, torch.where(nvalid, rank, evicted))
+
+    @staticmethod
+    def _grow_cache(st, slots: int):
+        """Room for `slots` tokens per row: whole chunks, within the bound."""
+        C = st.cache_token.shape[1]
+        if slots <= C:
+            return
+        new = min(st.cache_bound, -(-slots // CACHE_CHUNK) * CACHE_CHUNK)
+        st.cache_k, st.cache_v = _extend(st.cache_k, 3, new - C, 0), _extend(st.cache_v, 3, new - C, 0)
+        st.cache_token = _extend(st.cache_token, 1, new - C, -1)
+
+    @staticmethod
+    def _free_slots(st, wanted, m: int) -> torch.Tensor:
+        """[B, m] cache slots for each row's tokens to compute: free slots first, then those of the tokens least
+        recently revived, never one whose token this shift revives."""
+        held = st.cache_token >= 0
+        tok = st.cache_token.clamp(min=0)
+        age = torch.where(held, st.last_revived.gather(1, tok), -1)  # free slots: -1, first
+        age = age.masked_fill(held & wanted.gather(1, tok), torch.iinfo(torch.long).max)
+        return torch.argsort(age, dim=-1, stable=True)[:, :m]
 
     @staticmethod
     def _active_count(state) -> torch.Tensor:

@@ -8,6 +8,7 @@ and there is no pruned stage. Every token keeps its original position id.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -312,14 +313,46 @@ class Engine:
     def lm_head_flops(self, n_tokens: int) -> float:
         return 2.0 * self.hidden_size * self.vocab_size * n_tokens
 
-    def kv_bytes(self, state: State) -> int:
-        a = self.adapter
-        per_slot = 2 * a.n_kv_heads * a.head_dim * torch.finfo(a.dtype).bits // 8 * state.batch
-        total = 0
-        for store in (state.full, *(stage.store for stage in state.stages), state.reserve):
-            if store is not None:
-                total += (store.used + store.capacity - store.tail) * len(store.layers) * per_slot
-        return total
+    @staticmethod
+    def held_bytes(state: State) -> dict[str, int]:
+        """Every buffer the generation state holds, as allocated (a KV store's capacity, not its used slots; one
+        storage once however many views of it are held), by what it is for: `kv` (the stores of layers < P and
+        of every pruned stage), `reserve` (store source: K/V of every prompt token at layers >= P),
+        `hidden_at_P`, `dstp_cache` (recompute: revived K/V computed so far), `dstp_keys` (probe-layer keys),
+        `dstp` (DSTP's other per-sequence state, its step history included), `inputs` (the prepared inputs),
+        `other` (rotary tables, kept sets, slot layouts)."""
+        seen, out = set(), {}
+
+        def add(kind, obj):
+            if isinstance(obj, torch.Tensor):
+                st = obj.untyped_storage()
+                if st._cdata not in seen:
+                    seen.add(st._cdata)
+                    out[kind] = out.get(kind, 0) + st.nbytes()
+            elif isinstance(obj, KVStore):
+                for t in (obj.k, obj.v, obj.order, obj.valid):
+                    add(kind, t)
+            elif isinstance(obj, (list, tuple)):
+                for x in obj:
+                    add(kind, x)
+            elif isinstance(obj, dict):
+                for x in obj.values():
+                    add(kind, x)
+            elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+                for f in dataclasses.fields(obj):
+                    add(kind, getattr(obj, f.name))
+
+        add("inputs", state.prepared)
+        add("kv", [state.full, *(stage.store for stage in state.stages)])
+        add("reserve", state.reserve)
+        add("hidden_at_P", state.hidden_at_P)
+        st = state.shift_state
+        if st is not None:
+            add("dstp_cache", [st.cache_k, st.cache_v, st.cache_slot, st.cache_token, st.last_revived])
+            add("dstp_keys", [st.keys, st.s0_keys])
+            add("dstp", st)
+        add("other", state)
+        return out
 
     def check_context(self, prepared: PreparedInputs, max_new_tokens: int):
         """The last generated token must still have a position the model was built for."""
@@ -388,7 +421,9 @@ class Engine:
         sync()
         t2 = time.perf_counter()
         trace.prefill_seconds, trace.decode_seconds = t1 - t0, t2 - t1
-        trace.kv_bytes_peak = self.kv_bytes(state)
+        # buffers only grow during a generation, so what the state holds at its end is its peak
+        trace.memory_bytes = self.held_bytes(state)
+        trace.kv_bytes_peak = sum(n for kind, n in trace.memory_bytes.items() if kind != "inputs")
         trace.new_tokens = lengths.tolist()
         if shift is not None:
             shift.finish(trace, state)

@@ -27,7 +27,8 @@ class Trace:
     steps: list[StepTrace] = field(default_factory=list)
     prefill_flops: float = 0.0
     decode_flops: float = 0.0
-    kv_bytes_peak: int = 0
+    kv_bytes_peak: int = 0  # every buffer the engine allocated for the run: KV stores, pruning and DSTP state
+    memory_bytes: dict = field(default_factory=dict)  # the same by what it is for, + the prepared inputs (held_bytes)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     detect_seconds: float = 0.0
