@@ -54,6 +54,7 @@ def run_cli(argv):
     (["bench", "--methods", "divprune", "--prune-layer", "2", "--model", "M"], "--prune-layer sets K of the pruners inside"),
     (["bench", "--ablation", "--methods", "none", "--model", "M"], "--ablation compares DSTP variants on pruners"),
     (["bench", "--batch-size", "0", "--model", "M"], "--batch-size must be >= 1"),
+    (["bench", "--methods", "none,fastv", "--model", "M"], "the unpruned runs only, which every bench includes"),
     (["bench", "--out", "BAD", "--model", "M"], "is a file, not a folder"),
     (["analyze", "--layer", "40", "--model", "M"], "--layer 40 is outside the model's 16 layers (0..15)"),
     (["analyze", "--prompt", "P", "--model", "M"], "--prompt needs --image"),

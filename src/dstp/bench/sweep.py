@@ -323,6 +323,9 @@ def check_flags(args) -> None:
 def check_flag_combinations(args, cfg: BenchConfig) -> None:
     """A flag that would change nothing in this combination is an error, not silently ignored."""
     methods = [m for m in cfg.methods if m != "none"]
+    if methods and "none" in cfg.methods:
+        raise ConfigError(f"--methods none means the unpruned runs only, which every bench includes anyway: "
+                          f"--methods {','.join(methods)}")
     if not methods and args.retentions is not None:
         raise ConfigError("--retentions has no effect with --methods none (unpruned runs keep every token)")
     if not methods and args.ablation:
