@@ -24,10 +24,10 @@ if os.environ.get("CI"):  # `make test` installs the eval extra: CI must run the
 else:
     pytest.importorskip("lmms_eval")
 
-import dstp  # noqa: E402
-from dstp.errors import ConfigError, InputError  # noqa: E402
-from dstp.shiftbench import TASKS, default_checkpoint_dir, generate_samples  # noqa: E402
-from dstp.shiftbench.tasks import parse_answer  # noqa: E402
+import dstp
+from dstp.errors import ConfigError, InputError
+from dstp.shiftbench import TASKS, default_checkpoint_dir, generate_samples
+from dstp.shiftbench.tasks import parse_answer
 
 SEED, N = 11, 3  # pair and walk get 2 of 3 here; N odd: the 2-process run pads a rank (copies neither run nor recorded)
 CKPT = str(default_checkpoint_dir())
@@ -86,7 +86,7 @@ def _env() -> dict:
 
 
 def _run(argv, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def _lmms_args(tasks: str, folder: Path, out: Path) -> list[str]:
@@ -234,6 +234,7 @@ def test_model_args_map_one_to_one_onto_load_and_configs():
     assert s.shift == dstp.DSTPConfig(tau=0.5, window=5, source="store", variant="hard", max_revived=9,
                                       probe_layer=0)
     assert (s.batch_size, s.max_new_tokens, s.seed) == (8, 64, 7)
+    assert parse_model_args({"system_prompt": "Be brief."}).system_prompt == "Be brief."
     plain = parse_model_args({"prune": "none"})
     assert plain.prune is None and plain.shift is None and plain.pretrained == CKPT
     assert {"pretrained", "prune", "retention", "prune_layer", "dstp", "tau", "window", "source", "dtype", "device",
@@ -313,6 +314,10 @@ def test_loglikelihood_names_the_task():
     with pytest.raises(NotImplementedError) as e:
         model.loglikelihood([req])
     assert "task scienceqa_img needs log-likelihoods" in str(e.value) and "\n" not in str(e.value)
+    user = [{"role": "user", "content": [{"type": "text", "text": "q"}]}]
+    assert model._hf_messages(user) == user  # no system prompt unless asked for
+    model.settings = type(model.settings)(**{**model.settings.__dict__, "system_prompt": "Be brief."})
+    assert model._hf_messages(user) == [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]}, *user]
 
 
 # ---- registration, and `import dstp` without the integration ---------------------------------------------
@@ -344,7 +349,7 @@ def test_import_dstp_never_imports_the_integration_and_the_entry_point_registers
 
 # ---- end to end through the lmms-eval command line ---------------------------------------------------------
 def test_lmms_eval_accuracy_equals_dstp_bench(single_run, bench_records):
-    proc, out = single_run
+    _, out = single_run
     results, samples, records = _outputs(out)
     for task in TASKS:
         bench = bench_records[task]
@@ -386,7 +391,7 @@ def test_efficiency_records_and_summary(single_run):
 
 def test_multi_round_follows_the_task_protocol(single_run, exported, pipe):
     """Each round's answer equals Pipeline.chat on that round's conversation; the walk takes `hops` rounds."""
-    proc, out = single_run
+    _, out = single_run
     _, samples, records = _outputs(out)
     rows = [json.loads(line) for line in (exported / "walk.jsonl").read_text().splitlines()]
     from dstp.shiftbench.export import doc_to_visual
@@ -415,7 +420,7 @@ def test_data_parallel_two_cpu_processes_same_accuracy(single_run, exported, tmp
         [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
          "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "lmms_eval",
          *_lmms_args("shiftbench", exported, tmp_path)],
-        env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=300)
+        env={**_env(), "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     one, one_samples, _ = _outputs(out1)
     two, two_samples, records = _outputs(tmp_path)
@@ -435,7 +440,8 @@ def test_data_parallel_two_cpu_processes_same_accuracy(single_run, exported, tmp
 def _paper_table():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("paper_table", Path(__file__).parents[1] / "scripts" / "paper_table.py")
+    path = Path(__file__).parents[1] / "scripts" / "paper_table.py"
+    spec = importlib.util.spec_from_file_location("paper_table", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["paper_table"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)

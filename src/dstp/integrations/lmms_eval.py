@@ -9,13 +9,13 @@ engine. Example:
     lmms-eval --model dstp --tasks mathverse_testmini --output_path logs/ \\
         --model_args pretrained=Qwen/Qwen3-VL-4B-Instruct,prune=fastv,retention=0.333,dstp=true,batch_size=8
 
-model_args (each is one argument of `dstp.load` or one field of the configs; `MODEL_ARGS` below):
-``pretrained`` (default: the shipped ShiftBench model), ``prune`` (a method or none), ``retention``,
-``prune_layer``, ``contextual_fraction``, ``seed``, ``dstp`` (true/false), ``tau``, ``window``, ``source``,
-``probe_layer``, ``max_revived``, ``variant``, ``dtype``, ``device``, ``batch_size``, ``max_new_tokens``
-(overrides every task's generation length), ``efficiency_out``. A bad key or value, a method that does not
-exist, a retention outside (0, 1], dstp=true without prune, a checkpoint that does not load: one line on
-stderr and exit status 2, before any sample runs (lmms-eval itself would print a traceback and exit 0).
+model_args (`MODEL_ARGS` below): each of ``pretrained`` (default: the shipped ShiftBench model), ``prune`` (a
+method or none), ``retention``, ``prune_layer``, ``contextual_fraction``, ``seed``, ``dstp`` (true/false), ``tau``,
+``window``, ``source``, ``probe_layer``, ``max_revived``, ``variant``, ``dtype``, ``device`` is one argument of
+`dstp.load` or one field of the configs; ``batch_size``, ``max_new_tokens`` (overrides every task's generation
+length), ``efficiency_out`` and ``system_prompt`` belong to the harness side. A bad key or value, a method that does
+not exist, a retention outside (0, 1], dstp=true without prune, a checkpoint that does not load: one line on stderr
+and exit status 2, before any sample runs (lmms-eval itself would print a traceback and exit 0).
 
 Per sample, an efficiency record (visual tokens attended per decoding step, prefill and decode FLOPs, peak KV
 bytes, GPU memory, shifts, revived tokens, latency) goes to ``<output_path>/<model>/<time>_dstp_efficiency.jsonl``
@@ -68,6 +68,8 @@ MODEL_ARGS = {
     "batch_size": ("int", "requests per engine call (default: lmms-eval's --batch_size, 1)"),
     "max_new_tokens": ("int", "generation length for every task, instead of the task's"),
     "efficiency_out": ("str", "folder for the efficiency JSONL (default: lmms-eval's --output_path)"),
+    "system_prompt": ("str", ("a system message before every conversation (default: none; lmms-eval's own "
+                              "qwen3_vl model sends 'You are a helpful assistant.')")),
 }
 PRUNE_FIELDS = {"prune_layer": "layer", "contextual_fraction": "contextual_fraction"}
 DSTP_FIELDS = ("tau", "window", "source", "probe_layer", "max_revived", "variant")
@@ -85,6 +87,7 @@ class Settings:
     max_new_tokens: int | None
     seed: int
     efficiency_out: str | None
+    system_prompt: str | None = None
 
 
 def _value(name: str, kind: str, value):
@@ -157,7 +160,8 @@ def parse_model_args(args: dict) -> Settings:
         pretrained = str(default_checkpoint_dir())
     return Settings(pretrained=pretrained, prune=prune, shift=shift, dtype=a.get("dtype", "auto"),
                     device=a.get("device"), batch_size=a.get("batch_size", 1), max_new_tokens=a.get("max_new_tokens"),
-                    seed=a.get("seed", 0), efficiency_out=a.get("efficiency_out"))
+                    seed=a.get("seed", 0), efficiency_out=a.get("efficiency_out"),
+                    system_prompt=a.get("system_prompt") or None)
 
 
 def generation_settings(gen_kwargs: dict | None, settings: Settings, task: str):
@@ -262,11 +266,11 @@ class DSTPModel(lmms):
         self.pretrained_arg = str(model_args.get("pretrained", ""))  # lmms-eval names its output folder after it
         self.accelerator = Accelerator()
         # the process's place as lmms-eval's evaluator reads it (torchrun / accelerate launch environment)
-        self._rank = int(os.environ.get("RANK", self.accelerator.process_index))
-        self._world_size = int(os.environ.get("WORLD_SIZE", self.accelerator.num_processes))
+        self._rank = int(os.environ.get("RANK", str(self.accelerator.process_index)))
+        self._world_size = int(os.environ.get("WORLD_SIZE", str(self.accelerator.num_processes)))
         device = s.device
         if device in (None, "cuda") and torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if self._world_size > 1 else "cuda"
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if self._world_size > 1 else "cuda"
         elif device is None:
             device = "cpu"
         self.pipe = dstp.load(s.pretrained, prune=s.prune, shift=s.shift, dtype=s.dtype, device=device)
@@ -375,12 +379,16 @@ class DSTPModel(lmms):
         _, doc_to_messages, _, doc_id, task, split = request.args
         doc = self.task_dict[task][split][doc_id]
         if round_idx is None:
-            return ChatMessages(messages=doc_to_messages(doc)).to_hf_messages(), None
+            return self._hf_messages(doc_to_messages(doc)), None
         payload = doc_to_messages(doc, round_idx=round_idx, previous_output=previous_output,
                                   previous_round_info=previous_round_info)
         if not (isinstance(payload, tuple) and len(payload) == 4) or payload[1]:
             return None
-        return ChatMessages(messages=payload[0]).to_hf_messages(), payload[3]
+        return self._hf_messages(payload[0]), payload[3]
+
+    def _hf_messages(self, messages: list) -> list[dict]:
+        messages = self._apply_system_prompt([dict(m) for m in messages], self.settings.system_prompt)
+        return ChatMessages(messages=messages).to_hf_messages()
 
     def _chat(self, conversations, requests, round_idx) -> list[GenerationResult]:
         """One engine call for a batch of conversations with the same generation settings."""
