@@ -164,3 +164,16 @@ def test_cli_generate_takes_a_hub_id_and_chat_input(hub_models, tmp_path, capsys
     assert '"n_visual": 57' in out  # 25 + 32 visual tokens of the two images
     assert main(["generate", "--model", "no-such-org/model", "--prompt", "hi"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_processor_kwargs_reach_the_processor(hub_models):
+    small = dstp.load(hub_models["qwen2_5_vl"], processor_kwargs={"max_pixels": 16 * 16 * 16})
+    image = sample_images(1, seed=2, sizes=[(96, 64)])
+    out = small.chat([conversation(image, "what")], max_new_tokens=2)
+    from transformers import AutoProcessor
+
+    reference = AutoProcessor.from_pretrained(hub_models["qwen2_5_vl"], max_pixels=16 * 16 * 16)
+    inputs = reference.apply_chat_template(conversation(image, "what"), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt")
+    n = int((inputs["input_ids"] == reference.image_token_id).sum())
+    assert out.trace.n_visual == [n] and n < 70  # 70 visual tokens at the fixture's own limit

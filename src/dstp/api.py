@@ -152,7 +152,7 @@ def load_config(source: str, hub: dict):
 
 def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, shift: DSTPConfig | None = None,
          dtype: torch.dtype | str = "auto", device: str | torch.device | None = None,
-         **from_pretrained_kwargs) -> Pipeline:
+         processor_kwargs: dict | None = None, **from_pretrained_kwargs) -> Pipeline:
     """Load a supported multimodal model with its own processor for dstp generation.
 
     model_id_or_path: a local directory, or a hub id resolved as transformers resolves it (the hub, the local
@@ -161,6 +161,7 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
     shift: DSTP on top of the pruner (`DSTPConfig(tau, window, source, ...)`); None: the pruner alone.
     dtype: a torch dtype, "bfloat16"/"bf16", "float16"/"fp16", "float32"/"fp32", or "auto" (the checkpoint's).
     device: where the model runs ("cpu", "cuda", "cuda:1"; default cpu); leave it unset with `device_map`.
+    processor_kwargs: passed to the processor's `from_pretrained`, e.g. `{"max_pixels": 1280 * 28 * 28}`.
     from_pretrained_kwargs: passed to transformers' `from_pretrained`, e.g. `device_map`, `revision`,
         `trust_remote_code`, `cache_dir`, `token`, `attn_implementation` (the engine needs "sdpa", the default).
     Returns a `Pipeline` with `.chat(conversations)` and `.generate(images, prompts)`.
@@ -194,7 +195,7 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
     if len(devices) > 1:
         raise ConfigError(f"device_map placed the model on several devices ({', '.join(devices)}); the dstp engine "
                           f"runs a model on one device: pass device= or a device_map onto one device")
-    processor = adapter_cls.load_processor(source, **hub)
+    processor = adapter_cls.load_processor(source, **hub, **(processor_kwargs or {}))
     return Pipeline(adapter_cls(model.eval(), processor), prune=prune, shift=shift)
 
 
