@@ -84,12 +84,19 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--layer", type=int, default=None, help="layer to analyse (default: the most focused one)")
     a.add_argument("--out", default="results/analyze")
 
-    s = sub.add_parser("speed", help="prefill/decode timing: HF generate vs engine vs pruned vs DSTP")
-    s.add_argument("--out", default="results")
-    s.add_argument("--repeats", type=int, default=5)
+    s = sub.add_parser("speed", help="time and peak memory: generate() (dynamic, static cache) vs the engine unpruned, "
+                                     "FastV and FastV + DSTP, in a kv-bound and a weight-bound scenario")
+    s.add_argument("--scenario", choices=["kv-bound", "weight-bound", "both"], default="both")
+    s.add_argument("--out", default="results", help="folder for speed.json (and --profile tables)")
+    s.add_argument("--repeats", type=int, default=None, help="timed runs per row (default: kv-bound 5, weight-bound 1)")
+    s.add_argument("--new-tokens", type=int, default=None, help="tokens generated per run (default: kv-bound 32, "
+                                                                "weight-bound 1024)")
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="float32")
-    s.add_argument("--small", action="store_true", help="a small config for a quick look")
+    s.add_argument("--small", action="store_true", help="small shapes of both scenarios, for a quick look")
+    s.add_argument("--sync-debug", action="store_true", help="count host synchronisations per decoding step "
+                                                             "(CUDA: with torch.cuda.set_sync_debug_mode)")
+    s.add_argument("--profile", action="store_true", help="a torch.profiler table of one run of each DSTP row")
 
     f = sub.add_parser("fidelity", help="engine vs transformers generate() on tiny models of every family")
     f.add_argument("--new-tokens", type=int, default=32)

@@ -1,11 +1,25 @@
-"""`dstp speed`: do the savings show up as time? One run, side by side (DESIGN §8):
-transformers' generate(), the engine unpruned, FastV at 33.3%, and FastV + DSTP (store and recompute,
-forced to shift every `shift_every` steps so runs compare). Random weights, visual KV dominates.
-`tokens_per_s` is decoding throughput (batch x new tokens per second of decoding); prefill is its own column.
+"""`dstp speed`: do the savings show up as time and memory? Two scenarios in one command (DESIGN §8):
 
-On random weights CPTS's top-k rarely leaves S0 (S0's softmax over k keys out-scores the reserve's over N - k),
-so the forced shifts use DSTP's `random` target: each shift then revives about (1 - retention) * k tokens, as
-the study's walks do, and the cost of producing their K/V is really paid."""
+- `kv-bound`: many visual tokens (2,304), small layers (8 x 512), batch 4, 32 new tokens: the visual K/V dominate
+  what a decoding step reads, as when serving at a large batch.
+- `weight-bound`: batch 1, layers wide for their K/V (8 x 1,024, GQA 8 query / 2 KV heads of 128 as in Qwen2.5-VL,
+  MLP 2,816, a 32k vocabulary: 123M weights read per step), 1,024 visual tokens, 1,024 new tokens: the weights
+  dominate what a step reads (0.49 GB against 34 MB of K/V at the last step), as for a 4-8B model at batch 1,
+  whose real size would not fit a few minutes on a 2-core CPU.
+
+Rows: transformers' generate() with its dynamic cache (`hf_generate`) and its static cache (`hf_generate_static`),
+the engine unpruned, FastV at 33.3% from layer 2, and FastV + DSTP with each source. DSTP rows are forced to shift
+every `shift_every` steps (kv-bound 8, weight-bound 32, window 20) with DSTP's `random` target: on random weights
+CPTS's top-k rarely leaves S0 (S0's softmax over k keys out-scores the reserve's over N - k), so random targets
+make each shift revive about (1 - retention) * k tokens, and the cost of producing their K/V is really paid.
+
+Per row: decoding throughput `tokens_per_s` (batch x decoding steps / decoding seconds), `prefill_s` (vision tower
+and embedding included), `peak_bytes_measured` (bench/memory.py: allocations over the whole call) next to
+`peak_bytes_reported` (the engine: every buffer its state holds, `Engine.held_bytes`; generate(): its KV cache),
+and the measured time over an ideal, both relative to the unpruned engine: decode proportional to the bytes a step
+reads (`decode_bytes`: the weights once per step, the K/V it attends, DSTP's copies of revived K/V and, for
+`recompute`, the weights of layers >= P once per shift), prefill proportional to FLOPs.
+"""
 from __future__ import annotations
 
 import json
@@ -13,15 +27,20 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor
 
+from dstp.bench.memory import PeakMemory
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
+from dstp.errors import ConfigError
 from dstp.models.registry import adapter_for_model
 from dstp.pruners import get_pruner
 from dstp.shift import ShiftPolicy
@@ -31,30 +50,48 @@ IMAGE_TOKEN = 3
 
 @dataclass(frozen=True)
 class SpeedConfig:
-    grid: int = 48  # visual tokens = grid^2
-    hidden: int = 512
-    layers: int = 8
-    heads: int = 8
-    intermediate: int = 1024
-    vocab: int = 1024
-    batch: int = 4
+    scenario: str
+    grid: int  # visual tokens = grid^2
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    batch: int
+    new_tokens: int
+    shift_every: int  # DSTP rows: a forced shift every n decoding steps
+    window: int = 20
     prompt_text: int = 16
-    new_tokens: int = 32
     retention: float = 0.333
-    shift_every: int = 8
-    repeats: int = 5
+    prune_layer: int = 2
+    repeats: int = 3  # timed runs per row, after one tracked run (peak memory; also the warm-up)
     seed: int = 0
 
 
-SMALL = SpeedConfig(grid=16, hidden=256, layers=4, heads=4, intermediate=512, batch=2, new_tokens=16, repeats=3)
+SCENARIOS = {
+    "kv-bound": SpeedConfig("kv-bound", grid=48, hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1024,
+                            vocab=1024, batch=4, new_tokens=32, shift_every=8, repeats=5),
+    "weight-bound": SpeedConfig("weight-bound", grid=32, hidden=1024, layers=8, heads=8, kv_heads=2,
+                                intermediate=2816, vocab=32000, batch=1, new_tokens=1024, shift_every=32, repeats=1),
+}
+# a quick look (and the tests): the same rows on shapes that run in seconds
+SMALL = {
+    "kv-bound": replace(SCENARIOS["kv-bound"], grid=16, hidden=128, layers=4, heads=4, kv_heads=4, intermediate=256,
+                        vocab=256, batch=2, new_tokens=12, shift_every=4, repeats=1),
+    "weight-bound": replace(SCENARIOS["weight-bound"], grid=8, hidden=256, layers=4, heads=4, kv_heads=2,
+                            intermediate=512, vocab=1024, new_tokens=24, shift_every=8, window=4, repeats=1),
+}
+ROWS = ("hf_generate", "hf_generate_static", "engine_unpruned", "fastv", "fastv_dstp_store", "fastv_dstp_recompute")
 
 
 def build_model(cfg: SpeedConfig, device, dtype):
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                               image_size=2 * cfg.grid, patch_size=2, projection_dim=32)
     text = LlamaConfig(vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                       num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                       max_position_embeddings=cfg.grid ** 2 + 1024, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                       num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                       max_position_embeddings=cfg.grid ** 2 + cfg.prompt_text + cfg.new_tokens + 64,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, vision_feature_layer=-1,
                          vision_feature_select_strategy="default")
     config._attn_implementation = "sdpa"
@@ -77,106 +114,392 @@ def build_batch(cfg: SpeedConfig, device, dtype):
 
 
 def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def _median_time(fn, repeats, device):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+# -- one run of each kind: (prefill seconds, decode seconds, decoding steps, what it reports) --------------------
+class _FirstLogits(LogitsProcessor):
+    """Marks when generate() has its first logits: the end of its prefill."""
+
+    def __init__(self, device):
+        self.device, self.at = device, None
+
+    def __call__(self, input_ids, scores):
+        if self.at is None:
+            _sync(self.device)
+            self.at = time.perf_counter()
+        return scores
+
+
+def hf_run(model, batch, n: int, static: bool, device):
+    first = _FirstLogits(device)
+    kwargs = {"cache_implementation": "static"} if static else {}
+    _sync(device)
+    t0 = time.perf_counter()
+    model.generate(**batch, max_new_tokens=n, do_sample=False, logits_processor=[first], **kwargs)
+    _sync(device)
+    t1 = time.perf_counter()
+    return first.at - t0, t1 - first.at, n - 1, None
+
+
+def engine_run(adapter, engine, batch, gen, pruner, policy, retention, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    prepared = adapter.prepare(batch, vision_scores=False)
+    _sync(device)
+    t_prep = time.perf_counter() - t0
+    out = engine.generate(prepared, gen, pruner=pruner, retention=retention, shift=policy)
+    return t_prep + out.trace.prefill_seconds, out.trace.decode_seconds, len(out.trace.steps), out.trace
+
+
+def hf_cache_bytes(cfg: SpeedConfig, static: bool, dtype) -> int:
+    """generate()'s KV cache at its end: the static cache is allocated for prompt + new tokens up front; the
+    dynamic one holds every token but the last sampled."""
+    T = cfg.prompt_text + 1 + cfg.grid ** 2
+    length = T + cfg.new_tokens if static else T + cfg.new_tokens - 1
+    hd = cfg.hidden // cfg.heads
+    return 2 * cfg.layers * cfg.batch * cfg.kv_heads * hd * length * torch.finfo(dtype).bits // 8
+
+
+# -- the byte-proportional ideal of a decoding run ------------------------------------------------------------------
+def decode_bytes(cfg: SpeedConfig, adapter, engine, trace, source: str | None) -> float:
+    """Bytes a run's decoding steps read: per step the weights once (shared by the batch) and, per row, the K/V
+    slots it attends (layers < P: every prompt token and the generated ones; layers >= P: text, the active visual
+    set, generated ones); per shift, DSTP's copy of the revived K/V into the revival slots (read + write) and, for
+    `recompute`, the weights of layers >= P once more."""
+    a, L, B = adapter, cfg.layers, cfg.batch
+    eb = torch.finfo(a.dtype).bits // 8
+    slot = 2 * a.n_kv_heads * a.head_dim * eb
+    N = cfg.grid ** 2
+    T = cfg.prompt_text + 1 + N
+    P = trace.prune_layer if trace.stages else L
+    weights = (L * engine.linear_params + cfg.hidden * cfg.vocab) * eb
+    total = 0.0
+    for t, step in enumerate(trace.steps):
+        total += weights
+        seen = t + 1  # generated tokens in the cache, this one included
+        for b in range(B):
+            total += slot * (P * (T + seen) + (L - P) * (T - N + int(step.visual_attended[b]) + seen))
+        if source is not None and step.revived is not None:
+            revived = sum(len(r) for r in step.revived)
+            total += 2 * revived * (L - P) * slot
+            if source == "recompute" and revived:
+                total += (L - P) * engine.linear_params * eb
+    return total
+
+
+# -- host synchronisations -------------------------------------------------------------------------------------------
+_SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+             "aten::unique_dim", "aten::unique_consecutive", "aten::equal"}
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts what makes the host wait for the device, on any device: reading a value (`item`, `bool`, `int`,
+    `tolist`), ops whose output size depends on the data (`nonzero`, `masked_select`, `unique`, `repeat_interleave`
+    by a tensor), copies from a device to the host. On CUDA, `torch.cuda.set_sync_debug_mode` gives the
+    driver's own count next to it (`cuda_syncs`); on CPU it cannot see a host-to-device copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self.cuda_syncs = 0
+        self._tolist = None
+        self._in_tolist = False
+        self._caught = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if not self._in_tolist:
+            if name in _SYNC_OPS or name == "aten::repeat_interleave.Tensor" and "output_size" not in (kwargs or {}):
+                self.count += 1
+            elif name in ("aten::_to_copy", "aten::copy_"):
+                src = args[1] if name == "aten::copy_" else args[0]
+                dst = (kwargs or {}).get("device") if name == "aten::_to_copy" else args[0].device
+                if isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst is not None \
+                        and torch.device(dst).type == "cpu":
+                    self.count += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        original = self._tolist = torch.Tensor.tolist
+        counter = self
+
+        def tolist(t):
+            counter.count += 1
+            counter._in_tolist = True
+            try:
+                return original(t)
+            finally:
+                counter._in_tolist = False
+
+        torch.Tensor.tolist = tolist
+        if torch.cuda.is_available():
+            self._caught = warnings.catch_warnings(record=True)
+            self._records = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return super().__enter__()
+
+    def snapshot(self) -> tuple[int, int]:
+        cuda = sum("synchronizing" in str(w.message) for w in self._records) if self._caught is not None else 0
+        return self.count, cuda
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        torch.Tensor.tolist = self._tolist
+        if self._caught is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self.cuda_syncs = self.snapshot()[1]
+            self._caught.__exit__(*exc)
+        return out
+
+
+def count_host_syncs(adapter, engine, batch, pruner, policy, retention, n: int) -> dict:
+    """Host synchronisations per decoding step of one generation of n tokens: inside `Engine.decode_step` (DSTP
+    included), inside DSTP's step alone, and over the whole decoding loop (from the first step to the last: the
+    sampling and stop check between steps included; set-up and trace building before and after it are not)."""
+    prepared = adapter.prepare(batch, vision_scores=False)
+    counter = HostSyncs()
+    inside = {"decode_step": [0, 0], "dstp": [0, 0]}
+    loop = {}
+
+    def counted(kind, fn):
+        def wrapped(*args, **kwargs):
+            before = counter.snapshot()
+            loop.setdefault("first", before)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                after = loop["last"] = counter.snapshot()
+                inside[kind][0] += after[0] - before[0]
+                inside[kind][1] += after[1] - before[1]
+        return wrapped
+
+    engine.decode_step = counted("decode_step", engine.decode_step)
+    if policy is not None:
+        policy.step = counted("dstp", policy.step)
+    try:
+        with counter:
+            out = engine.generate(prepared, GenerationConfig(max_new_tokens=n), pruner=pruner, retention=retention,
+                                  shift=policy)
+    finally:
+        del engine.decode_step
+        if policy is not None:
+            del policy.step
+    steps = max(1, len(out.trace.steps))
+    per_step = lambda k, i: inside[k][i] / steps if k == "decode_step" or policy is not None else None  # noqa: E731
+    row = {"decode_step_syncs_per_step": per_step("decode_step", 0), "dstp_syncs_per_step": per_step("dstp", 0),
+           "loop_syncs_per_step": (loop["last"][0] - loop["first"][0]) / steps}
+    if adapter.device.type == "cuda":
+        row.update(cuda_decode_step_syncs_per_step=per_step("decode_step", 1),
+                   cuda_dstp_syncs_per_step=per_step("dstp", 1),
+                   cuda_loop_syncs_per_step=(loop["last"][1] - loop["first"][1]) / steps)
+    return row
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------------------
+def _variants(cfg: SpeedConfig, n_layers: int) -> dict:
+    fastv = get_pruner(PruneConfig(method="fastv", retention=cfg.retention, layer=cfg.prune_layer), n_layers)
+    dstp = dict(force_every=cfg.shift_every, window=cfg.window, variant="random")
+    return {"engine_unpruned": (None, None), "fastv": (fastv, None),
+            "fastv_dstp_store": (fastv, DSTPConfig(source="store", **dstp)),
+            "fastv_dstp_recompute": (fastv, DSTPConfig(source="recompute", **dstp))}
+
+
+def _profile(fn, path: str):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=25))
 
 
 @torch.no_grad()
-def run_speed(cfg: SpeedConfig, device: str = "cpu", dtype: str = "float32") -> dict:
-    torch_dtype = getattr(torch, dtype)
-    model = build_model(cfg, device, torch_dtype)
-    batch = build_batch(cfg, device, torch_dtype)
+def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=False, profile_dir=None) -> list[dict]:
+    model = build_model(cfg, device, dtype)
+    batch = build_batch(cfg, device, dtype)
     adapter = adapter_for_model(model)
     engine = Engine(adapter)
     gen = GenerationConfig(max_new_tokens=cfg.new_tokens)
-    n = cfg.new_tokens
-    rows = []
+    variants = _variants(cfg, adapter.n_layers)
+    task = progress.add_task(cfg.scenario, total=len(ROWS) * (1 + cfg.repeats)) if progress else None
 
-    # transformers: prefill = generate(1 token); decode = the rest
-    t1, _ = _median_time(lambda: model.generate(**batch, max_new_tokens=1, do_sample=False), cfg.repeats, device)
-    tn, _ = _median_time(lambda: model.generate(**batch, max_new_tokens=n, do_sample=False), cfg.repeats, device)
-    T = batch["input_ids"].shape[1]
-    kv_hf = 2 * cfg.layers * cfg.batch * cfg.heads * (cfg.hidden // cfg.heads) * (T + n) * torch.finfo(torch_dtype).bits // 8
+    def say(name, what):
+        if progress:
+            progress.update(task, description=f"{cfg.scenario} · {name} · {what}")
 
-    fastv = get_pruner(PruneConfig(method="fastv", retention=cfg.retention, layer=2), cfg.layers)
-    variants = {
-        "engine_unpruned": (None, None),
-        "fastv": (fastv, None),
-        "fastv_dstp_store": (fastv, DSTPConfig(source="store", force_every=cfg.shift_every, variant="random")),
-        "fastv_dstp_recompute": (fastv, DSTPConfig(source="recompute", force_every=cfg.shift_every, variant="random")),
-    }
     measured = {}
-    for name, (pruner, shift) in variants.items():
-        policy = ShiftPolicy(shift, pruner.layer) if shift is not None else None
+    for name in ROWS:
+        if name.startswith("hf_"):
+            static = name == "hf_generate_static"
+            once = lambda: hf_run(model, batch, cfg.new_tokens, static, device)  # noqa: E731
+            reported, policy = hf_cache_bytes(cfg, static, dtype), None
+        else:
+            pruner, shift = variants[name]
+            policy = ShiftPolicy(shift, pruner.layer) if shift is not None else None
+            once = lambda: engine_run(adapter, engine, batch, gen, pruner, policy, cfg.retention, device)  # noqa: E731
+        say(name, "peak memory (and warm-up)")
+        with PeakMemory(device) as mem:
+            first = once()
+        if not name.startswith("hf_"):
+            reported = sum(first[3].memory_bytes.values())
+        if progress:
+            progress.advance(task)
+        runs = []
+        for r in range(cfg.repeats):
+            say(name, f"timing {r + 1}/{cfg.repeats}")
+            runs.append(once())
+            if progress:
+                progress.advance(task)
+        prefill = statistics.median(r[0] for r in runs)
+        decode = statistics.median(r[1] for r in runs)
+        steps = runs[0][2]
+        row = dict(scenario=cfg.scenario, name=name, tokens_per_s=cfg.batch * steps / decode, prefill_s=prefill,
+                   decode_ms_per_token=1000 * decode / steps, peak_bytes_measured=mem.peak_bytes,
+                   peak_bytes_reported=reported, decode_steps=steps)
+        trace = runs[-1][3]
+        if trace is not None:
+            row.update(memory_bytes=trace.memory_bytes, prefill_flops=trace.prefill_flops,
+                       decode_flops=trace.decode_flops,
+                       decode_bytes=decode_bytes(cfg, adapter, engine, trace, variants[name][1] and
+                                                 variants[name][1].source),
+                       visual_tokens_per_step=sum(float(s.visual_attended.float().mean()) for s in trace.steps)
+                       / max(1, len(trace.steps)),
+                       dstp_detect_s=trace.detect_seconds if policy else None,
+                       dstp_revive_s=trace.revive_seconds if policy else None)
+            if sync_debug:
+                say(name, "host syncs")
+                pruner, _ = variants[name]
+                row.update(count_host_syncs(adapter, engine, batch, pruner, policy, cfg.retention,
+                                            min(cfg.new_tokens, 2 * cfg.shift_every + 1)))
+            if profile_dir is not None and policy is not None:
+                say(name, "profile")
+                short = GenerationConfig(max_new_tokens=min(cfg.new_tokens, 4 * cfg.shift_every + 1))
+                _profile(lambda: engine_run(adapter, engine, batch, short, variants[name][0], policy, cfg.retention,
+                                            device), os.path.join(profile_dir, f"profile_{cfg.scenario}_{name}.txt"))
+        measured[name] = row
+        if progress:
+            progress.console.print(f"{cfg.scenario} {name}: {row['tokens_per_s']:.1f} tok/s, prefill {prefill:.3f} s, "
+                                   f"peak {mem.peak_bytes / 2**20:.1f} MiB ({reported / 2**20:.1f} reported)")
+    base = measured["engine_unpruned"]
+    for row in measured.values():
+        if "decode_bytes" not in row:
+            row.update(ratio_to_ideal=None, prefill_ratio_to_ideal=None)
+            continue
+        ideal_decode = base["decode_ms_per_token"] * row["decode_bytes"] / base["decode_bytes"]
+        ideal_prefill = base["prefill_s"] * row["prefill_flops"] / base["prefill_flops"]
+        row.update(ratio_to_ideal=row["decode_ms_per_token"] / ideal_decode,
+                   prefill_ratio_to_ideal=row["prefill_s"] / ideal_prefill)
+    if progress:
+        progress.update(task, description=f"{cfg.scenario} · done")
+    del model, engine, adapter
+    return list(measured.values())
 
-        def once():
-            prepared = adapter.prepare(batch, vision_scores=False)
-            return engine.generate(prepared, gen, pruner=pruner, retention=cfg.retention, shift=policy)
 
-        once()  # warm-up
-        prefill, decode, out = [], [], None
-        for _ in range(cfg.repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            prepared = adapter.prepare(batch, vision_scores=False)
-            _sync(device)
-            t_prep = time.perf_counter() - t0
-            out = engine.generate(prepared, gen, pruner=pruner, retention=cfg.retention, shift=policy)
-            prefill.append(t_prep + out.trace.prefill_seconds)
-            decode.append(out.trace.decode_seconds / max(1, len(out.trace.steps)))
-        measured[name] = (statistics.median(prefill), statistics.median(decode), out.trace)
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 16's targets as ratios: engine >= 1.0x generate()'s static cache (tokens/s); weight-bound: DSTP store
+    >= 0.95x and recompute >= 0.90x FastV (tokens/s); kv-bound: DSTP within 1.15x of the ideal for its active set
+    (decode time over the byte-proportional ideal)."""
+    by = {(r["scenario"], r["name"]): r for r in rows}
+    out = []
 
-    base_prefill, base_decode, base_trace = measured["engine_unpruned"]
-    rows.append(dict(name="hf_generate", prefill_s=t1, decode_ms_per_token=1000 * (tn - t1) / (n - 1),
-                     tokens_per_s=cfg.batch * (n - 1) / (tn - t1), kv_bytes_peak=kv_hf,
-                     flops=base_trace.prefill_flops + base_trace.decode_flops, ratio_to_ideal=None,
-                     prefill_ratio_to_ideal=None, visual_tokens_per_step=cfg.grid ** 2))
-    for name, (prefill, decode, trace) in measured.items():
-        flops = trace.prefill_flops + trace.decode_flops
-        ideal_prefill = base_prefill * trace.prefill_flops / base_trace.prefill_flops
-        ideal_decode = base_decode * trace.decode_flops / base_trace.decode_flops
-        attended = sum(float(s.visual_attended.float().mean()) for s in trace.steps) / max(1, len(trace.steps))
-        rows.append(dict(name=name, prefill_s=prefill, decode_ms_per_token=1000 * decode,
-                         tokens_per_s=cfg.batch / decode, kv_bytes_peak=trace.kv_bytes_peak,
-                         flops=flops, ratio_to_ideal=decode / ideal_decode, prefill_ratio_to_ideal=prefill / ideal_prefill,
-                         visual_tokens_per_step=attended))
-    device_name = torch.cuda.get_device_name() if torch.device(device).type == "cuda" else \
+    def add(scenario, what, value, target, higher_is_better=True):
+        out.append(dict(scenario=scenario, what=what, value=value, target=target,
+                        met=value >= target if higher_is_better else value <= target))
+
+    for scenario in sorted({r["scenario"] for r in rows}):
+        tps = lambda name: by[(scenario, name)]["tokens_per_s"]  # noqa: E731
+        add(scenario, "engine_unpruned / hf_generate_static tokens/s", tps("engine_unpruned") / tps("hf_generate_static"),
+            1.0)
+        if scenario == "weight-bound":
+            add(scenario, "fastv_dstp_store / fastv tokens/s", tps("fastv_dstp_store") / tps("fastv"), 0.95)
+            add(scenario, "fastv_dstp_recompute / fastv tokens/s", tps("fastv_dstp_recompute") / tps("fastv"), 0.90)
+        else:
+            for name in ("fastv_dstp_store", "fastv_dstp_recompute"):
+                add(scenario, f"{name} decode / ideal", by[(scenario, name)]["ratio_to_ideal"], 1.15, False)
+    return out
+
+
+def run_speed(scenarios=("kv-bound", "weight-bound"), device: str = "cpu", dtype: str = "float32", small=False,
+              repeats: int | None = None, new_tokens: int | None = None, sync_debug=False, profile_dir=None,
+              console: Console | None = None) -> dict:
+    from dstp.api import resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ConfigError(f"dstp speed builds random-weight models: give a dtype (float32, bfloat16, float16), "
+                          f"not {dtype!r}")
+    if repeats is not None and repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    if new_tokens is not None and new_tokens < 2:
+        raise ConfigError(f"new_tokens must be >= 2 (one decoding step at least), got {new_tokens}")
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        raise ConfigError(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}, both")
+    configs = []
+    for s in scenarios:
+        cfg = (SMALL if small else SCENARIOS)[s]
+        if repeats is not None:
+            cfg = replace(cfg, repeats=repeats)
+        if new_tokens is not None:
+            cfg = replace(cfg, new_tokens=new_tokens)
+        configs.append(cfg)
+    if profile_dir is not None:
+        os.makedirs(profile_dir, exist_ok=True)
+    console = console or Console()
+    rows = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        for cfg in configs:
+            rows += run_scenario(cfg, dev, torch_dtype, progress, sync_debug, profile_dir)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    return {"device": device_name, "dtype": dtype, "config": asdict(cfg), "rows": rows,
-            "torch": torch.__version__}
+    return {"device": device_name, "dtype": str(torch_dtype).replace("torch.", ""), "torch": torch.__version__,
+            "scenarios": {c.scenario: asdict(c) for c in configs}, "rows": rows, "targets": targets(rows)}
 
 
-def print_speed(result: dict):
-    c = result["config"]
-    table = Table(title=f"dstp speed: {result['device']}, {result['dtype']}, batch {c['batch']}, "
-                        f"{c['grid'] ** 2} visual tokens, {c['layers']} layers x {c['hidden']}, "
-                        f"{c['new_tokens']} new tokens, median of {c['repeats']}")
-    for col in ("row", "prefill s", "decode ms/tok", "tokens/s", "KV MiB", "GFLOPs", "vis tok/step",
-                "decode/ideal", "prefill/ideal"):
-        table.add_column(col, justify="right")
-    for r in result["rows"]:
-        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
-        table.add_row(r["name"], f"{r['prefill_s']:.3f}", f"{r['decode_ms_per_token']:.1f}", f"{r['tokens_per_s']:.1f}",
-                      f"{r['kv_bytes_peak'] / 2**20:.1f}", f"{r['flops'] / 1e9:.1f}",
-                      f"{r['visual_tokens_per_step']:.0f}", fmt(r["ratio_to_ideal"]), fmt(r["prefill_ratio_to_ideal"]))
-    Console(width=140).print(table)
+def print_speed(result: dict, console: Console | None = None):
+    console = console or Console(width=160)
+    mib = lambda x: "-" if x is None else f"{x / 2**20:.1f}"  # noqa: E731
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    for scenario, c in result["scenarios"].items():
+        table = Table(title=f"dstp speed {scenario}: {result['device']}, {result['dtype']}, batch {c['batch']}, "
+                            f"{c['grid'] ** 2} visual tokens, {c['layers']} layers x {c['hidden']}, {c['new_tokens']} "
+                            f"new tokens, shift every {c['shift_every']}, median of {c['repeats']}")
+        for col in ("row", "tokens/s", "prefill s", "decode ms/tok", "peak MiB measured", "peak MiB reported",
+                    "vis tok/step", "decode/ideal", "prefill/ideal", "syncs/step (in DSTP)"):
+            table.add_column(col, justify="right")
+        for r in result["rows"]:
+            if r["scenario"] != scenario:
+                continue
+            syncs = "-" if "loop_syncs_per_step" not in r else \
+                f"{r['loop_syncs_per_step']:.2f} ({fmt(r.get('dstp_syncs_per_step'))})"
+            table.add_row(r["name"], f"{r['tokens_per_s']:.1f}", f"{r['prefill_s']:.3f}",
+                          f"{r['decode_ms_per_token']:.2f}", mib(r["peak_bytes_measured"]),
+                          mib(r["peak_bytes_reported"]),
+                          fmt(r.get("visual_tokens_per_step")), fmt(r["ratio_to_ideal"]),
+                          fmt(r["prefill_ratio_to_ideal"]), syncs)
+        console.print(table)
+    table = Table(title="targets (issue 16)")
+    for col in ("scenario", "ratio", "value", "target", "met"):
+        table.add_column(col)
+    for t in result["targets"]:
+        sign = ">=" if "tokens/s" in t["what"] else "<="
+        table.add_row(t["scenario"], t["what"], f"{t['value']:.2f}", f"{sign} {t['target']:.2f}",
+                      "yes" if t["met"] else "NO")
+    console.print(table)
 
 
 def run_speed_cli(args) -> int:
-    cfg = SMALL if args.small else SpeedConfig(repeats=args.repeats)
-    result = run_speed(cfg, device=args.device, dtype=args.dtype)
+    scenarios = tuple(SCENARIOS) if args.scenario == "both" else (args.scenario,)
+    result = run_speed(scenarios, device=args.device, dtype=args.dtype, small=args.small, repeats=args.repeats,
+                       new_tokens=args.new_tokens, sync_debug=args.sync_debug,
+                       profile_dir=args.out if args.profile else None)
     print_speed(result)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "speed.json")
