@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fidelity", help="engine vs transformers generate() on tiny models of every family")
     f.add_argument("--new-tokens", type=int, default=32)
     f.add_argument("--out", default=None, help="write the rows as JSON here")
+    f.add_argument("--device", default="cpu")
+    f.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"], help="comma list of float32,bfloat16")
 
     sb = sub.add_parser("shiftbench", help="ShiftBench model tools")
     sbs = sb.add_subparsers(dest="shiftbench_command", required=True, parser_class=OneLineParser)
@@ -114,8 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--hops", type=int, default=None, help="walk length (--task walk only; default: 2..6 at random)")
     se = sbs.add_parser("export", help="write ShiftBench samples + lmms-eval task YAMLs (the samples dstp bench "
                                        "evaluates with the same --seed/--n)")
-    f.add_argument("--device", default="cpu")
-    f.add_argument("--dtypes", type=_csv, default=["float32", "bfloat16"], help="comma list of float32,bfloat16")
     se.add_argument("--out", required=True, help="output folder (lmms-eval --include_path)")
     se.add_argument("--seed", type=int, default=1234, help="seed of the samples, as dstp bench --seed")
     se.add_argument("--n", type=int, default=500, help="samples per task, as dstp bench --n")
