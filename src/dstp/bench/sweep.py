@@ -21,7 +21,7 @@ from dstp.errors import ConfigError
 from dstp.pruners import PRUNERS, get_pruner
 from dstp.rvis import events, relevance, shift_curve
 
-DEFAULT_METHODS = ("fastv", "divprune", "visionzip", "sparsevlm", "random", "oracle")
+DEFAULT_METHODS = ("fastv", "divprune", "visionzip", "cdpruner", "sparsevlm", "pyramiddrop", "random", "oracle")
 DEFAULT_RETENTIONS = (0.666, 0.333, 0.111)
 
 
