@@ -91,15 +91,33 @@ def test_bad_input_is_one_line_and_exit_2(argv, needle, model_dir, image_file, t
     assert needle in err, err
 
 
-def test_generate_prints_answer_and_trace(model_dir, image_file, capsys):
+def test_generate_prints_answer_and_trace(model_dir, image_file, capsys, tmp_path):
     path, prompt = image_file
+    trace_file = tmp_path / "trace.json"
     code = run_cli(["generate", "--model", model_dir, "--image", path, "--prompt", prompt, "--prune", "divprune",
-                    "--retention", "0.333", "--dstp", "--max-new-tokens", "4", "--trace"])
+                    "--retention", "0.333", "--dstp", "--max-new-tokens", "4", "--trace", "--trace-json",
+                    str(trace_file)])
     assert code == 0
-    out = capsys.readouterr().out
-    trace = json.loads(out[out.index("{"):])
+    lines = capsys.readouterr().out.splitlines()
+    trace = json.loads(trace_file.read_text())
     assert trace["n_visual"] == 144 and len(trace["kept"]) == 48
     assert all("similarity" in s for s in trace["steps"])
+    assert lines[1] == "visual tokens 144, kept 48 from layer 0"
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == len(trace["steps"]) and all(" sim " in line and " active " in line for line in steps)
+
+
+def test_generate_oracle_on_shiftbench(model_dir, image_file, tmp_path):
+    from dstp.shiftbench.inputs import relevant_cells
+
+    path, prompt = image_file
+    code = run_cli(["generate", "--model", model_dir, "--image", path, "--prompt", prompt, "--prune", "oracle",
+                    "--retention", "0.111", "--trace-json", str(tmp_path / "t.json")])
+    assert code == 0
+    trace = json.loads((tmp_path / "t.json").read_text())
+    from PIL import Image
+    needed = relevant_cells(prompt, Image.open(path).convert("RGB"))
+    assert set(needed) <= set(trace["kept"]) and len(trace["kept"]) == 16
 
 
 def test_bench_writes_records_and_plots(model_dir, tmp_path):

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
     g.add_argument("--device", default="cpu")
     g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--trace", action="store_true", help="print the per-step trace as JSON")
+    g.add_argument("--trace", action="store_true", help="print the per-step trace, one line a step")
+    g.add_argument("--trace-json", default=None, help="write the full per-step trace as JSON to this file")
 
     a = sub.add_parser("analyze", help="RVIS analysis of one image + prompt: shift curve and heatmaps")
     a.add_argument("--model", default=None)

@@ -53,21 +53,58 @@ def configs(args) -> tuple[PruneConfig | None, DSTPConfig | None]:
     return prune, DSTPConfig(**{k: v for k, v in given.items() if v is not None})
 
 
+def oracle_relevant(pipe, images, prompt: str):
+    """`--prune oracle`: the visual tokens the answer needs, which only a ShiftBench question names."""
+    if pipe.adapter.family != "shiftbench":
+        raise ConfigError("--prune oracle needs the cells the answer needs; only ShiftBench prompts say so")
+    from dstp.shiftbench.inputs import relevant_mask
+
+    if len(images) != 1:
+        raise InputError("a ShiftBench prompt takes exactly one --image")
+    return relevant_mask(images, [prompt])
+
+
+def trace_lines(row: dict, fed: list[str]) -> list[str]:
+    """The per-step trace, one line a step: the token fed in, DSTP's similarity, shift, active set, revivals."""
+    lines = [f"visual tokens {row['n_visual']}, kept {len(row['kept'])} from layer {row['prune_layer']}"]
+    for step in row["steps"]:
+        line = f"step {step['step']:>3}  fed {fed[step['step']]!r:<12}  visual {step['visual_attended']:>5}"
+        if "similarity" in step:
+            revived = step["revived"]
+            more = f" (+{len(revived) - 8})" if len(revived) > 8 else ""
+            line += (f"  sim {step['similarity']:.2f}{'  SHIFT' if step['shift'] else '       '}"
+                     f"  active {step['active']:>5}")
+            if revived:
+                line += "  revived " + " ".join(map(str, revived[:8])) + more
+        lines.append(line)
+    return lines
+
+
 def run_generate(args) -> int:
     import dstp
 
     prune, shift = configs(args)
     images = [open_image(p) for p in args.image]
     pipe = dstp.load(args.model or default_model(), prune=prune, shift=shift, dtype=args.dtype, device=args.device)
+    relevant = oracle_relevant(pipe, images, args.prompt) if args.prune == "oracle" else None
     placeholder = pipe.adapter.image_placeholder
     written = args.raw or (placeholder is not None and placeholder in args.prompt)  # already in the model's format
     chat = not written and getattr(pipe.processor, "chat_template", None) is not None
+    if chat and relevant is not None:
+        raise ConfigError("--prune oracle needs the prompt as written (<image> lookup r3c4 =), not a chat message")
     if chat:
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": args.prompt}]
         result = pipe.chat([[{"role": "user", "content": content}]], max_new_tokens=args.max_new_tokens)
     else:
-        result = pipe.generate([images], [args.prompt], max_new_tokens=args.max_new_tokens)
+        result = pipe.generate([images], [args.prompt], max_new_tokens=args.max_new_tokens, relevant=relevant)
     print(result.texts[0])
+    row = result.trace.row(0)
     if args.trace:
-        print(json.dumps(result.trace.row(0), indent=1))
+        tokens = result.tokens[0, : result.trace.new_tokens[0]].tolist()
+        tok = getattr(pipe.processor, "tokenizer", pipe.processor)
+        fed = [tok.decode([t]) for t in tokens]  # step t feeds the token generated before it
+        print("\n".join(trace_lines(row, fed)))
+    if args.trace_json:
+        with open(args.trace_json, "w") as f:
+            json.dump(row, f, indent=1)
     return 0
