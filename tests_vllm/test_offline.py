@@ -1,0 +1,56 @@
+"""vLLM's offline `LLM.generate` with the dstp plugin against dstp's own engine (`dstp.load`), tiny random models,
+float32, CPU, greedy: a batch of four requests with four different images in one engine.
+
+Each engine run is a subprocess (conftest.run_engine); the reference runs each request alone through dstp's engine
+(batch 1, where dstp's row is that request's one image, as vLLM prunes each image on its own).
+"""
+from __future__ import annotations
+
+import pytest
+
+from conftest import MAX_TOKENS, chat_prompt
+
+FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl")
+METHODS = ("divprune", "random", "uniform")
+RETENTION = 0.25
+
+
+def spec(checkpoints, images, family, overrides, max_tokens=MAX_TOKENS):
+    prompt = chat_prompt(checkpoints[family])
+    return {"model": str(checkpoints[family]), "hf_overrides": overrides, "max_tokens": max_tokens,
+            "requests": [{"prompt": prompt, "images": [p]} for p in images[1]]}
+
+
+def kept(n: int, retention: float) -> int:
+    import math
+    return max(1, math.ceil(n * retention - 1e-9))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", METHODS)
+def test_pruned_tokens_equal_dstp_engine(family, method, checkpoints, images, run_engine, reference):
+    out = run_engine(spec(checkpoints, images, family, {"dstp": {"method": method, "retention": RETENTION}}))
+    ref = reference(family, method, RETENTION)
+    full = reference(family, None)
+    got = [o["token_ids"] for o in out["outputs"]]
+    assert got == [r["tokens"] for r in ref]
+    # the request really is shorter: k of N placeholders per image, so its KV cache holds N - k fewer tokens
+    for o, r in zip(out["outputs"], ref):
+        n = r["n_visual"]
+        assert len(o["prompt_token_ids"]) == r["prompt_len"] - (n - kept(n, RETENTION))
+    # and pruning changed what the model says (else the comparison above would not tell pruners apart)
+    assert got != [r["tokens"] for r in full]
+    if family != "llava":  # Qwen-VL: the four images have different token counts, so different k
+        assert len({r["n_visual"] for r in ref}) == 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plugin_without_dstp_key_is_vllms_model(family, checkpoints, images, run_engine, reference):
+    """No `dstp` key: the plugin's class runs as vLLM's own; tokens equal dstp's unpruned engine (itself equal to
+    transformers' generate(), tests/), and so do retention 1.0 tokens, through the plugin's position path."""
+    plain = run_engine(spec(checkpoints, images, family, None))
+    full = reference(family, None)
+    assert [o["token_ids"] for o in plain["outputs"]] == [r["tokens"] for r in full]
+    assert [len(o["prompt_token_ids"]) for o in plain["outputs"]] == [r["prompt_len"] for r in full]
+    whole = run_engine(spec(checkpoints, images, family, {"dstp": {"method": "divprune", "retention": 1.0}}))
+    assert [o["token_ids"] for o in whole["outputs"]] == [r["tokens"] for r in full]
