@@ -20,8 +20,10 @@ def run_cli(argv):
 @pytest.fixture(scope="module")
 def speed_json(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
-    assert run_cli(["speed", "--small", "--scenario", "both", "--new-tokens", "10", "--sync-debug",
+    assert run_cli(["speed", "--small", "--scenario", "both", "--new-tokens", "10", "--sync-debug", "--profile",
                     "--out", str(out)]) == 0
+    profile = (out / "profile_weight-bound_fastv_dstp_recompute.txt").read_text()
+    assert "dstp.step" in profile and "dstp.recompute" in profile and "aten::" in profile
     return json.loads((out / "speed.json").read_text())
 
 

@@ -307,15 +307,39 @@ def _variants(cfg: SpeedConfig, n_layers: int) -> dict:
             "fastv_dstp_recompute": (fastv, DSTPConfig(source="recompute", **dstp))}
 
 
-def _profile(fn, path: str):
-    from torch.profiler import ProfilerActivity, profile
+def _profile(fn, path: str, engine, policy):
+    """A torch.profiler table of one run: the engine's phases and DSTP's are labelled (`dstp.step`: detection +
+    CPTS + the one read; `dstp.activate`: opening windows, `dstp.recompute`: producing revived K/V), then the
+    operators by self time."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        fn()
-    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    def label(obj, attr, name):
+        fn_ = getattr(obj, attr)
+
+        def wrapped(*args, **kwargs):
+            with record_function(name):
+                return fn_(*args, **kwargs)
+        setattr(obj, attr, wrapped)
+
+    labels = [(engine, "prefill", "engine.prefill"), (engine, "decode_step", "engine.decode_step"),
+              (policy, "step", "dstp.step"), (policy, "_activate", "dstp.activate"),
+              (policy, "_compute_missing", "dstp.recompute")]
+    for obj, attr, name in labels:
+        label(obj, attr, name)
+    cuda = torch.cuda.is_available()
+    try:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            fn()
+    finally:
+        for obj, attr, _ in labels:
+            delattr(obj, attr)
+    events = prof.key_averages()
+    phases = [e for e in events if e.key in {name for _, _, name in labels}]
     with open(path, "w") as f:
-        f.write(prof.key_averages().table(sort_by=sort, row_limit=25))
+        f.write("phases (CPU total, calls):\n")
+        for e in sorted(phases, key=lambda e: -e.cpu_time_total):
+            f.write(f"  {e.key:<20} {e.cpu_time_total / 1e6:9.3f} s  {e.count:6d}\n")
+        f.write(events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25))
 
 
 @torch.no_grad()
@@ -380,7 +404,8 @@ def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=Fals
                 say(name, "profile")
                 short = GenerationConfig(max_new_tokens=min(cfg.new_tokens, 4 * cfg.shift_every + 1))
                 _profile(lambda: engine_run(adapter, engine, batch, short, variants[name][0], policy, cfg.retention,
-                                            device), os.path.join(profile_dir, f"profile_{cfg.scenario}_{name}.txt"))
+                                            device), os.path.join(profile_dir, f"profile_{cfg.scenario}_{name}.txt"),
+                         engine, policy)
         measured[name] = row
         if progress:
             progress.console.print(f"{cfg.scenario} {name}: {row['tokens_per_s']:.1f} tok/s, prefill {prefill:.3f} s, "
