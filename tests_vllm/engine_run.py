@@ -3,7 +3,9 @@
     python tests_vllm/engine_run.py SPEC.json OUT.json
 
 SPEC: {"model": DIR, "hf_overrides": {...} or null, "max_tokens": N, "requests": [{"prompt": TEXT, "images":
-[PNG, ...]}, ...], "max_num_seqs": N (default 64), "repeats": N (default 1: timed generate calls after the first)}.
+[PNG, ...], "video": {"frames": NPY of [T, H, W, 3] uint8, "metadata": {...}} (optional)}, ...], "max_num_seqs": N
+(default 64), "repeats": N (default 0: timed generate calls after the first), "limit_mm_per_prompt": {...} (default
+{"image": 4})}.
 OUT: {"start_s", "generate_s": [seconds per call], "outputs": [{"prompt_token_ids", "token_ids"}, ...]}.
 
 A subprocess per engine: a vLLM engine holds process-wide state (its distributed group, the plugin registry), so
@@ -30,18 +32,25 @@ def main(spec_path: str, out_path: str) -> None:
         os.environ.setdefault(key, value)
     spec = json.loads(open(spec_path).read())
     t0 = time.perf_counter()
+    import numpy as np
     from PIL import Image
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=spec["model"], dtype="float32", max_model_len=1024, max_num_seqs=spec.get("max_num_seqs", 64),
-              enforce_eager=True, seed=0, hf_overrides=spec.get("hf_overrides"), limit_mm_per_prompt={"image": 4})
+              enforce_eager=True, seed=0, hf_overrides=spec.get("hf_overrides"),
+              limit_mm_per_prompt=spec.get("limit_mm_per_prompt", {"image": 4}))
     start = time.perf_counter() - t0
     requests = []
     for r in spec["requests"]:
         images = [Image.open(p).convert("RGB") for p in r["images"]]
         request = {"prompt": r["prompt"]}
+        data = {}
         if images:
-            request["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+            data["image"] = images if len(images) > 1 else images[0]
+        if "video" in r:
+            data["video"] = (np.load(r["video"]["frames"]), r["video"]["metadata"])
+        if data:
+            request["multi_modal_data"] = data
         requests.append(request)
     params = SamplingParams(max_tokens=spec["max_tokens"], temperature=0.0, ignore_eos=True)
     times = []

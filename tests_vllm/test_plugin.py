@@ -132,3 +132,33 @@ def test_two_images_in_one_request(checkpoints, images, run_engine):
         assert o["token_ids"] == ref.tokens[0].tolist()
         full = pipe.prepare([[pil[a], pil[b]]], [prompt])
         assert len(o["prompt_token_ids"]) == int(full.attention_mask.sum()) - 2 * (16 - 4)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_videos_pass_through_unpruned(family, checkpoints, images, run_engine, tmp_path):
+    """The plugin prunes images only: a video keeps all its tokens and positions. A video-only request gives vLLM's
+    own tokens with a `dstp` key; a request with an image and a video gives them at retention 1.0, and at 0.25 is
+    shorter by the image's N - k only."""
+    import numpy as np
+
+    frames = np.random.default_rng(0).integers(0, 256, size=(4, 48, 48, 3), dtype=np.uint8)
+    np.save(tmp_path / "video.npy", frames)
+    video = {"frames": str(tmp_path / "video.npy"),
+             "metadata": {"total_num_frames": 4, "fps": 2.0, "duration": 2.0, "width": 48, "height": 48,
+                          "frames_indices": [0, 1, 2, 3], "video_backend": "opencv"}}
+    head, tail = "<|im_start|>user\n", "What happens in the video?<|im_end|>\n<|im_start|>assistant\n"
+    v, i = "<|vision_start|><|video_pad|><|vision_end|>", "<|vision_start|><|image_pad|><|vision_end|>"
+    requests = [{"prompt": head + v + tail, "images": [], "video": video},
+                {"prompt": head + i + v + tail, "images": [images[1][0]], "video": video}]
+
+    def run(overrides):
+        return run_engine({"model": str(checkpoints[family]), "hf_overrides": overrides, "max_tokens": MAX_TOKENS,
+                           "requests": requests, "limit_mm_per_prompt": {"image": 1, "video": 1}})["outputs"]
+
+    plain = run(None)
+    whole = run({"dstp": {"method": "divprune", "retention": 1.0}})
+    pruned = run({"dstp": {"method": "divprune", "retention": 0.25}})
+    assert whole == plain
+    assert pruned[0] == plain[0]
+    n = 25  # the 40x40 image: 5 x 5 tokens after the 2x2 merge
+    assert len(pruned[1]["prompt_token_ids"]) == len(plain[1]["prompt_token_ids"]) - (n - 7)
