@@ -15,10 +15,11 @@ METHODS = ("divprune", "random", "uniform")
 RETENTION = 0.25
 
 
-def spec(checkpoints, images, family, overrides, max_tokens=MAX_TOKENS):
+def spec(checkpoints, images, family, overrides, max_tokens=MAX_TOKENS, repeats=0):
     prompt = chat_prompt(checkpoints[family])
     return {"model": str(checkpoints[family]), "hf_overrides": overrides, "max_tokens": max_tokens,
-            "requests": [{"prompt": prompt, "images": [p]} for p in images[1]]}
+            "requests": [{"prompt": prompt, "images": [p]} for p in images[1]], "repeats": repeats,
+            "block_size": 32}  # the CPU backend's smallest: prompts of 40-70 tokens fill a cacheable block
 
 
 def kept(n: int, retention: float) -> int:
@@ -29,11 +30,18 @@ def kept(n: int, retention: float) -> int:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", METHODS)
 def test_pruned_tokens_equal_dstp_engine(family, method, checkpoints, images, run_engine, reference):
-    out = run_engine(spec(checkpoints, images, family, {"dstp": {"method": method, "retention": RETENTION}}))
+    out = run_engine(spec(checkpoints, images, family, {"dstp": {"method": method, "retention": RETENTION}},
+                          repeats=1))
     ref = reference(family, method, RETENTION)
     full = reference(family, None)
     got = [o["token_ids"] for o in out["outputs"]]
     assert got == [r["tokens"] for r in ref]
+    # the same requests again: their prompts now come from vLLM's prefix cache (and their images from its caches)
+    (again,) = out["repeat_outputs"]
+    assert [o["token_ids"] for o in again] == got
+    # more of each prompt came from the cache the second time: blocks holding image placeholders (Qwen2.5-VL's
+    # first 32 tokens, its system prompt, are shared by the four requests already in the first call)
+    assert sum(o["cached_tokens"] for o in again) > sum(o["cached_tokens"] for o in out["outputs"])
     # the request really is shorter: k of N placeholders per image, so its KV cache holds N - k fewer tokens
     for o, r in zip(out["outputs"], ref):
         n = r["n_visual"]

@@ -8,7 +8,8 @@ Per family, a checkpoint whose images are 576 visual tokens (LLaVA-1.5's count; 
 with the tiny LLM of tests_vllm/tiny_models.py (`--lm small`: 4 layers, hidden 512); per configuration (`none`:
 the plugin loaded, no `dstp` key), one engine in a subprocess, float32, eager, one CPU thread, greedy,
 `--new-tokens` tokens per request with no stop at eos; per batch size B, B requests with B different images through
-one `LLM.generate` call, timed after a warm-up call: the median of `--repeats`. requests/s = B / t and generated
+one `LLM.generate` call, timed after a warm-up call: the median of `--repeats`. Prefix caching and the processor
+cache are off and no image is sent twice, so nothing of a timed call comes from a cache. requests/s = B / t and generated
 tokens/s = B * new tokens / t; t covers the whole call (processor, vision encoder, selection, prefill, decoding).
 """
 from __future__ import annotations
@@ -49,18 +50,21 @@ def worker(spec_path: str, out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
     t0 = time.perf_counter()
+    # no prefix cache, no processor cache, and every call gets images it has not seen: each timed call runs the
+    # whole request (processor, encoder, selection, prefill, decoding), none of it served from a cache
     llm = LLM(model=spec["model"], dtype="float32", max_model_len=1024, max_num_seqs=max(spec["batches"]),
-              max_num_batched_tokens=65536, enforce_eager=True, seed=0, hf_overrides=spec["hf_overrides"])
+              max_num_batched_tokens=65536, enforce_eager=True, seed=0, hf_overrides=spec["hf_overrides"],
+              enable_prefix_caching=False, mm_processor_cache_gb=0)
     start = time.perf_counter() - t0
     requests = [{"prompt": spec["prompt"], "multi_modal_data": {"image": Image.open(p).convert("RGB")}}
                 for p in spec["images"]]
     params = SamplingParams(max_tokens=spec["new_tokens"], temperature=0.0, ignore_eos=True)
-    rows = []
+    rows, fresh = [], iter(requests)
     for b in spec["batches"]:
-        batch = requests[:b]
-        out = llm.generate(batch, params, use_tqdm=False)  # warm-up (and the prompt lengths)
+        out = llm.generate([next(fresh) for _ in range(b)], params, use_tqdm=False)  # warm-up (+ prompt lengths)
         times = []
         for _ in range(spec["repeats"]):
+            batch = [next(fresh) for _ in range(b)]
             t1 = time.perf_counter()
             llm.generate(batch, params, use_tqdm=False)
             times.append(time.perf_counter() - t1)
@@ -95,7 +99,8 @@ def main(argv=None) -> None:
         tmp = pathlib.Path(tmp)
         for family in args.families.split(","):
             model = tiny_models.build(family, tmp / family, visual_tokens=VISUAL_TOKENS, lm_size=args.lm)
-            images = tiny_models.sample_images(max(batches), seed=1, sizes=[IMAGE_SIZE[family]] * max(batches))
+            n_images = sum(batches) * (1 + args.repeats)  # a fresh image for every request of every call
+            images = tiny_models.sample_images(n_images, seed=1, sizes=[IMAGE_SIZE[family]] * n_images)
             paths = []
             for i, im in enumerate(images):
                 paths.append(str(tmp / f"{family}-{i}.png"))
