@@ -85,28 +85,30 @@ def chat_prompt(path: pathlib.Path, n_images: int = 1, question: str = QUESTION)
 
 @pytest.fixture(scope="session")
 def reference(checkpoints, images):
-    """dstp's engine, one request at a time (batch 1: the row dstp prunes is that request's one image)."""
+    """dstp's engine, one request at a time (batch 1: the row dstp prunes is that request's one image): per image
+    (all four, or `image_indices`), its tokens, prompt length, visual-token count and kept visual tokens."""
     import dstp
     from dstp import PruneConfig
 
     pipes, cache = {}, {}
     pil, _ = images
 
-    def ref(family: str, method: str | None, retention: float = 1.0, max_tokens: int = MAX_TOKENS):
-        key = (family, method, retention, max_tokens)
+    def ref(family: str, method: str | None, retention: float = 1.0, max_tokens: int = MAX_TOKENS,
+            question: str = QUESTION, image_indices=None):
+        key = (family, method, retention, max_tokens, question, image_indices)
         if key not in cache:
             if (family, method, retention) not in pipes:
                 prune = PruneConfig(method=method, retention=retention) if method else None
                 pipes[(family, method, retention)] = dstp.load(checkpoints[family], prune=prune, dtype="float32")
             pipe = pipes[(family, method, retention)]
-            prompt = chat_prompt(checkpoints[family])
+            prompt = chat_prompt(checkpoints[family], question=question)
             rows = []
-            for im in pil:
+            for im in (pil if image_indices is None else [pil[i] for i in image_indices]):
                 out = pipe.generate([im], [prompt], max_new_tokens=max_tokens, do_sample=False, stop_token_ids=())
                 prepared = pipe.prepare([im], [prompt])
                 rows.append({"tokens": out.tokens[0, :out.trace.new_tokens[0]].tolist(),
                              "prompt_len": int(prepared.attention_mask.sum()),
-                             "n_visual": int(prepared.visual_mask.sum())})
+                             "n_visual": int(prepared.visual_mask.sum()), "kept": out.trace.kept[0]})
             cache[key] = rows
         return cache[key]
 

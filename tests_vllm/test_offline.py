@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import MAX_TOKENS, chat_prompt
+from conftest import MAX_TOKENS, QUESTION, chat_prompt
 
 FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl")
-METHODS = ("divprune", "random", "uniform")
+METHODS = ("divprune", "random", "uniform", "cdpruner", "visionzip")
 RETENTION = 0.25
 
 
@@ -50,6 +50,9 @@ def test_pruned_tokens_equal_dstp_engine(family, method, checkpoints, images, ru
     assert got != [r["tokens"] for r in full]
     if family != "llava":  # Qwen-VL: the four images have different token counts, so different k
         assert len({r["n_visual"] for r in ref}) == 4
+    if method == "visionzip":  # some images get merged (contextual) tokens, so the comparison covers merging
+        from dstp.pruners.visionzip import contextual_count
+        assert any(contextual_count(kept(r["n_visual"], RETENTION), 10 / 64) >= 1 for r in ref)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -62,3 +65,25 @@ def test_plugin_without_dstp_key_is_vllms_model(family, checkpoints, images, run
     assert [len(o["prompt_token_ids"]) for o in plain["outputs"]] == [r["prompt_len"] for r in full]
     whole = run_engine(spec(checkpoints, images, family, {"dstp": {"method": "divprune", "retention": 1.0}}))
     assert [o["token_ids"] for o in whole["outputs"]] == [r["tokens"] for r in full]
+
+
+OTHER_QUESTION = "Which colour fills the upper left corner? Answer with one word."
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cdpruner_selects_per_prompt(family, checkpoints, images, run_engine, reference):
+    """cdpruner conditions on the instruction: the same images under two questions, in one batch and again (vLLM's
+    processor, encoder and prefix caches all hold the first request of each image when the second arrives), give
+    dstp's tokens for each question. The test sees the caches: on these images dstp keeps different tokens for
+    the two questions, so a cache keyed on the image alone would serve the other question's selection."""
+    _, paths = images
+    path = checkpoints[family]
+    questions = (QUESTION, OTHER_QUESTION)
+    requests = [{"prompt": chat_prompt(path, question=q), "images": [paths[i]]} for i in (0, 1) for q in questions]
+    out = run_engine({"model": str(path), "hf_overrides": {"dstp": {"method": "cdpruner", "retention": RETENTION}},
+                      "max_tokens": MAX_TOKENS, "requests": requests, "repeats": 1, "block_size": 32})
+    refs = {q: reference(family, "cdpruner", RETENTION, question=q, image_indices=(0, 1)) for q in questions}
+    expected = [refs[q][i]["tokens"] for i in (0, 1) for q in questions]
+    assert [o["token_ids"] for o in out["outputs"]] == expected
+    assert [o["token_ids"] for o in out["repeat_outputs"][0]] == expected
+    assert all(refs[QUESTION][i]["kept"] != refs[OTHER_QUESTION][i]["kept"] for i in (0, 1))

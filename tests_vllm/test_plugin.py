@@ -54,9 +54,11 @@ def engine_config(model, overrides):
 BAD = [
     ({"method": "fastv", "retention": 0.5}, "method 'fastv' cannot run inside vLLM: it prunes inside the LLM"),
     ({"method": "sparsevlm", "retention": 0.5}, "method 'sparsevlm' cannot run inside vLLM: it prunes inside"),
-    ({"method": "visionzip", "retention": 0.5}, "method 'visionzip' cannot run inside vLLM: it needs the vision "
-                                                "encoder's CLS attention"),
-    ({"method": "cdpruner", "retention": 0.5}, "method 'cdpruner' cannot run inside vLLM: it conditions on"),
+    ({"method": "pyramiddrop", "retention": 0.5}, "method 'pyramiddrop' cannot run inside vLLM: it prunes inside"),
+    ({"method": "oracle", "retention": 0.5}, "method 'oracle' cannot run inside vLLM: it needs ShiftBench's"),
+    ({"method": "divprune", "retention": 0.5, "contextual_fraction": 0.2}, "contextual_fraction is a visionzip "
+                                                                           "setting; method 'divprune' has none"),
+    ({"method": "visionzip", "retention": 0.5, "contextual_fraction": 1.0}, "contextual_fraction must be in [0, 1)"),
     ({"method": "nope", "retention": 0.5}, "unknown pruning method 'nope'"),
     ({"method": "divprune", "retention": 1.5}, "retention must be in (0, 1], got 1.5"),
     ({"method": "divprune", "retention": 0}, "retention must be in (0, 1], got 0"),
@@ -78,6 +80,16 @@ def test_bad_configuration_is_one_line_at_engine_start(family, raw, message, che
         engine_config(checkpoints[family], {"dstp": raw})
     text = str(info.value)
     assert "\n" not in text and text.startswith("dstp vLLM plugin: ") and message in text, text
+
+
+def test_visionzip_needs_llava_15_layout(checkpoints):
+    """visionzip reads one feature layer and keeps the CLS token apart: a LLaVA that feeds the CLS token to the LLM
+    ('full') is refused in one line."""
+    from dstp.integrations.vllm.settings import PluginConfigError
+
+    with pytest.raises(PluginConfigError, match=r"^dstp vLLM plugin: visionzip needs LLaVA-1.5's layout"):
+        engine_config(checkpoints["llava"], {"vision_feature_select_strategy": "full",
+                                             "dstp": {"method": "visionzip", "retention": 0.5}})
 
 
 def test_unsupported_architecture_is_refused(text_only_checkpoint):

@@ -14,9 +14,7 @@ import torch
 from dstp.errors import InputError
 from dstp.models import hf_compat
 from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, scores_by_row
-from dstp.models.vision import VisionInternals, consecutive_slots, pad_views
-
-QUERY_CHUNK = 1024  # query rows per softmax block when scoring (bounds memory on large images)
+from dstp.models.vision import VisionInternals, consecutive_slots, pad_views, received_attention
 
 
 class Qwen25VLAdapter(Adapter):
@@ -81,16 +79,7 @@ class Qwen25VLAdapter(Adapter):
         keys = k.mean(1)
         cos, sin = (t.float()[:, None, :] for t in rope)
         q, k = (t * cos + hf_compat.rotate_half(t) * sin for t in (q, k))  # [S, H, hd]
-        out = torch.zeros(S, device=x.device)
-        bounds = cu_seqlens.tolist()
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            keys_seg = k[s:e].transpose(0, 1)  # [H, n, hd]
-            for c in range(s, e, QUERY_CHUNK):
-                qc = q[c:min(c + QUERY_CHUNK, e)].transpose(0, 1)
-                probs = torch.softmax(qc @ keys_seg.transpose(1, 2) * attn.scaling, dim=-1)
-                out[s:e] += probs.sum((0, 1))
-            out[s:e] /= attn.num_heads * (e - s)
-        return out, keys
+        return received_attention(q, k, cu_seqlens.tolist(), attn.scaling), keys
 
     def window_index(self, grid) -> torch.Tensor:
         """The ViT's merged-token order (window order), as its forward computes it."""

@@ -56,3 +56,21 @@ def head_mean_keys(attn, x: torch.Tensor) -> torch.Tensor:
         k = attn.k_norm(k)
     n, S, _ = x.shape
     return k.view(n, S, attn.num_heads, -1).mean(2)
+
+
+QUERY_CHUNK = 1024  # query rows per softmax block when scoring (bounds memory on large images)
+
+
+@torch.no_grad()
+def received_attention(q: torch.Tensor, k: torch.Tensor, bounds: list[int], scale: float) -> torch.Tensor:
+    """[S] float32: the softmax attention each token receives, averaged over heads and over the queries of its
+    segment (`bounds`: segment starts and the end, as cu_seqlens), from rotated q and k [S, H, hd]."""
+    q, k = q.float(), k.float()
+    out = torch.zeros(q.shape[0], device=q.device)
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        keys = k[s:e].transpose(0, 1)  # [H, n, hd]
+        for c in range(s, e, QUERY_CHUNK):
+            qc = q[c:min(c + QUERY_CHUNK, e)].transpose(0, 1)
+            out[s:e] += torch.softmax(qc @ keys.transpose(1, 2) * scale, dim=-1).sum((0, 1))
+        out[s:e] /= q.shape[1] * (e - s)
+    return out

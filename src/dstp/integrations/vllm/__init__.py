@@ -1,6 +1,6 @@
-"""dstp's vLLM plugin: dstp's pre-LLM pruners (divprune, random, uniform) inside vLLM, for LLaVA-1.5, Qwen2.5-VL
-and Qwen3-VL. Install with `pip install "dstp[vllm]"`; vLLM loads `register()` through the `vllm.general_plugins`
-entry point in every process it starts. Configure per model through vLLM's `hf_overrides`:
+"""dstp's vLLM plugin: dstp's pre-LLM pruners (divprune, visionzip, cdpruner, random, uniform) inside vLLM, for
+LLaVA-1.5, Qwen2.5-VL and Qwen3-VL. Install with `pip install "dstp[vllm]"`; vLLM loads `register()` through the
+`vllm.general_plugins` entry point in every process it starts. Configure per model through vLLM's `hf_overrides`:
 
     from vllm import LLM
     llm = LLM("llava-hf/llava-1.5-7b-hf", hf_overrides={"dstp": {"method": "divprune", "retention": 0.25}})

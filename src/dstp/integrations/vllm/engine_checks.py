@@ -22,12 +22,20 @@ SUPPORTED = {"LlavaForConditionalGeneration": "LLaVA-1.5", "Qwen2_5_VLForConditi
 
 def check_supported(model_config) -> None:
     settings = from_hf_config(model_config.hf_config)  # raises on a bad override
-    if settings is None or model_config.architecture != "LlavaForConditionalGeneration":
+    if settings is None:
         return
     hf = model_config.hf_config
+    if model_config.architecture != "LlavaForConditionalGeneration":
+        return
     if getattr(hf.vision_config, "model_type", "") not in ("clip_vision_model", "siglip_vision_model"):
         raise fail(f"LlavaForConditionalGeneration with a {hf.vision_config.model_type!r} vision tower is not "
                    f"LLaVA-1.5 (CLIP or SigLIP); not supported")
+    if settings.method == "visionzip" and (hf.vision_config.model_type != "clip_vision_model"
+                                           or hf.vision_feature_select_strategy != "default"
+                                           or not isinstance(hf.vision_feature_layer, int)):
+        raise fail(f"visionzip needs LLaVA-1.5's layout (a CLIP tower, one vision feature layer, CLS token dropped: "
+                   f"vision_feature_select_strategy 'default'), got a {hf.vision_config.model_type!r} tower, layer "
+                   f"{hf.vision_feature_layer!r}, strategy {hf.vision_feature_select_strategy!r}")
     text = hf.get_text_config()
     rope = dict(getattr(text, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default" or "mrope_section" in rope:

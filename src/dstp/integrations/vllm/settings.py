@@ -3,7 +3,8 @@
     LLM(model, hf_overrides={"dstp": {"method": "divprune", "retention": 0.25}})
     vllm serve MODEL --hf-overrides '{"dstp": {"method": "divprune", "retention": 0.25}}'
 
-Keys: `method` (required), `retention` (required, in (0, 1]), `seed` (default 0; the `random` method's stream).
+Keys: `method` (required), `retention` (required, in (0, 1]), `seed` (default 0; the `random` method's stream),
+`contextual_fraction` (visionzip only, default dstp's 10/64: the share of an image's k tokens that are merged).
 Nothing here imports vLLM: the same checks run in the engine-start hook, the processor and the model.
 """
 from __future__ import annotations
@@ -19,8 +20,10 @@ from dstp.pruners import PRUNERS, get_pruner
 
 KEY = "dstp"  # the attribute hf_overrides sets on the model's Hugging Face config
 
-# methods the plugin runs inside vLLM: they pick visual tokens before the LLM from the image's own embeddings
-RUNNABLE = ("divprune", "random", "uniform")
+# methods the plugin runs inside vLLM: they pick (visionzip: merge) visual tokens before the LLM, from the image's
+# own embeddings, its encoder's internals (visionzip) or its request's instruction (cdpruner)
+RUNNABLE = ("divprune", "random", "uniform", "cdpruner", "visionzip")
+CONDITIONAL = ("cdpruner",)  # conditioned on the prompt: the image's vLLM cache key includes its instruction
 
 # why each other dstp method cannot run inside vLLM as it is (one line each; docs/vllm.md has the details)
 NOT_RUNNABLE = {
@@ -28,13 +31,13 @@ NOT_RUNNABLE = {
              "placeholder count before the LLM runs and has no per-request KV re-selection",
     "sparsevlm": "it prunes inside the LLM (several layers, from the text tokens' attention), but vLLM fixes every "
                  "request's placeholder count before the LLM runs and has no per-request KV re-selection",
-    "visionzip": "it needs the vision encoder's CLS attention and keys, which vLLM's vision towers do not return",
-    "cdpruner": "it conditions on the prompt's text, but vLLM's encoder sees only the image and caches its "
-                "embeddings per image across prompts",
+    "pyramiddrop": "it prunes inside the LLM (at the end of each of its stages, from the last instruction token's "
+                   "attention), but vLLM fixes every request's placeholder count before the LLM runs and has no "
+                   "per-request KV re-selection",
     "oracle": "it needs ShiftBench's answer annotations, which a serving request does not carry",
 }
 
-ALLOWED_KEYS = ("method", "retention", "seed")
+ALLOWED_KEYS = ("method", "retention", "seed", "contextual_fraction")
 DSTP_KEYS = ("shift", "dstp", "tau", "window", "source", "probe_layer", "max_revived", "variant")
 
 
@@ -61,6 +64,11 @@ class Settings:
     @property
     def retention(self) -> float:
         return self.prune.retention
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the selection depends on the request's instruction as well as its image."""
+        return self.method in CONDITIONAL
 
     def kept(self, n_visual: int) -> int:
         """k = ceil(retention * N) visual tokens of an image of N (at least 1), as dstp's engine counts them."""
@@ -99,8 +107,16 @@ def parse(raw) -> Settings:
         raise fail(f"retention must be in (0, 1], got {retention!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise fail(f"seed must be an integer, got {seed!r}")
+    extra = {}
+    if "contextual_fraction" in raw:
+        if method != "visionzip":
+            raise fail(f"contextual_fraction is a visionzip setting; method {method!r} has none")
+        fraction = raw["contextual_fraction"]
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+            raise fail(f"contextual_fraction must be in [0, 1), got {fraction!r}")
+        extra["contextual_fraction"] = float(fraction)
     try:
-        prune = PruneConfig(method=method, retention=float(retention), layer=0, seed=seed)
+        prune = PruneConfig(method=method, retention=float(retention), layer=0, seed=seed, **extra)
     except ConfigError as e:
         raise fail(str(e)) from None
     return Settings(prune=prune)
