@@ -277,6 +277,7 @@ class ShiftPolicy:
             s, Tk = stage.store, stage.Tk
             if cfg.variant == "hard":  # replace: kept tokens outside T_l leave for the window
                 base = base & (target.gather(1, slot_rank.clamp(min=0)) | (slot_rank < 0))
+                s.dense = False  # the kept slots now have holes: attention needs its mask from here on
             s.valid[:, :Tk] = torch.where(rows[:, None], base, s.valid[:, :Tk])
 
     @staticmethod

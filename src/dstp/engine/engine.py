@@ -122,6 +122,8 @@ class Engine:
             # exact, and lets SDPA take its fused causal kernel (transformers sets is_causal when mask is None)
             n = query_order.shape[1]
             layer_mask, pairs = None, torch.tensor(query_order.shape[0] * n * (n + 1) // 2)
+        elif mask is None and store.sees_all(start, query_order):
+            layer_mask, pairs = None, torch.tensor(query_order.shape[0] * store.span)  # a decoding step
         else:
             layer_mask = store.mask(query_order) if mask is None else mask
             pairs = layer_mask.sum()  # a tensor: counting must not sync the host while decoding
@@ -281,7 +283,7 @@ class Engine:
             q_probe = a.query(0, h, cos, sin)
         if P > 0:
             slot = state.T + state.step
-            state.full.claim(slot, order, ones)
+            state.full.claim(slot, order, ones, all_valid=True)
             capture = {probe: None} if probe is not None else None
             h, pairs = self.run_layers(range(0, P), h, state.full, slot, order, cos, sin, None,
                                         state.prepared.extras, capture)
@@ -294,7 +296,7 @@ class Engine:
                 StepTrace(visual_attended=state.kept_count)
             for stage in state.stages:
                 slot = stage.Tk + state.step
-                stage.store.claim(slot, order, ones)
+                stage.store.claim(slot, order, ones, all_valid=True)
                 h, pairs = self.run_layers(stage.layers, h, stage.store, slot, order, cos, sin, None,
                                             state.prepared.extras)
                 flops += self.flops(len(stage.layers), B, pairs)

@@ -29,6 +29,7 @@ class KVStore:
         self.used = 0  # slots [0, used) are filled from the front (prompt, then generated tokens)
         self.tail = capacity  # slots [tail, capacity) are filled on demand (DSTP revival)
         self.tail_len = 0  # slots [tail, tail + tail_len) are attended too; while 0, the tail costs nothing
+        self.dense = True  # known on the host: every slot in [0, used) holds a valid token (no padding, no holes)
 
     @property
     def capacity(self) -> int:
@@ -37,14 +38,17 @@ class KVStore:
     def local(self, layer_idx: int) -> int:
         return layer_idx - self.layers.start
 
-    def claim(self, start: int, order: torch.Tensor, valid: torch.Tensor):
-        """Tag slots [start, start + n) with their tokens' original indices `order` [B, n]."""
+    def claim(self, start: int, order: torch.Tensor, valid: torch.Tensor, all_valid: bool | None = None):
+        """Tag slots [start, start + n) with their tokens' original indices `order` [B, n]. `all_valid`: whether
+        every claimed slot is valid, when the caller knows (decoding); else it is read from `valid` (one host
+        read: prefill)."""
         n = order.shape[1]
         if start + n > self.tail:
             self.grow(start + n - self.tail)
         self.order[:, start:start + n] = order
         self.valid[:, start:start + n] = valid
         self.used = max(self.used, start + n)
+        self.dense = self.dense and (bool(valid.all()) if all_valid is None else all_valid)
 
     def grow(self, need: int):
         """Make room for `need` more front slots: reallocate with at least one more chunk, the tail moved to the
@@ -110,6 +114,12 @@ class KVStore:
             return False
         order = self.order[:, :n]
         return bool(self.valid[:, :n].all()) and bool((order[:, 1:] > order[:, :-1]).all())
+
+    def sees_all(self, start: int, query_order: torch.Tensor) -> bool:
+        """True when one query per row, in the last slot used, may attend to every slot attention reads: the
+        store is dense, no revival tail is open, and the query comes after every token (a decoding step). Then
+        no mask is exact, and SDPA runs its unmasked kernel (the mask costs as much as the attention on CPU)."""
+        return query_order.shape[1] == 1 and self.dense and self.tail_len == 0 and start == self.used - 1
 
     def view(self, start: int, rows: torch.Tensor | None = None) -> "LayerCacheView":
         return LayerCacheView(self, start, rows)
