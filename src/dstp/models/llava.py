@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, scores_by_row, text_positions
-from dstp.models.vision import VisionInternals, consecutive_slots, head_mean_keys
+from dstp.models.vision import VisionInternals, cls_attention, consecutive_slots, head_mean_keys
 
 
 class LlavaAdapter(Adapter):
@@ -108,12 +108,10 @@ class LlavaAdapter(Adapter):
         q/k projections of its normed input `x` [n_images, S, D] (vision attention has no mask). InternViT's
         optional q/k RMSNorm runs over all heads before they are split, as here."""
         n, S, _ = x.shape
-        q, k = attn.q_proj(x[:, :1]), attn.k_proj(x)
+        q, k = attn.q_proj(x[:, 0]), attn.k_proj(x)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q = q.view(n, 1, attn.num_heads, -1).transpose(1, 2).float()
-        k = k.view(n, S, attn.num_heads, -1).transpose(1, 2).float()
-        return torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1).mean(1)[:, 0]
+        return cls_attention(q.view(n, attn.num_heads, -1), k.view(n, S, attn.num_heads, -1), attn.scale)
 
     @torch.no_grad()
     def prepare(self, batch, vision_scores: bool = True) -> PreparedInputs:

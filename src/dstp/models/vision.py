@@ -74,3 +74,10 @@ def received_attention(q: torch.Tensor, k: torch.Tensor, bounds: list[int], scal
             out[s:e] += torch.softmax(qc @ keys.transpose(1, 2) * scale, dim=-1).sum((0, 1))
         out[s:e] /= q.shape[1] * (e - s)
     return out
+
+
+@torch.no_grad()
+def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """[n, S] float32: head-mean softmax attention of the CLS query q [n, H, hd] on every token k [n, S, H, hd]."""
+    scores = torch.einsum("nhd,nshd->nhs", q.float(), k.float()) * scale
+    return torch.softmax(scores, dim=-1).mean(1)

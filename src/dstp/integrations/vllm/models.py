@@ -48,7 +48,7 @@ from vllm.multimodal.processing import PromptReplacement
 from dstp.integrations.vllm.selection import (POSITION_CHANNELS, decode_positions, encode_positions, grid_positions,
                                               instruction_ids, keep, line_positions)
 from dstp.integrations.vllm.settings import fail, from_hf_config
-from dstp.models.vision import VisionInternals, received_attention
+from dstp.models.vision import VisionInternals, cls_attention, received_attention
 
 INSTRUCTION = "dstp_instruction"  # per-image field: the token ids of its request's instruction (cdpruner)
 
@@ -315,8 +315,7 @@ class DstpLlavaForConditionalGeneration(_PrunedImages, LlavaForConditionalGenera
         q, k, _ = attn.qkv_proj(seen["x"])[0].chunk(3, dim=-1)
         n, S, _ = k.shape
         heads = k.reshape(n, S, attn.num_heads_per_partition, attn.head_dim)
-        q = q[:, :1].reshape(n, 1, attn.num_heads_per_partition, attn.head_dim).transpose(1, 2).float()
-        scores = torch.softmax(q @ heads.transpose(1, 2).float().transpose(-1, -2) * attn.scale, dim=-1).mean(1)[:, 0]
+        scores = cls_attention(q[:, 0].reshape(n, attn.num_heads_per_partition, attn.head_dim), heads, attn.scale)
         keys, units = heads.mean(2), feats[:, 1:]
         embeddings = self.multi_modal_projector(units)
         slot = torch.arange(S - 1, device=units.device)[None]
