@@ -38,12 +38,16 @@ def test_store_allocates_only_a_first_chunk(monkeypatch):
     model = tm.tiny_llava()
     adapter = adapter_for_model(model)
     engine = Engine(adapter)
-    store = engine.decode_store(range(0, 2), 2, prompt_slots=30, max_new_tokens=10_000, tail=5)
-    assert store.capacity == 30 + kv_store.GROW_CHUNK + 5 and store.limit == 30 + 10_000 + 5
-    store.reserve_tail(5)
+    store = engine.decode_store(range(0, 2), 2, prompt_slots=30, max_new_tokens=10_000, head=5)
+    assert store.capacity == 5 + 30 + kv_store.GROW_CHUNK and store.limit == 30 + 10_000
     order = torch.arange(30 + kv_store.GROW_CHUNK + 1).expand(2, -1)
-    store.claim(0, order, torch.ones_like(order, dtype=torch.bool))  # one past the first chunk
-    assert store.capacity == 30 + 2 * kv_store.GROW_CHUNK + 5 and store.tail == store.capacity - 5
+    store.claim(5, order, torch.ones_like(order, dtype=torch.bool))  # one past the first chunk
+    assert store.capacity == 5 + 30 + 2 * kv_store.GROW_CHUNK and store.head == 5
+    store.k[0][:, :, 5:8] = 1.0
+    store.grow_head(3)  # head slots come first: the rest moves up, contents and tags kept
+    assert store.head == 8 and store.used == 8 + 30 + kv_store.GROW_CHUNK + 1
+    assert (store.k[0][:, :, 8:11] == 1.0).all() and (store.k[0][:, :, :8] == 0).all()
+    assert torch.equal(store.order[:, 8:store.used], order)
 
 
 def test_max_new_tokens_beyond_the_context_is_refused():

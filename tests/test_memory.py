@@ -84,13 +84,13 @@ def test_reported_memory_is_every_buffer_the_state_holds(llava, source):
     state, live, made_before, logits_bytes = run_tracked(adapter, engine, tm.llava_batch([3, 7, 1]), shift)
     held = engine.held_bytes(state)
     assert live == sum(held.values()) - made_before + logits_bytes
-    expected = {"inputs", "kv", "hidden_at_P", "other"} | ({"dstp", "dstp_keys"} if source else set()) \
-        | {"recompute": {"dstp_cache"}, "store": {"reserve"}, None: set()}[source]
-    assert set(held) == expected
-    if source == "recompute":
-        st = state.shift_state
-        assert held["dstp_cache"] == storage_bytes([st.cache_k, st.cache_v, st.cache_slot, st.cache_token,
-                                                    st.last_revived])
+    expected = {"inputs", "kv", "other"} | ({"dstp"} if source else set()) \
+        | {"recompute": {"dstp_cache", "hidden_at_P"}, "store": {"reserve"}, None: set()}[source]
+    assert set(held) == expected  # no probe keys: a pruner inside the LLM probes the store of layers < P
+    if source is not None:  # the pruned store's head: the reserve's K/V, or the revived tokens computed so far
+        s = state.pruned
+        head = sum(t.untyped_storage().nbytes() for t in (*s.k, *s.v, s.order, s.valid)) // s.capacity * s.head
+        assert s.head > 0 and held["reserve" if source == "store" else "dstp_cache"] == head
 
 
 def test_kv_figure_is_allocated_capacity_not_used_slots(llava):
@@ -115,9 +115,8 @@ def generate(adapter, engine, shift, n=30, batch=None):
     def watched(engine_, state, q):  # the cache's size after every decoding step
         out = step(engine_, state, q)
         st = state.shift_state
-        state_seen.append((st.cache_token.shape[1], int((st.cache_slot[:, :-1] >= 0).sum(-1).max()),
-                           [sorted(torch.nonzero(st.cache_slot[b, :-1] >= 0).flatten().tolist())
-                            for b in range(st.cache_slot.shape[0])]))
+        state_seen.append((state.pruned.head, int(st.cached.sum(-1).max()),
+                           [sorted(torch.nonzero(st.cached[b]).flatten().tolist()) for b in range(st.cached.shape[0])]))
         return out
 
     policy.step = watched

@@ -134,9 +134,10 @@ def test_each_stage_runs_on_its_own_shorter_sequence(family):
     sizes = []
     for s, stage in enumerate(state.stages):
         assert stage.layers == range(points[s], points[s + 1] if s + 1 < 3 else adapter.n_layers)
-        assert stage.store.k.shape[0] == len(stage.layers)
+        assert len(stage.store.k) == len(stage.layers)
         for b in range(prepared.inputs_embeds.shape[0]):
-            held = stage.store.order[b, :stage.Tk][stage.store.valid[b, :stage.Tk]].tolist()
+            H = stage.store.head
+            held = stage.store.order[b, H:H + stage.Tk][stage.store.valid[b, H:H + stage.Tk]].tolist()
             vis = torch.nonzero(prepared.visual_mask[b]).flatten()
             assert held == sorted(torch.nonzero(text[b]).flatten().tolist() + vis[kept[s][b]].tolist())
         sizes.append(stage.Tk)
@@ -204,6 +205,7 @@ def test_revived_tokens_get_kv_and_slots_from_the_stage_that_dropped_them(name, 
         logits, _, _ = engine.decode_step(state, logits.argmax(-1), policy)
     revived = state.shift_state.revived
     assert revived.any()
+    unpruned = engine.prefill(prepared, 4)[0].full  # every layer, slot = original index
     first_stages = set()
     for b in range(len(kept[0])):
         for rank in torch.nonzero(revived[b]).flatten().tolist():
@@ -217,18 +219,18 @@ def test_revived_tokens_get_kv_and_slots_from_the_stage_that_dropped_them(name, 
                 st = stage.store
                 where = torch.nonzero((st.order[b] == pos) & st.valid[b]).flatten().tolist()
                 if s < d:  # still held in its prompt slots
-                    assert len(where) == 1 and where[0] < stage.Tk
+                    assert len(where) == 1 and st.head <= where[0] < st.head + stage.Tk
                     continue
-                assert len(where) == 1 and where[0] >= stage.rev0  # a revival slot
+                assert len(where) == 1 and where[0] < st.head  # in the head
                 for li, layer in enumerate(stage.layers):
                     if source == "recompute":
                         r = ref.stages[s].store
                         rs = int(torch.nonzero((r.order[b] == pos) & r.valid[b])[0])
-                        want_k, want_v = r.k[li, b, :, rs], r.v[li, b, :, rs]
+                        want_k, want_v = r.k[li][b, :, rs], r.v[li][b, :, rs]
                     else:
-                        want_k, want_v = state.reserve.k[layer - 1, b, :, pos], state.reserve.v[layer - 1, b, :, pos]
-                    assert (st.k[li, b, :, where[0]] - want_k).abs().max() < 1e-5
-                    assert (st.v[li, b, :, where[0]] - want_v).abs().max() < 1e-5
+                        want_k, want_v = unpruned.k[layer][b, :, pos], unpruned.v[layer][b, :, pos]
+                    assert (st.k[li][b, :, where[0]] - want_k).abs().max() < 1e-5
+                    assert (st.v[li][b, :, where[0]] - want_v).abs().max() < 1e-5
     assert len(first_stages) > 1  # tokens dropped at different stages were revived
 
 
@@ -241,7 +243,7 @@ def test_window_expires_in_every_stage(llava):
     active = torch.stack([s.active for s in out.trace.steps])
     assert (active[:W] >= k).all() and (active[:W] > k).any() and (active[W:] == k).all()
     assert any(out.trace.steps[0].revived) and not any(out.trace.steps[W].revived)
-    state_free = [stage.store.tail_len for stage in engine.prefill(prepared, 2, pruner=pruner)[0].stages]
+    state_free = [stage.store.head_len for stage in engine.prefill(prepared, 2, pruner=pruner)[0].stages]
     assert state_free == [0, 0, 0]
 
 

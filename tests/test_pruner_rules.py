@@ -68,6 +68,27 @@ def dstp_prefill(adapter, prepared, method, retention, layer=None):
     return kept, state
 
 
+def llm_input_after_pruning(adapter, prepared, method, retention) -> torch.Tensor:
+    """[B, T, D] what the first pruned stage's layers receive (merged tokens included), in the prompt's layout
+    (zero at the tokens it does not hold)."""
+    engine, seen = Engine(adapter), {}
+    run = engine.run_layers
+
+    def spy(layers, h, *args, **kwargs):
+        seen.setdefault(layers, h)  # the first call on these layers: the prefill's
+        return run(layers, h, *args, **kwargs)
+
+    engine.run_layers = spy
+    pruner = get_pruner(PruneConfig(method, retention), adapter.n_layers)
+    state, _, _ = engine.prefill(prepared, 2, pruner=pruner, retention=retention)
+    stage = state.stages[0]
+    h = seen[stage.layers]
+    B, T = prepared.attention_mask.shape
+    valid = stage.store.valid[:, stage.store.head: stage.store.head + stage.Tk]
+    into = torch.where(valid, stage.index, T)[..., None].expand_as(h)
+    return torch.zeros(B, T + 1, h.shape[-1]).scatter(1, into, h)[:, :T]
+
+
 def image_positions(batch, b):
     return torch.nonzero(batch["input_ids"][b] == IMAGE).flatten()
 
@@ -198,13 +219,14 @@ def test_visionzip_is_the_authors_rule(case):
     model, batch, adapter, prepared = case
     for r in RETENTIONS:
         kept, state = dstp_prefill(adapter, prepared, "visionzip", r)
+        llm_input = llm_input_after_pruning(adapter, prepared, "visionzip", r)
         for b, (patches, by_patch, cls) in enumerate(visionzip_reference(model, batch, r)):
             # dstp places the CLS token at the first patch that is neither dominant nor a target (a departure:
             # the authors' LLM sees [CLS, dominant, contextual] at contiguous positions)
             free = min(set(range(SIDE * SIDE)) - set(patches))
             assert kept[b] == sorted(patches + [free]), (r, b)
             assert len(kept[b]) == budget(SIDE * SIDE, r)
-            h = state.hidden_at_P[b, image_positions(batch, b)]  # the LLM's input at the kept image tokens
+            h = llm_input[b, image_positions(batch, b)]  # the LLM's input at the kept image tokens
             for p, e in by_patch.items():
                 assert torch.allclose(h[p], e, atol=1e-5), (r, b, p)
             assert torch.allclose(h[free], cls, atol=1e-5)

@@ -1,5 +1,5 @@
-"""A decoding step whose store is dense (no padding, no holes, no open revival tail) runs attention without a
-mask (`KVStore.sees_all`): the same tokens and logits as the masked step, on every source and variant, and the
+"""A decoding step whose store is dense (no padding, no holes; an open revival window reading only revived
+tokens) runs attention without a mask (`KVStore.sees_all`): the same tokens and logits as the masked step, on every source and variant, and the
 path is really taken where it may be and refused where it may not."""
 import pytest
 import torch
@@ -24,9 +24,13 @@ def test_store_is_dense_only_while_every_slot_is_valid():
     assert store.sees_all(4, step)
     assert not store.sees_all(3, step)  # not the newest slot
     assert not store.sees_all(0, torch.arange(5).expand(2, -1))  # several queries (prefill)
-    store.reserve_tail(2)
-    store.tail_len = 1  # an open revival tail: its slots are partly padding
-    assert not store.sees_all(4, step)
+    store.grow_head(2)  # everything moves up two slots
+    step = step + 0
+    assert store.sees_all(6, step)  # a head no window reads costs nothing
+    store.head_len, store.head_full = 2, False  # an open window whose slots are partly padding
+    assert not store.sees_all(6, step)
+    store.head_full = True  # every slot it reads holds a revived token
+    assert store.sees_all(6, step)
     padded = kv_store.KVStore(range(0, 2), 2, 1, 4, capacity=8, dtype=torch.float32, device=torch.device("cpu"))
     valid = torch.tensor([[False, True, True, True], [True, True, True, True]])  # left padding
     padded.claim(0, order, valid)
@@ -54,12 +58,15 @@ def test_unmasked_steps_equal_masked_ones(monkeypatch, method, shift):
 
     taken = []
     sees_all = kv_store.KVStore.sees_all
-    monkeypatch.setattr(kv_store.KVStore, "sees_all", lambda self, *a: taken.append(sees_all(self, *a)) or taken[-1])
+    monkeypatch.setattr(kv_store.KVStore, "sees_all",
+                        lambda self, *a: taken.append((sees_all(self, *a), self.head_len > 0)) or taken[-1][0])
     fast = run()
     monkeypatch.setattr(kv_store.KVStore, "sees_all", lambda self, *a: False)
     masked = run()
     assert torch.equal(fast.tokens, masked.tokens)
     assert torch.allclose(fast.logits, masked.logits, atol=1e-5)
-    assert any(taken)  # the unmasked path ran
-    if shift is not None:
-        assert not all(taken)  # and steps with a revival tail open (or holes) kept their mask
+    assert any(t for t, _ in taken)  # the unmasked path ran
+    if shift == "hard":
+        assert not all(t for t, _ in taken)  # and steps with holes in the kept slots kept their mask
+    elif shift is not None:  # a window reads the head's last slots, all revived tokens: no mask needed
+        assert any(t for t, window in taken if window)

@@ -5,23 +5,29 @@ prompt token's head-mean attention over S0 at the probe layer p. At each decodin
   RISD  a_l = the new token's attention over S0 at p (softmax over S0); shift when cos(a_l, a0) < tau.
   CPTS  on a shift, attention over R (its own softmax) joins a_l; the top-k over S0 u R is T_l and the
         active set becomes S0 u T_l for `window` steps, this one included; then back to S0.
-Revived tokens get K/V at layers >= P from their hidden states at P (`recompute`) or from a full-prefill
-copy (`store`), written into the revival slots of the pruned KV store. Every row shifts independently.
+Revived tokens get K/V at layers >= P from their hidden states at P (`recompute`) or from an unpruned
+prefill (`store`). They wait in the head of each pruned stage's KV store, [head | kept prompt | generated]; a
+window moves its revived tokens to the head's last slots, next to the prompt, so attention reads one
+contiguous range of slots and no K/V is copied out of a reserve. Every row shifts independently.
 
-Multi-stage pruners: S0 is the final stage's set, R every other visual token. A revived token gets K/V and a
-revival slot in every stage from the first one that dropped it (`recompute`: from its hidden state at that
-stage's prune point, through that stage's layers and every later one, attending at each stage to the text and
-the visual tokens that stage kept).
+Multi-stage pruners: S0 is the final stage's set, R every other visual token. A revived token gets K/V in the
+head of every stage from the first one that dropped it (`recompute`: from its hidden state at that stage's
+prune point, through that stage's layers and every later one, attending at each stage to the text and the
+visual tokens that stage kept).
 
 Host synchronisation: one per decoding step. CPTS's candidate set is computed for every row at every step (one
-query row over the reserve and a top-k, on the device), so a single read brings back everything the host needs
-to decide: whether any row shifted or closed its window, each stage's revival-tail length, and (`recompute`) how
-many tokens to compute and how large the cache must be.
+query row over the visual keys and a top-k, on the device), so a single read brings back everything the host
+needs to decide: whether any row shifted or closed its window, how many head slots each stage's attention reads
+and whether they are all valid, and (`recompute`) how many tokens to compute, from which stage, and how large
+each head must be.
 
-`recompute` cache: the K/V of revived tokens computed so far, in slots that grow by `CACHE_CHUNK` tokens up to
-`DSTPConfig.cache_tokens` per sequence (default: the reserve, so nothing is ever evicted). When a shift needs
-tokens and the cache is full, the tokens least recently revived that the shift does not revive are evicted; an
-evicted token is recomputed if it is revived again (same K/V: its inputs do not change).
+`store`: each stage's head holds every visual token the stage dropped, with the unpruned prefill's K/V, so the
+KV memory is the unpruned model's (DESIGN §5: an unpruned prefill); a window swaps its tokens into place.
+`recompute`: each head holds the revived tokens computed so far (their K/V computed in place, in the head's last
+slots), grown by `CACHE_CHUNK` slots up to `DSTPConfig.cache_tokens` tokens per sequence (default: the reserve,
+so nothing is ever evicted). When a shift needs tokens and the bound is reached, the tokens least recently
+revived that the shift does not revive are evicted; an evicted token is recomputed if it is revived again (same
+K/V: its inputs do not change).
 """
 from __future__ import annotations
 
@@ -31,43 +37,35 @@ from dataclasses import dataclass
 import torch
 
 from dstp.config import DSTPConfig
+from dstp.engine.kv_store import NEVER
 from dstp.engine.prune_context import topk_mask
 from dstp.engine.trace import StepTrace
 from dstp.errors import ConfigError
 
-CACHE_CHUNK = 64  # recompute cache: token slots added per growth step
-
-
-def _extend(t: torch.Tensor, axis: int, extra: int, fill) -> torch.Tensor:
-    """t with `extra` slots filled with `fill` appended along `axis` (one reallocation)."""
-    shape = list(t.shape)
-    shape[axis] = extra
-    return torch.cat([t, t.new_full(shape, fill)], axis)
+CACHE_CHUNK = 64  # recompute: head slots added per growth step
+PAD_QUERY = -(1 << 40)  # order tags of padding queries while revived K/V are computed (each sees only itself)
 
 
 @dataclass
 class ShiftState:
     probe: int
-    keys: torch.Tensor  # [B, H, Nmax, hd] probe-layer keys of every visual token (kv heads repeated, scaled)
-    s0_rank: torch.Tensor  # [B, Kmax] visual ranks of S0 (padded with 0)
-    s0_valid: torch.Tensor  # [B, Kmax]
-    s0_keys: torch.Tensor  # [B, H, Kmax, hd] the keys detection attends to
+    keys: torch.Tensor | None  # P = 0: [B, Hkv, Nmax, hd] layer-0 keys of every visual token; else the store's
     anchor: torch.Tensor  # [B, Nmax] a0, zero outside S0
     k: torch.Tensor  # [B] budget
     remaining: torch.Tensor  # [B] window steps left (0: inactive)
     in_window: torch.Tensor  # [B] bool: the active set differs from S0
-    revived: torch.Tensor  # [B, Nmax] bool: tokens currently in the revival slots
+    revived: torch.Tensor  # [B, Nmax] bool: tokens revived by the current window
     base_valid: list  # per stage, [B, Tk] validity of its kept prompt slots at prefill
     slot_rank: list  # per stage, [B, Tk] visual rank held by each kept slot (-1: text or padding)
+    rank_of_pos: torch.Tensor  # [B, T] visual rank of each prompt position (-1: text or padding)
+    dropped_by: list  # per stage, [B, Nmax] bool: the visual tokens it does not hold (its reserve)
+    span: list  # per stage, [B] how many of its head's last slots each row's window reads (0: none)
+    head_kind: str  # what the heads are, as `Engine.held_bytes` reports them
     generator: torch.Generator
     history: list
-    # recompute: K/V of revived tokens computed so far, [L-P, B, Hkv, C, hd] (layer P + i at index i; a token's
-    # entries are filled from the first stage that dropped it); C slots, grown by CACHE_CHUNK up to cache_bound
-    cache_k: torch.Tensor | None = None
-    cache_v: torch.Tensor | None = None
-    cache_slot: torch.Tensor | None = None  # [B, Nmax + 1] slot of each visual rank (-1: not cached; last: scratch)
-    cache_token: torch.Tensor | None = None  # [B, C] visual rank held by each slot (-1: free)
-    last_revived: torch.Tensor | None = None  # [B, Nmax] step at which each token was last revived (LRU)
+    # recompute: which visual tokens have K/V in the heads, and when each was last revived (LRU)
+    cached: torch.Tensor | None = None  # [B, Nmax] bool
+    last_revived: torch.Tensor | None = None  # [B, Nmax] step
     cache_bound: int = 0
     extra_flops: float = 0.0
     detect_seconds: float = 0.0
@@ -94,6 +92,7 @@ class ShiftPolicy:
         return self.config.source == "store"
 
     def revival_slots(self, state) -> int:
+        """R: how many visual tokens one shift may revive per sequence."""
         n = state.visual_valid.sum(-1)
         k = state.kept.sum(-1)
         room = int((n - k).max())
@@ -110,60 +109,69 @@ class ShiftPolicy:
         p = self.probe_layer(state.P, a.n_layers)
         vpos = state.visual_pos
         B, N = vpos.shape
-        hd = state.cos.shape[-1]
-        idx_hd = vpos[..., None].expand(-1, -1, hd)
-        hid = probe_hidden  # [B, T, D] input of the probe layer (P = 0: the embeddings the first stage kept)
-        if state.P == 0:
+        hid = probe_hidden  # the probe layer's input: [B, 1, D] of the last prompt token (P = 0: [B, T, D], the
+        # embeddings the first stage kept)
+        keys = None
+        if state.P == 0:  # the probe layer is pruned: its keys of the reserve exist nowhere else
+            hd = state.cos.shape[-1]
+            idx_hd = vpos[..., None].expand(-1, -1, hd)
             hv = hid.gather(1, vpos[..., None].expand(-1, -1, hid.shape[-1]))
             keys = a.key(0, hv, state.cos.gather(1, idx_hd), state.sin.gather(1, idx_hd))
-        else:
-            store = state.full
-            keys = store.k[store.local(p)].gather(2, vpos[:, None, :, None].expand(-1, a.n_kv_heads, -1, a.head_dim))
-        keys = keys.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1).float() * a.attention_scale(p)
         q_last = a.query(p, hid[:, -1:], state.cos[:, -1:], state.sin[:, -1:])
-        anchor = self._attend(q_last, keys, state.kept)
-        kcount = state.kept.sum(-1)
-        s0_rank = torch.argsort((~state.kept).to(torch.int8), dim=-1, stable=True)[:, : int(kcount.max())]
-        s0_valid = torch.arange(s0_rank.shape[1], device=vpos.device)[None] < kcount[:, None]
-        s0_keys = keys.gather(2, s0_rank[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[-1]))
+        anchor = self._attend(self._scores(engine, state, p, keys, q_last), state.kept)
         # which visual rank each kept slot of each stage holds
         rank_of_pos = torch.full((B, state.T), -1, dtype=torch.long, device=vpos.device)
         rank_of_pos.scatter_(1, vpos, torch.arange(N, device=vpos.device).expand(B, N).masked_fill(~state.visual_valid, -1))
         base_valid, slot_rank = [], []
         for stage in state.stages:
-            order = stage.store.order[:, :stage.Tk]
-            base_valid.append(stage.store.valid[:, :stage.Tk].clone())
+            s = stage.store
+            order = s.order[:, s.head:s.head + stage.Tk]
+            base_valid.append(s.valid[:, s.head:s.head + stage.Tk].clone())
             slot_rank.append(torch.where(order >= 0, rank_of_pos.gather(1, order.clamp(min=0)), -1))
+        zeros = torch.zeros(B, dtype=torch.long, device=vpos.device)
         return ShiftState(
-            probe=p, keys=keys, s0_rank=s0_rank, s0_valid=s0_valid, s0_keys=s0_keys, anchor=anchor, k=kcount,
-            remaining=torch.zeros(B, dtype=torch.long, device=vpos.device),
+            probe=p, keys=keys, anchor=anchor, k=state.kept.sum(-1), remaining=zeros.clone(),
             in_window=torch.zeros(B, dtype=torch.bool, device=vpos.device),
             revived=torch.zeros(B, N, dtype=torch.bool, device=vpos.device),
-            base_valid=base_valid, slot_rank=slot_rank,
+            base_valid=base_valid, slot_rank=slot_rank, rank_of_pos=rank_of_pos,
+            dropped_by=[state.visual_valid & ~stage.kept for stage in state.stages],
+            span=[zeros.clone() for _ in state.stages],
+            head_kind="reserve" if self.config.source == "store" else "dstp_cache",
             generator=torch.Generator(device=vpos.device).manual_seed(self.config.seed), history=[],
             **self._revived_cache(state))
 
     def _revived_cache(self, state) -> dict:
-        """An empty recompute cache (no slots yet) and its bound: `cache_tokens`, or the largest reserve."""
+        """`recompute`: nothing computed yet, and the bound: `cache_tokens`, or the largest reserve."""
         if self.config.source != "recompute" or state.R == 0:
             return {}
-        s, (B, N) = state.pruned, state.visual_pos.shape
         reserve = int((state.visual_valid & ~state.kept).sum(-1).max())
         bound = reserve if self.config.cache_tokens is None else min(self.config.cache_tokens, reserve)
         if bound < state.R:
             raise ConfigError(f"DSTP cache_tokens={self.config.cache_tokens} is below the {state.R} revival slots per "
                               f"sequence: one shift's revived tokens must fit (raise cache_tokens or lower max_revived)")
-        shape = (s.layers.stop - state.P, B, s.k.shape[2], 0, s.k.shape[-1])
-        dev = s.k.device
-        return dict(cache_k=s.k.new_zeros(shape), cache_v=s.v.new_zeros(shape), cache_bound=bound,
-                    cache_slot=torch.full((B, N + 1), -1, dtype=torch.long, device=dev),
-                    cache_token=torch.full((B, 0), -1, dtype=torch.long, device=dev),
-                    last_revived=torch.full((B, N), -1, dtype=torch.long, device=dev))
+        shape = state.visual_valid.shape
+        return dict(cached=torch.zeros(shape, dtype=torch.bool, device=state.kept.device), cache_bound=bound,
+                    last_revived=torch.full(shape, -1, dtype=torch.long, device=state.kept.device))
 
     @staticmethod
-    def _attend(q: torch.Tensor, keys: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
-        """Head-mean softmax attention [B, N] of one query row q [B, H, 1, hd] over the keys in `over`."""
-        scores = (q.float() @ keys.transpose(-1, -2))[:, :, 0]  # [B, H, N]
+    def _scores(engine, state, p: int, keys, q: torch.Tensor) -> torch.Tensor:
+        """Scaled attention logits [B, H, Nmax] of one query row q [B, H, 1, hd] at the probe layer p on every
+        visual token: from `keys` (P = 0), else from the keys the store of layers < P holds (all prompt slots,
+        then the visual ones picked: no copy of the keys is kept)."""
+        a = engine.adapter
+        if keys is None:
+            keys = state.full.k[state.full.local(p)][:, :, :state.T]
+        B, H, _, hd = q.shape
+        Hkv = keys.shape[1]
+        scores = (q.reshape(B, Hkv, H // Hkv, hd).float() @ keys.float().transpose(-1, -2)).reshape(B, H, -1)
+        scores = scores * a.attention_scale(p)
+        if state.P > 0:
+            scores = scores.gather(2, state.visual_pos[:, None, :].expand(-1, H, -1))
+        return scores
+
+    @staticmethod
+    def _attend(scores: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
+        """Head-mean softmax attention [B, N] of scores [B, H, N] over the tokens in `over` (zero elsewhere)."""
         probs = torch.softmax(scores.masked_fill(~over[:, None, :], float("-inf")), dim=-1)
         return probs.nan_to_num(0.0).mean(1)
 
@@ -172,16 +180,16 @@ class ShiftPolicy:
         cfg, st = self.config, state.shift_state
         t0 = time.perf_counter()
         kept, valid = state.kept, state.visual_valid
-        # detection: one query row against the k keys of S0 per head
-        a_s0 = self._attend(q_probe, st.s0_keys, st.s0_valid)
-        a_l = torch.zeros_like(st.anchor).scatter(1, st.s0_rank, a_s0.masked_fill(~st.s0_valid, 0.0))
+        # detection: one query row against the visual keys at the probe layer, softmaxed over S0
+        scores = self._scores(engine, state, st.probe, st.keys, q_probe)
+        a_l = self._attend(scores, kept)
         sim = torch.nn.functional.cosine_similarity(a_l, st.anchor, dim=-1)
         shift = torch.ones_like(sim, dtype=torch.bool) if cfg.variant == "every_step" else sim < cfg.tau
         if cfg.force_every is not None and state.step % cfg.force_every == 0:
             shift = torch.ones_like(shift)
         expired = (st.remaining == 0) & st.in_window & ~shift
         # CPTS for every row, whether or not one shifted: then one read tells the host all it must know
-        a_r = self._attend(q_probe, st.keys, valid & ~kept)
+        a_r = self._attend(scores, valid & ~kept)
         target = self._target(torch.where(kept, a_l, a_r), valid, st)
         revive = target & ~kept & shift[:, None]
         rank, rvalid = self._pack(revive, state.R)  # at most R revived per row, in rank order
@@ -191,15 +199,16 @@ class ShiftPolicy:
 
         plan = self._plan(state, shift, expired, new_revived).tolist()  # the step's one host synchronisation
         S = len(state.stages)
-        any_shift, any_expired, tails, work = plan[0], plan[1], plan[2:2 + S], plan[2 + S:]
+        any_shift, any_expired, reads, full, work = plan[0], plan[1], plan[2:2 + S], plan[2 + S:2 + 2 * S], \
+            plan[2 + 2 * S:]
         if any_expired:
             self._deactivate(state, expired)
         if any_shift:
-            self._activate(engine, state, shift, target, new_revived, work)
+            self._activate(engine, state, shift, target, new_revived, reads, work)
             st.remaining = torch.where(shift, torch.full_like(st.remaining, cfg.window), st.remaining)
             st.in_window |= shift
-        for stage, n in zip(state.stages, tails):
-            stage.store.tail_len = n
+        for stage, n, f in zip(state.stages, reads, full):
+            stage.store.head_len, stage.store.head_full = n, bool(f)
         st.revive_seconds += time.perf_counter() - t1
         active = self._active_count(state)
         st.history.append((shift, st.revived.clone() if any_shift else None))
@@ -217,30 +226,40 @@ class ShiftPolicy:
         return topk_mask(scores, valid, st.k)
 
     def _plan(self, state, shift, expired, new_revived) -> torch.Tensor:
-        """What the host needs from this step, as one int tensor: [any row shifts, any window closes, each stage's
-        revival-tail length after the step, then (recompute) tokens to compute (max over rows), cache slots needed
-        (max over rows), the first stage they start in]."""
+        """What the host needs from this step, as one int tensor: [any row shifts, any window closes, per stage
+        the head slots attention reads after the step, per stage whether they are all valid, then (recompute)
+        tokens to compute (max over rows), the first stage they start in, per stage the head slots needed].
+        Each row's window span is updated here, on the device."""
         st = state.shift_state
-        tails = []
-        for stage in state.stages:
-            now = stage.store.valid[:, stage.rev0:].sum(-1)
-            after = (new_revived & ~stage.kept).sum(-1)
-            tails.append(torch.where(shift, after, torch.where(expired, 0, now)).max())
-        parts = [shift.any(), expired.any(), *tails]
-        if st.cache_k is not None:
-            cached = st.cache_slot[:, :-1] >= 0
-            need = new_revived & ~cached
+        S = len(state.stages)
+        recompute = st.cached is not None
+        if recompute:
+            need = new_revived & ~st.cached
             count = need.sum(-1)
-            first = torch.where(need, state.dropped_at, len(state.stages)).min()
-            parts += [count.max(), (cached.sum(-1) + count).max(), first]
+            m, first = count.max(), torch.where(need, state.dropped_at, S).min()
+            room = torch.minimum(st.cached.sum(-1), st.cache_bound - count)  # tokens held after evictions
+        reads, full, sizes = [], [], []
+        for i, stage in enumerate(state.stages):
+            D = st.dropped_by[i]
+            span = (new_revived & D).sum(-1)  # a window reads exactly its revived tokens, in the head's last slots
+            if recompute:
+                new = (need & D).sum(-1)
+                sizes.append(torch.where(new > 0, torch.minimum((st.cached & D).sum(-1), room) + new, 0).max())
+            span = torch.where(shift, span, torch.where(expired, 0, st.span[i]))
+            st.span[i] = span
+            reads.append(span.max())
+            full.append((span == span.max()).all())
+        parts = [shift.any(), expired.any(), *reads, *full]
+        if recompute:
+            parts += [m, first, *sizes]
         return torch.stack([torch.as_tensor(p, device=shift.device).long() for p in parts])
 
     def _deactivate(self, state, rows):
         st = state.shift_state
         for stage, base in zip(state.stages, st.base_valid):
-            s, r0 = stage.store, stage.rev0
-            s.valid[:, r0:] &= ~rows[:, None]
-            s.valid[:, :stage.Tk] = torch.where(rows[:, None], base, s.valid[:, :stage.Tk])
+            s, H = stage.store, stage.store.head
+            s.valid[:, :H] &= ~rows[:, None]
+            s.valid[:, H:H + stage.Tk] = torch.where(rows[:, None], base, s.valid[:, H:H + stage.Tk])
         st.revived &= ~rows[:, None]
         st.in_window &= ~rows
 
@@ -250,132 +269,155 @@ class ShiftPolicy:
         rank = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n]
         return rank, torch.arange(rank.shape[1], device=mask.device)[None] < mask.sum(-1, keepdim=True)
 
-    def _activate(self, engine, state, rows, target, new_revived, work):
-        """Open windows for `rows`: revive `new_revived` into every stage's tail (its length is set by the caller);
-        `work`: the recompute part of the step's plan."""
-        st, R, cfg = state.shift_state, state.R, self.config
-        if R > 0:
+    @staticmethod
+    def _head_ranks(state, s) -> torch.Tensor:
+        """[B, head] visual rank of the token in each head slot of store s (-1: a free slot)."""
+        st, tags = state.shift_state, s.order[:, :s.head]
+        inside = (tags >= 0) & (tags < state.T)
+        return torch.where(inside, st.rank_of_pos.gather(1, tags.clamp(0, state.T - 1)), -1)
+
+    def _activate(self, engine, state, rows, target, new_revived, reads, work):
+        """Open windows for `rows`: bring `new_revived` into the head's last slots of every stage that dropped
+        them (`recompute`: computing in place those it does not hold yet); `reads`: each stage's head slots read
+        after the step; `work`: the recompute part of the step's plan."""
+        st, cfg = state.shift_state, self.config
+        if state.R > 0:
             st.revived = torch.where(rows[:, None], new_revived, st.revived)
-            for stage in state.stages:
-                stage.store.tail_len = R  # the whole tail while revived K/V are produced
-            if cfg.source == "recompute":
-                self._compute_missing(engine, state, new_revived, *work)
-            for stage in state.stages:
-                # this stage's revival slots: the revived tokens it does not hold, each row's in its first slots
-                s, r0 = stage.store, stage.rev0
-                rank, rvalid = self._pack(new_revived & ~stage.kept, R)
-                pos = state.visual_pos.gather(1, rank)
-                if cfg.source == "store":
-                    self._fill_tail(state, stage, rows, state.reserve.k, state.reserve.v, pos)
-                elif st.cache_token.shape[1]:  # an empty cache: nothing was ever revived, nothing to copy
-                    slot = st.cache_slot.gather(1, rank).clamp(min=0)
-                    self._fill_tail(state, stage, rows, st.cache_k, st.cache_v, slot)
-                pad_tag = -1 - torch.arange(r0, r0 + R, device=pos.device).expand_as(pos)
-                s.order[:, r0:] = torch.where(rows[:, None], torch.where(rvalid, pos, pad_tag), s.order[:, r0:])
-                s.valid[:, r0:] = torch.where(rows[:, None], rvalid, s.valid[:, r0:])
+            m, start, sizes, need = 0, len(state.stages), [], None
+            if st.cached is not None:
+                m, start, sizes = work[0], work[1], work[2:]
+                st.last_revived = torch.where(new_revived, state.step, st.last_revived)
+                need = new_revived & ~st.cached
+                if m:
+                    evicted = self._evict(st, need, new_revived)
+                    st.cached &= ~evicted
+            for i, stage in enumerate(state.stages):
+                s = stage.store
+                new = None
+                if m:  # evicted tokens leave every head
+                    ranks = self._head_ranks(state, s)
+                    gone = (ranks >= 0) & evicted.gather(1, ranks.clamp(min=0))
+                    s.order[:, :s.head] = torch.where(gone, NEVER, s.order[:, :s.head])
+                    s.valid[:, :s.head] &= ~gone
+                    if i >= start:
+                        new = (need & st.dropped_by[i]).sum(-1)  # tokens this stage gets computed, per row
+                        if sizes[i] > s.head:
+                            grown = -(-sizes[i] // CACHE_CHUNK) * CACHE_CHUNK
+                            s.grow_head(min(grown, max(sizes[i], st.cache_bound)) - s.head)
+                present = new_revived & st.dropped_by[i] & (st.cached if st.cached is not None else True)
+                self._arrange(state, s, rows, present, new, m, reads[i])
+            if m:
+                self._compute_missing(engine, state, need, m, start)
+                st.cached |= need
+            for stage in state.stages:  # a head slot is read iff its token is revived
+                s = stage.store
+                ranks = self._head_ranks(state, s)
+                on = (ranks >= 0) & new_revived.gather(1, ranks.clamp(min=0))
+                s.valid[:, :s.head] = torch.where(rows[:, None], on, s.valid[:, :s.head])
         for stage, base, slot_rank in zip(state.stages, st.base_valid, st.slot_rank):
-            s, Tk = stage.store, stage.Tk
+            s, H, Tk = stage.store, stage.store.head, stage.Tk
             if cfg.variant == "hard":  # replace: kept tokens outside T_l leave for the window
                 base = base & (target.gather(1, slot_rank.clamp(min=0)) | (slot_rank < 0))
                 s.dense = False  # the kept slots now have holes: attention needs its mask from here on
-            s.valid[:, :Tk] = torch.where(rows[:, None], base, s.valid[:, :Tk])
+            s.valid[:, H:H + Tk] = torch.where(rows[:, None], base, s.valid[:, H:H + Tk])
+
+    def _arrange(self, state, s, rows, present, new, m: int, n: int):
+        """For `rows`: move the tokens in `present` [B, Nmax] (held in s's head) next to the head's last slots,
+        and leave the last `new` [B] slots free for the tokens about to be computed there (None: none; m: the
+        most in a row). Only tokens that must move are swapped: `n` bounds the swaps per row."""
+        H = s.head
+        if H == 0 or n == 0:
+            return
+        ranks = self._head_ranks(state, s)
+        wanted = (ranks >= 0) & present.gather(1, ranks.clamp(min=0))
+        room = new[:, None] if new is not None else 0
+        j = torch.arange(H, device=ranks.device)[None]
+        window = (j >= H - room - wanted.sum(-1, keepdim=True)) & (j < H - room)
+        self._swap(s, rows, window & ~wanted, ~window & wanted, n)
+        if new is not None:  # tokens in the slots to compute into that stay in the head move out to free slots
+            tail = j >= H - room
+            held = self._head_ranks(state, s) >= 0
+            self._swap(s, rows, tail & held, ~(tail | window) & ~held, m)
+
+    def _swap(self, s, rows, a, b, n: int):
+        """Exchange, in rows `rows`, the head slots in `a` [B, H] with those in `b` (equal counts per row, at most
+        n) in every layer's K/V and in the tags. Rows with fewer repeat their first pair (same values written
+        twice), or slot 0 with itself."""
+        ia, va = self._pack(a & rows[:, None], n)
+        ib, vb = self._pack(b & rows[:, None], n)
+        ok = va & vb
+        some = ok[:, :1]
+        ia = torch.where(ok, ia, torch.where(some, ia[:, :1], 0))
+        ib = torch.where(ok, ib, torch.where(some, ib[:, :1], 0))
+        dst, src = torch.cat([ia, ib], 1), torch.cat([ib, ia], 1)
+        for t in (*s.k, *s.v):
+            e_src = src[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1])
+            t.scatter_(2, dst[:, None, :, None].expand_as(e_src), t.gather(2, e_src))
+        s.order.scatter_(1, dst, s.order.gather(1, src))
+        s.valid.scatter_(1, dst, s.valid.gather(1, src))
 
     @staticmethod
-    def _fill_tail(state, stage, rows, src_k, src_v, index):
-        """Revival slots of `stage` for `rows` <- K/V of `src` (layer P + i at index i) at `index` [B, R] of its
-        token axis, every layer of the stage."""
-        s, r0 = stage.store, stage.rev0
-        idx = index[:, None, :, None].expand(-1, s.k.shape[2], -1, s.k.shape[-1])
-        keep = rows[:, None, None, None]
-        for li, layer in enumerate(stage.layers):
-            g = layer - state.P
-            s.k[li, :, :, r0:] = torch.where(keep, src_k[g].gather(2, idx), s.k[li, :, :, r0:])
-            s.v[li, :, :, r0:] = torch.where(keep, src_v[g].gather(2, idx), s.v[li, :, :, r0:])
+    def _evict(st, need, wanted) -> torch.Tensor:
+        """[B, Nmax] the cached tokens to drop so that the ones `need` adds fit the bound: the least recently
+        revived first, never one `wanted` now."""
+        excess = (st.cached.sum(-1) + need.sum(-1) - st.cache_bound).clamp(min=0)
+        candidate = st.cached & ~wanted
+        age = torch.where(candidate, st.last_revived, torch.iinfo(torch.long).max)
+        by_age = torch.argsort(age, dim=-1, stable=True)
+        place = torch.empty_like(by_age).scatter_(1, by_age, torch.arange(age.shape[1], device=age.device)
+                                                  .expand_as(by_age))
+        return candidate & (place < excess[:, None])
 
-    def _compute_missing(self, engine, state, wanted, m: int, slots_needed: int, start: int):
-        """`recompute` source: K/V at layers >= P of the wanted visual tokens not in the cache (at most m per row;
-        the cache grown to `slots_needed` slots within its bound, LRU eviction beyond it). A token starts from its
-        hidden state at the prune point of the first stage that dropped it and runs that stage's layers and every
-        later one; in each stage it attends
-        causally to the text prefix and the visual tokens that stage kept (not to other revived tokens), so its
-        K/V equal those of a prefill that had also kept that one token, and stay valid for the rest of the
-        sequence, whichever window revives it again."""
-        st = state.shift_state
-        st.last_revived = torch.where(wanted, state.step, st.last_revived)
-        if m == 0:
-            return
-        self._grow_cache(st, slots_needed)
-        need = wanted & ~(st.cache_slot[:, :-1] >= 0)
-        rank, nvalid = self._pack(need, m)
-        slots = self._free_slots(st, wanted, m)  # [B, m]: where each row's j-th needed token goes
-        rows = nvalid.any(-1)
+    def _compute_missing(self, engine, state, need, m: int, start: int):
+        """`recompute` source: K/V at layers >= P of the `need` visual tokens (at most m per row), computed in
+        place in the head's last slots of every stage from `start` on (left free by `_arrange`). A token starts
+        from its hidden state at the prune point of the first stage that dropped it and runs that stage's layers
+        and every later one; in each stage it attends causally to the text prefix and the visual tokens that
+        stage kept (not to other revived tokens), so its K/V equal those of a prefill that had also kept that one
+        token, and stay valid for the rest of the sequence, whichever window revives it again.
+        The m queries of a row are its tokens right-aligned, the latest-dropped first: at every stage the ones
+        it computes (dropped there or before) are the last ones, so query j writes head slot H - m + j and a row's
+        tokens fill exactly its last slots; the other queries write nothing."""
+        st, S, N = state.shift_state, len(state.stages), need.shape[1]
+        ranks = torch.arange(N, device=need.device).expand_as(need)
+        key = torch.where(need, (S - state.dropped_at) * (N + 1) + ranks, -1)
+        order_key = torch.sort(key, dim=-1, stable=True)
+        rank, nvalid = order_key.indices[:, N - m:], order_key.values[:, N - m:] >= 0
         pos = state.visual_pos.gather(1, rank)
         first = state.dropped_at.gather(1, rank)  # the stage each token starts in
         hid = state.hidden_at_P
         D, hd = hid.shape[-1], state.cos.shape[-1]
-        h_drop = hid.gather(1, pos[..., None].expand(-1, -1, D))
+        h_drop = hid.gather(1, state.hidden_index.gather(1, rank).clamp(min=0)[..., None].expand(-1, -1, D))
         cos = state.cos.gather(1, pos[..., None].expand(-1, -1, hd))
         sin = state.sin.gather(1, pos[..., None].expand(-1, -1, hd))
         h = h_drop
-        idx = slots[:, None, :, None].expand(-1, st.cache_k.shape[2], -1, st.cache_k.shape[-1])
-        for i in range(start, len(state.stages)):
+        pad = PAD_QUERY - torch.arange(m, device=pos.device).expand_as(pos)
+        for i in range(start, S):
             stage, base = state.stages[i], st.base_valid[i]
-            s, r0, Tk = stage.store, stage.rev0, stage.Tk
+            s, H, Tk = stage.store, stage.store.head, stage.Tk
             h = torch.where((first == i)[..., None], h_drop, h)  # tokens this stage dropped join here
             live = nvalid & (first <= i)
-            order = torch.where(live, pos, -1 - torch.arange(r0, r0 + m, device=pos.device).expand_as(pos))
-            # the revival slots of the rows computing serve as scratch; every query sees only the kept set and itself
-            s.order[:, r0:r0 + m] = torch.where(rows[:, None], order, s.order[:, r0:r0 + m])
-            kept_valid = s.valid[:, :Tk].clone()
-            s.valid[:, :Tk] = base
-            mask = s.mask(order)
-            tail = torch.arange(s.capacity, device=pos.device)[: mask.shape[-1]] >= r0
-            mask &= ~tail | (s.order[:, None, None, : mask.shape[-1]] == order[:, None, :, None])
-            h, _ = engine.run_layers(stage.layers, h, s, r0, order, cos, sin, torch.where(live, pos, -1),
-                                     state.prepared.extras, rows=rows, mask=mask)
-            s.valid[:, :Tk] = kept_valid
+            order = torch.where(live, pos, pad)
+            s.order[:, H - m:H] = torch.where(live, pos, s.order[:, H - m:H])
+            kept_valid = s.valid[:, H:H + Tk].clone()
+            s.valid[:, H:H + Tk] = base
+            head_len = s.head_len
+            s.head_len = H  # the whole head is read, and masked: every query sees the kept set and itself
+            in_head = torch.arange(s.used, device=pos.device) < H
+            mask = s.mask(order) & (~in_head | (s.order[:, None, None, :s.used] == order[:, None, :, None]))
+            mask |= ~live[:, None, :, None]  # a query that computes nothing may see anything (no empty row)
+            h, _ = engine.run_layers(stage.layers, h, s, H - m, order, cos, sin, torch.where(live, pos, -1),
+                                     state.prepared.extras, rows=live, mask=mask)
+            s.valid[:, H:H + Tk], s.head_len = kept_valid, head_len
             st.extra_flops += engine.flops(len(stage.layers), live.sum(), (mask[:, 0] & live[:, :, None]).sum())
-            put = live[:, None, :, None]
-            for li, layer in enumerate(stage.layers):
-                g = layer - state.P
-                for cache, fresh in ((st.cache_k, s.k), (st.cache_v, s.v)):
-                    old = cache[g].gather(2, idx)
-                    cache[g].scatter_(2, idx, torch.where(put, fresh[li, :, :, r0:r0 + m], old))
-        # the slot maps: evicted tokens leave (their writes go to the scratch column when nothing is evicted), the
-        # computed ones arrive; the slots of a row are distinct, so no two writes of one scatter meet
-        N = need.shape[1]
-        evicted = st.cache_token.gather(1, slots)
-        st.cache_slot.scatter_(1, torch.where(nvalid & (evicted >= 0), evicted, N), -1)
-        st.cache_slot.scatter_(1, torch.where(nvalid, rank, N), torch.where(nvalid, slots, -1))
-        st.cache_token.scatter_(1, slots, torch.where(nvalid, rank, evicted))
-
-    @staticmethod
-    def _grow_cache(st, slots: int):
-        """Room for `slots` tokens per row: whole chunks, within the bound."""
-        C = st.cache_token.shape[1]
-        if slots <= C:
-            return
-        new = min(st.cache_bound, -(-slots // CACHE_CHUNK) * CACHE_CHUNK)
-        st.cache_k, st.cache_v = _extend(st.cache_k, 3, new - C, 0), _extend(st.cache_v, 3, new - C, 0)
-        st.cache_token = _extend(st.cache_token, 1, new - C, -1)
-
-    @staticmethod
-    def _free_slots(st, wanted, m: int) -> torch.Tensor:
-        """[B, m] cache slots for each row's tokens to compute: free slots first, then those of the tokens least
-        recently revived, never one whose token this shift revives."""
-        held = st.cache_token >= 0
-        tok = st.cache_token.clamp(min=0)
-        age = torch.where(held, st.last_revived.gather(1, tok), -1)  # free slots: -1, first
-        age = age.masked_fill(held & wanted.gather(1, tok), torch.iinfo(torch.long).max)
-        return torch.argsort(age, dim=-1, stable=True)[:, :m]
 
     @staticmethod
     def _active_count(state) -> torch.Tensor:
         """Visual tokens active at the last stage's layers, per row: kept slots still valid + revived slots."""
         st, stage = state.shift_state, state.stages[-1]
-        s, Tk, r0 = stage.store, stage.Tk, stage.rev0
-        kept_slots = ((st.slot_rank[-1] >= 0) & s.valid[:, :Tk]).sum(-1)
-        return kept_slots + s.valid[:, r0:].sum(-1)
+        s, H, Tk = stage.store, stage.store.head, stage.Tk
+        kept_slots = ((st.slot_rank[-1] >= 0) & s.valid[:, H:H + Tk]).sum(-1)
+        return kept_slots + s.valid[:, :H].sum(-1)
 
     def finish(self, trace, state):
         st = state.shift_state

@@ -23,6 +23,7 @@ reads (`decode_bytes`: the weights once per step, the K/V it attends, DSTP's cop
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -79,7 +80,7 @@ SCENARIOS = {
 SMALL = {
     "kv-bound": replace(SCENARIOS["kv-bound"], grid=16, hidden=128, layers=4, heads=4, kv_heads=4, intermediate=256,
                         vocab=256, batch=2, new_tokens=12, shift_every=4, repeats=1),
-    "weight-bound": replace(SCENARIOS["weight-bound"], grid=8, hidden=256, layers=4, heads=4, kv_heads=2,
+    "weight-bound": replace(SCENARIOS["weight-bound"], grid=8, hidden=256, layers=6, heads=4, kv_heads=2,
                             intermediate=512, vocab=1024, new_tokens=24, shift_every=8, window=4, repeats=1),
 }
 ROWS = ("hf_generate", "hf_generate_static", "engine_unpruned", "fastv", "fastv_dstp_store", "fastv_dstp_recompute")
@@ -166,7 +167,7 @@ def hf_cache_bytes(cfg: SpeedConfig, static: bool, dtype) -> int:
 def decode_bytes(cfg: SpeedConfig, adapter, engine, trace, source: str | None) -> float:
     """Bytes a run's decoding steps read: per step the weights once (shared by the batch) and, per row, the K/V
     slots it attends (layers < P: every prompt token and the generated ones; layers >= P: text, the active visual
-    set, generated ones); per shift, DSTP's copy of the revived K/V into the revival slots (read + write) and, for
+    set, generated ones); per shift, moving the revived K/V into the head's last slots (read + write) and, for
     `recompute`, the weights of layers >= P once more."""
     a, L, B = adapter, cfg.layers, cfg.batch
     eb = torch.finfo(a.dtype).bits // 8
@@ -302,9 +303,12 @@ def count_host_syncs(adapter, engine, batch, pruner, policy, retention, n: int) 
 def _variants(cfg: SpeedConfig, n_layers: int) -> dict:
     fastv = get_pruner(PruneConfig(method="fastv", retention=cfg.retention, layer=cfg.prune_layer), n_layers)
     dstp = dict(force_every=cfg.shift_every, window=cfg.window, variant="random")
+    # recompute keeps at most one shift's revived tokens (k); unbounded, random targets would soon have computed
+    # most of the reserve, and its memory would be store's (plus the hidden states at P)
+    k = math.ceil(cfg.retention * cfg.grid ** 2 - 1e-9)
     return {"engine_unpruned": (None, None), "fastv": (fastv, None),
             "fastv_dstp_store": (fastv, DSTPConfig(source="store", **dstp)),
-            "fastv_dstp_recompute": (fastv, DSTPConfig(source="recompute", **dstp))}
+            "fastv_dstp_recompute": (fastv, DSTPConfig(source="recompute", cache_tokens=k, **dstp))}
 
 
 def _profile(fn, path: str, engine, policy):

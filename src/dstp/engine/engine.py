@@ -2,7 +2,9 @@
 
 Layers [0, P) keep every prompt token in the `full` store. A pruner's schedule P = P_0 < P_1 < ... gives one
 stage per prune point: stage s runs layers [P_s, P_s+1) (the last one up to L) on text + its kept visual tokens
-only, in a store of its own compacted to them, laid out as  [kept prompt | generated tokens | revival slots].
+only, in a store of its own compacted to them, laid out as  [head | kept prompt | generated tokens]: the head
+holds the visual tokens the stage dropped that DSTP may revive (`store` source: all of them, from an unpruned
+prefill; `recompute`: those computed so far), read by attention only while revived.
 Each stage keeps a subset of the one before; a single-stage pruner has one pruned stage. Without pruning P = L
 and there is no pruned stage. Every token keeps its original position id.
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dstp.engine.kv_store import GROW_CHUNK, KVStore
+from dstp.engine.kv_store import GROW_CHUNK, NEVER, KVStore, ScatterView
 from dstp.engine.prune_context import PruneContext, PruneResult, visual_layout
 from dstp.engine.sampling import next_token
 from dstp.engine.trace import StepTrace, Trace
@@ -30,13 +32,7 @@ class Stage:
     store: KVStore
     kept: torch.Tensor  # [B, Nmax] bool: visual tokens in its prompt slots
     index: torch.Tensor  # [B, Tk] original index of each prompt slot (padding slots point anywhere)
-    Tk: int  # prompt slots, followed by generated tokens
-    R: int = 0  # revival slots at the end of the store
-
-    @property
-    def rev0(self) -> int:
-        """First revival slot."""
-        return self.store.tail
+    Tk: int  # prompt slots (from the store's head on), followed by generated tokens
 
 
 @dataclass
@@ -52,8 +48,10 @@ class State:
     visual_valid: torch.Tensor | None = None  # [B, Nmax]
     kept: torch.Tensor | None = None  # [B, Nmax] bool: the final stage's set S0
     dropped_at: torch.Tensor | None = None  # [B, Nmax] first stage without the token (len(stages): never dropped)
-    hidden_at_P: torch.Tensor | None = None  # [B, T, D] each visual token's input to the first stage without it
-    reserve: KVStore | None = None  # store source: K/V of every prompt token at layers [P, L)
+    # recompute: [B, Rmax, D] each reserve token's input to the first stage without it; row of each visual rank
+    hidden_at_P: torch.Tensor | None = None
+    hidden_index: torch.Tensor | None = None  # [B, Nmax] (-1: not in the reserve)
+    R: int = 0  # DSTP: visual tokens one shift may revive per sequence
     step: int = 0
     shift_state: object = None
 
@@ -75,14 +73,6 @@ class State:
     def Tk(self) -> int:
         return self.stages[-1].Tk if self.stages else 0
 
-    @property
-    def R(self) -> int:
-        return self.stages[-1].R if self.stages else 0
-
-    @property
-    def rev0(self) -> int:
-        return self.stages[-1].rev0
-
 
 def prune_points(pruner) -> tuple[int, ...]:
     """The pruner's schedule of prune points: `stage_layers` for a multi-stage pruner, else (layer,)."""
@@ -101,29 +91,31 @@ class Engine:
         self.linear_params = adapter.linear_params_per_layer()
 
     # ---------------------------------------------------------------------------------------------
-    def new_store(self, layers: range, batch: int, capacity: int, limit: int | None = None) -> KVStore:
-        """An empty KV store for `layers`, `capacity` slots per sequence, growing up to `limit`."""
+    def new_store(self, layers: range, batch: int, capacity: int, limit: int | None = None, head: int = 0) -> KVStore:
+        """An empty KV store for `layers`, `capacity` front slots per sequence growing up to `limit`, and `head`
+        head slots."""
         a = self.adapter
-        return KVStore(layers, batch, a.n_kv_heads, a.head_dim, capacity, a.dtype, a.device, limit)
+        return KVStore(layers, batch, a.n_kv_heads, a.head_dim, capacity, a.dtype, a.device, limit, head)
 
-    def decode_store(self, layers: range, batch: int, prompt_slots: int, max_new_tokens: int, tail: int = 0):
-        """A store for prompt slots + generated tokens (+ a revival tail): room for a first chunk of generated
-        tokens now, grown by chunks as they come."""
+    def decode_store(self, layers: range, batch: int, prompt_slots: int, max_new_tokens: int, head: int = 0):
+        """A store for prompt slots + generated tokens (after `head` head slots): room for a first chunk of
+        generated tokens now, grown by chunks as they come."""
         first = min(max_new_tokens, GROW_CHUNK)
-        return self.new_store(layers, batch, prompt_slots + first + tail, prompt_slots + max_new_tokens + tail)
+        return self.new_store(layers, batch, prompt_slots + first, prompt_slots + max_new_tokens, head)
 
     def run_layers(self, layers: range, h, store: KVStore, start: int, query_order, cos, sin, token_index,
                    extras, capture: dict | None = None, rows=None, mask=None):
         """Run decoder `layers` on hidden states h [B, Q, D] whose K/V go to `store` slots start..start+Q-1.
         query_order: original prompt index of each query (causality); token_index: index into the visual
         extras (DeepStack), None for generated tokens; capture: {layer: None} filled with each layer's input;
-        rows / mask: restrict to some sequences / override the mask. Returns (h, attended query-key pairs)."""
+        rows / mask: restrict the K/V writes to some sequences [B] (or queries [B, Q]) / override the mask.
+        Returns (h, attended query-key pairs)."""
         if mask is None and store.plain_causal(start, query_order):
             # exact, and lets SDPA take its fused causal kernel (transformers sets is_causal when mask is None)
             n = query_order.shape[1]
             layer_mask, pairs = None, torch.tensor(query_order.shape[0] * n * (n + 1) // 2)
         elif mask is None and store.sees_all(start, query_order):
-            layer_mask, pairs = None, torch.tensor(query_order.shape[0] * store.span)  # a decoding step
+            layer_mask, pairs = None, torch.tensor(query_order.shape[0] * (store.used - store.lo))  # a decoding step
         else:
             layer_mask = store.mask(query_order) if mask is None else mask
             pairs = layer_mask.sum()  # a tensor: counting must not sync the host while decoding
@@ -139,18 +131,19 @@ class Engine:
 
     def attention_rows(self, layer: int, layer_input: torch.Tensor, query_pos: torch.Tensor, store: KVStore,
                        cos, sin) -> torch.Tensor:
-        """Softmax attention [B, H, Q, used] of prompt tokens at `query_pos` [B, Q] at `layer` of `store`,
-        from q_proj of the layer's input and the cached (rotated) keys."""
+        """Softmax attention [B, H, Q, S] of prompt tokens at `query_pos` [B, Q] (their prompt slots) at `layer`
+        of `store`, over the S slots attention reads, from q_proj of the layer's input and the cached (rotated)
+        keys."""
         a = self.adapter
         D, hd = layer_input.shape[-1], cos.shape[-1]
         hq = layer_input.gather(1, query_pos[..., None].expand(-1, -1, D))
         cq = cos.gather(1, query_pos[..., None].expand(-1, -1, hd))
         sq = sin.gather(1, query_pos[..., None].expand(-1, -1, hd))
         q = a.query(layer, hq, cq, sq)  # [B, H, Q, hd]
-        keys = store.k[store.local(layer), :, :, : store.used]
+        keys = store.k[store.local(layer)][:, :, store.lo: store.used]
         keys = keys.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
         scores = (q.float() @ keys.float().transpose(-1, -2)) * a.attention_scale(layer)
-        order = store.order.gather(1, query_pos) if store.used else query_pos
+        order = store.order[:, store.head:].gather(1, query_pos) if store.used > store.head else query_pos
         allowed = store.mask(order)  # [B, 1, Q, used]
         return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
 
@@ -220,21 +213,21 @@ class Engine:
             kvalid = keep_tok.gather(1, idx)
             pad_tag = -1 - torch.arange(Tk, device=h.device).expand(B, Tk)  # unique: a pad slot sees itself
             korder = torch.where(kvalid, idx, pad_tag)
-            R = 0
             if last:
                 state.kept = kept
-                R = shift.revival_slots(state) if shift is not None else 0
-            st_store = self.decode_store(range(Ps, stop), B, Tk, max_new_tokens, R)
-            st_store.reserve_tail(R)
-            st_store.claim(0, korder, kvalid)
-            state.stages.append(Stage(range(Ps, stop), st_store, kept, idx, Tk, R))
+                state.R = shift.revival_slots(state) if shift is not None else 0
+            # store source: the stage's head holds every visual token it dropped (filled by the unpruned run below)
+            head = int((vvalid & ~kept).sum(-1).max()) if store_source else 0
+            st_store = self.decode_store(range(Ps, stop), B, Tk, max_new_tokens, head)
+            st_store.claim(head, korder, kvalid)
+            state.stages.append(Stage(range(Ps, stop), st_store, kept, idx, Tk))
             if last and store_source:
                 break  # this stage's K/V come from the unpruned prefill below
             hk = h_at.gather(1, idx[..., None].expand(-1, -1, D))
             ck = cos.gather(1, idx[..., None].expand(-1, -1, cos.shape[-1]))
             sk = sin.gather(1, idx[..., None].expand(-1, -1, cos.shape[-1]))
             cap = None if last else {stop - 1: None}
-            hk, pairs = self.run_layers(range(Ps, stop), hk, st_store, 0, korder, ck, sk,
+            hk, pairs = self.run_layers(range(Ps, stop), hk, st_store, head, korder, ck, sk,
                                          torch.where(kvalid, idx, -1), prepared.extras, cap)
             flops += self.flops(stop - Ps, int(kvalid.sum()), pairs)
             if last:
@@ -244,28 +237,66 @@ class Engine:
                 h_at = h_at.scatter(1, idx[..., None].expand(-1, -1, D), back)
                 store, slot_order, slot_valid, probe_h, stage_h, scos, ssin = (st_store, korder, kvalid,
                                                                                cap[stop - 1], hk, ck, sk)
-        state.hidden_at_P = h_at
-        if shift is not None and state.R > 0:
-            for stage in state.stages[:-1]:  # every stage gets revival slots, for tokens dropped by it or before
-                stage.store.add_tail(state.R)
-                stage.R = state.R
-
+        # DSTP's setup needs the probe layer's input of the last prompt token only (P = 0: the first stage's
+        # embeddings); what else the stages held is let go before the store source's unpruned run
+        probe_in = probe_source if P == 0 else capture[probe][:, -1:].clone() if shift is not None else None
+        capture.clear()
+        ctx = probe_h = stage_h = store = None  # noqa: F841
         if store_source:
-            # store source: layers >= P on every prompt token, then every stage copies its kept ones out
-            state.reserve = self.new_store(range(P, L), B, T)
-            state.reserve.claim(0, order, prepared.attention_mask)
-            h_full, pairs = self.run_layers(range(P, L), probe_source, state.reserve, 0, order, cos, sin, order,
-                                             prepared.extras)
-            flops += self.flops(L - P, int(prepared.attention_mask.sum()), pairs)
-            for stage in state.stages:
-                slot = stage.index[:, None, :, None].expand(-1, a.n_kv_heads, -1, a.head_dim)
-                for li, layer in enumerate(stage.layers):
-                    stage.store.k[li, :, :, :stage.Tk] = state.reserve.k[layer - P].gather(2, slot)
-                    stage.store.v[li, :, :, :stage.Tk] = state.reserve.v[layer - P].gather(2, slot)
-            logits = self._logits(h_full[:, -1:])
+            logits, f = self._unpruned_from_P(state, probe_source)
+            flops += f
+        elif shift is not None and state.R > 0:  # what `recompute` starts from, for the reserve only
+            reserve = vvalid & ~kept
+            n = int(reserve.sum(-1).max())
+            rank = torch.argsort((~reserve).to(torch.int8), dim=-1, stable=True)[:, :n]
+            state.hidden_at_P = h_at.gather(1, vpos.gather(1, rank)[..., None].expand(-1, -1, D))
+            rows = torch.arange(n, device=h.device).expand_as(rank)
+            state.hidden_index = torch.full_like(vpos, -1).scatter(1, rank, torch.where(reserve.gather(1, rank),
+                                                                                        rows, -1))
         if shift is not None:
-            state.shift_state = shift.setup(self, state, capture.get(probe) if P > 0 else probe_source)
+            state.shift_state = shift.setup(self, state, probe_in)
         return state, logits, flops
+
+    def _unpruned_from_P(self, state: State, h: torch.Tensor):
+        """`store` source: layers >= P on every prompt token, in the prompt's order, as the unpruned model's
+        prefill runs them (SDPA's causal path without padding); each layer's K/V are scattered into its stage's
+        store: the kept tokens' into its prompt slots, every visual token the stage dropped into its head (left
+        unread until revived). h [B, T, D]: the input at P. Returns the logits and the FLOPs."""
+        a, prepared = self.adapter, state.prepared
+        B, T, _ = h.shape
+        valid = prepared.attention_mask
+        mask, pairs = None, B * T * (T + 1) // 2
+        if not bool(valid.all()):
+            q = torch.arange(T, device=h.device)
+            mask = (valid[:, None, :] & (q[None, None, :] <= q[None, :, None])) | (q[:, None] == q[None, :])
+            mask, pairs = mask[:, None], int((mask & valid[:, :, None]).sum())
+        order = torch.arange(T, device=h.device).expand(B, T)
+        for stage in state.stages:
+            slots = self._store_slots(state, stage)
+            for i in stage.layers:
+                h = a.run_layer(i, h, mask, state.cos, state.sin, ScatterView(stage.store, slots))
+                h = a.after_layer(i, h, order, prepared.extras)
+        flops = self.flops(a.n_layers - state.P, int(valid.sum()), pairs)
+        return self._logits(h[:, -1:]), flops
+
+    @staticmethod
+    def _store_slots(state: State, stage: Stage) -> torch.Tensor:
+        """`store` source: tag the stage's head with the visual tokens it dropped, and return the slot [B, T] of
+        every prompt position in its store (padding positions: distinct padding slots, never read)."""
+        s, H = stage.store, stage.store.head
+        B, T = state.prepared.attention_mask.shape
+        dropped = state.visual_valid & ~stage.kept
+        rank = torch.argsort((~dropped).to(torch.int8), dim=-1, stable=True)[:, :H]
+        s.order[:, :H] = torch.where(dropped.gather(1, rank), state.visual_pos.gather(1, rank), NEVER)
+        tags, held = s.order[:, :H + stage.Tk], s.valid[:, :H + stage.Tk].clone()
+        held[:, :H] = dropped.gather(1, rank)
+        n = H + stage.Tk  # >= T: every real prompt token has a slot, and the longest row has no padding
+        slots = torch.full((B, T + 1), -1, dtype=torch.long, device=tags.device)
+        slots = slots.scatter(1, torch.where(held, tags, T), torch.arange(n, device=tags.device).expand(B, n))[:, :T]
+        pad_pos = torch.argsort((slots >= 0).to(torch.int8), dim=-1, stable=True)  # padding positions first
+        pad_slot = torch.argsort(held.to(torch.int8), dim=-1, stable=True)[:, :T]  # padding slots first
+        first = torch.arange(T, device=tags.device)[None] < (slots < 0).sum(-1, keepdim=True)
+        return slots.scatter(1, pad_pos, torch.where(first, pad_slot, slots.gather(1, pad_pos)))
 
     # ---------------------------------------------------------------------------------------------
     def decode_step(self, state: State, tokens: torch.Tensor, shift=None):
@@ -282,7 +313,7 @@ class Engine:
         if probe == 0 and P == 0:
             q_probe = a.query(0, h, cos, sin)
         if P > 0:
-            slot = state.T + state.step
+            slot = state.full.used
             state.full.claim(slot, order, ones, all_valid=True)
             capture = {probe: None} if probe is not None else None
             h, pairs = self.run_layers(range(0, P), h, state.full, slot, order, cos, sin, None,
@@ -295,7 +326,7 @@ class Engine:
             step_trace = shift.step(self, state, q_probe) if shift is not None else \
                 StepTrace(visual_attended=state.kept_count)
             for stage in state.stages:
-                slot = stage.Tk + state.step
+                slot = stage.store.used
                 stage.store.claim(slot, order, ones, all_valid=True)
                 h, pairs = self.run_layers(stage.layers, h, stage.store, slot, order, cos, sin, None,
                                             state.prepared.extras)
@@ -319,21 +350,30 @@ class Engine:
     def held_bytes(state: State) -> dict[str, int]:
         """Every buffer the generation state holds, as allocated (a KV store's capacity, not its used slots; one
         storage once however many views of it are held), by what it is for: `kv` (the stores of layers < P and
-        of every pruned stage), `reserve` (store source: K/V of every prompt token at layers >= P),
-        `hidden_at_P`, `dstp_cache` (recompute: revived K/V computed so far), `dstp_keys` (probe-layer keys),
-        `dstp` (DSTP's other per-sequence state, its step history included), `inputs` (the prepared inputs),
-        `other` (rotary tables, kept sets, slot layouts)."""
+        of every pruned stage, their heads left out), the pruned stores' heads (DSTP's reserve: `reserve` for the
+        store source, every dropped token; `dstp_cache` for recompute, the revived tokens computed so far),
+        `hidden_at_P`, `dstp_keys` (probe-layer keys, kept only for a pruner before the LLM), `dstp` (DSTP's other
+        per-sequence state, its step history included), `inputs` (the prepared inputs), `other` (rotary tables,
+        kept sets, slot layouts)."""
         seen, out = set(), {}
+        st = state.shift_state
 
         def add(kind, obj):
             if isinstance(obj, torch.Tensor):
-                st = obj.untyped_storage()
-                if st._cdata not in seen:
-                    seen.add(st._cdata)
-                    out[kind] = out.get(kind, 0) + st.nbytes()
+                storage = obj.untyped_storage()
+                if storage._cdata not in seen:
+                    seen.add(storage._cdata)
+                    out[kind] = out.get(kind, 0) + storage.nbytes()
             elif isinstance(obj, KVStore):
-                for t in (obj.k, obj.v, obj.order, obj.valid):
-                    add(kind, t)
+                head_kind = getattr(st, "head_kind", "reserve")
+                for t in (*obj.k, *obj.v, obj.order, obj.valid):
+                    storage = t.untyped_storage()
+                    if storage._cdata not in seen:
+                        seen.add(storage._cdata)
+                        head = storage.nbytes() // obj.capacity * obj.head  # the slot axis divides every buffer
+                        out[kind] = out.get(kind, 0) + storage.nbytes() - head
+                        if st is not None:
+                            out[head_kind] = out.get(head_kind, 0) + head
             elif isinstance(obj, (list, tuple)):
                 for x in obj:
                     add(kind, x)
@@ -346,12 +386,9 @@ class Engine:
 
         add("inputs", state.prepared)
         add("kv", [state.full, *(stage.store for stage in state.stages)])
-        add("reserve", state.reserve)
         add("hidden_at_P", state.hidden_at_P)
-        st = state.shift_state
         if st is not None:
-            add("dstp_cache", [st.cache_k, st.cache_v, st.cache_slot, st.cache_token, st.last_revived])
-            add("dstp_keys", [st.keys, st.s0_keys])
+            add("dstp_keys", st.keys)
             add("dstp", st)
         add("other", state)
         return out

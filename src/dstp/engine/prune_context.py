@@ -113,7 +113,7 @@ class PruneContext:
         store = self._store
         probs = self.engine.attention_rows(self.layer - 1, self._probe_hidden, self._slots(query_pos), store,
                                            self._cos, self._sin)
-        return self._to_positions(probs, store.order[:, : probs.shape[-1]])
+        return self._to_positions(probs, store.order[:, store.lo: store.used])
 
     def own_attention(self, query_pos: torch.Tensor) -> torch.Tensor:
         """Attention probabilities [B, H, Q, T] of layer P itself, from its q and k on its input (the layer has
