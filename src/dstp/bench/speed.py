@@ -17,7 +17,7 @@ Per row: decoding throughput `tokens_per_s` (batch x decoding steps / decoding s
 and embedding included), `peak_bytes_measured` (bench/memory.py: allocations over the whole call) next to
 `peak_bytes_reported` (the engine: every buffer its state holds, `Engine.held_bytes`; generate(): its KV cache),
 and the measured time over an ideal, both relative to the unpruned engine: decode proportional to the bytes a step
-reads (`decode_bytes`: the weights once per step, the K/V it attends, DSTP's copies of revived K/V and, for
+reads (`decode_bytes`: the weights once per step, the K/V it attends, DSTP's moves of revived K/V and, for
 `recompute`, the weights of layers >= P once per shift), prefill proportional to FLOPs.
 """
 from __future__ import annotations

@@ -241,9 +241,11 @@ class Engine:
         # embeddings); what else the stages held is let go before the store source's unpruned run
         probe_in = probe_source if P == 0 else capture[probe][:, -1:].clone() if shift is not None else None
         capture.clear()
-        ctx = probe_h = stage_h = store = None  # noqa: F841
+        ctx = probe_h = stage_h = store = hk = None  # noqa: F841
         if store_source:
-            logits, f = self._unpruned_from_P(state, probe_source)
+            held = [probe_source]  # handed over, so that no reference here keeps the input alive during the run
+            h = h_at = probe_source = None
+            logits, f = self._unpruned_from_P(state, held)
             flops += f
         elif shift is not None and state.R > 0:  # what `recompute` starts from, for the reserve only
             reserve = vvalid & ~kept
@@ -257,12 +259,13 @@ class Engine:
             state.shift_state = shift.setup(self, state, probe_in)
         return state, logits, flops
 
-    def _unpruned_from_P(self, state: State, h: torch.Tensor):
+    def _unpruned_from_P(self, state: State, held: list):
         """`store` source: layers >= P on every prompt token, in the prompt's order, as the unpruned model's
         prefill runs them (SDPA's causal path without padding); each layer's K/V are scattered into its stage's
         store: the kept tokens' into its prompt slots, every visual token the stage dropped into its head (left
-        unread until revived). h [B, T, D]: the input at P. Returns the logits and the FLOPs."""
+        unread until revived). held: [the input at P, [B, T, D]], taken out. Returns the logits and the FLOPs."""
         a, prepared = self.adapter, state.prepared
+        h = held.pop()
         B, T, _ = h.shape
         valid = prepared.attention_mask
         mask, pairs = None, B * T * (T + 1) // 2
