@@ -189,11 +189,15 @@ def test_all_tokens_store_window_equals_unpruned(llava, points):
     assert out.trace.steps[0].visual_attended.tolist() == prepared.n_visual.tolist()
 
 
-@pytest.mark.parametrize("name,source", [("llava", "recompute"), ("qwen3_vl", "recompute"), ("llava", "store")])
-def test_revived_tokens_get_kv_and_slots_from_the_stage_that_dropped_them(name, source):
+@pytest.mark.parametrize("name,source,chunk", [("llava", "recompute", 64), ("llava", "recompute", 1),
+                                               ("qwen3_vl", "recompute", 64), ("llava", "store", 64)])
+def test_revived_tokens_get_kv_and_slots_from_the_stage_that_dropped_them(name, source, chunk, monkeypatch):
     """Recompute: a revived token's K/V in every stage from the first that dropped it equal a prefill whose
     stages had also kept it (Qwen3-VL: DeepStack reaches it). Store: they are the unpruned prefill's. Stages
-    that still hold it give it no slot."""
+    that still hold it give it no slot. chunk 1: heads grow to exactly what they hold, so an early stage's head
+    is narrower than the most tokens a row computes."""
+    from dstp import shift as shift_module
+    monkeypatch.setattr(shift_module, "CACHE_CHUNK", chunk)
     make, _, three = FAMILIES[name]
     adapter = adapter_for_model(make())
     engine, prepared = Engine(adapter), adapter.prepare(three())

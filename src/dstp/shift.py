@@ -228,7 +228,8 @@ class ShiftPolicy:
     def _plan(self, state, shift, expired, new_revived) -> torch.Tensor:
         """What the host needs from this step, as one int tensor: [any row shifts, any window closes, per stage
         the head slots attention reads after the step, per stage whether they are all valid, then (recompute)
-        tokens to compute (max over rows), the first stage they start in, per stage the head slots needed].
+        tokens to compute (max over rows), the first stage they start in, per stage the head slots needed, per
+        stage the tokens computed there (max over rows)].
         Each row's window span is updated here, on the device."""
         st = state.shift_state
         S = len(state.stages)
@@ -238,20 +239,21 @@ class ShiftPolicy:
             count = need.sum(-1)
             m, first = count.max(), torch.where(need, state.dropped_at, S).min()
             room = torch.minimum(st.cached.sum(-1), st.cache_bound - count)  # tokens held after evictions
-        reads, full, sizes = [], [], []
+        reads, full, sizes, widths = [], [], [], []
         for i, stage in enumerate(state.stages):
             D = st.dropped_by[i]
             span = (new_revived & D).sum(-1)  # a window reads exactly its revived tokens, in the head's last slots
             if recompute:
                 new = (need & D).sum(-1)
                 sizes.append(torch.where(new > 0, torch.minimum((st.cached & D).sum(-1), room) + new, 0).max())
+                widths.append(new.max())
             span = torch.where(shift, span, torch.where(expired, 0, st.span[i]))
             st.span[i] = span
             reads.append(span.max())
             full.append((span == span.max()).all())
         parts = [shift.any(), expired.any(), *reads, *full]
         if recompute:
-            parts += [m, first, *sizes]
+            parts += [m, first, *sizes, *widths]
         return torch.stack([torch.as_tensor(p, device=shift.device).long() for p in parts])
 
     def _deactivate(self, state, rows):
@@ -283,9 +285,10 @@ class ShiftPolicy:
         st, cfg = state.shift_state, self.config
         if state.R > 0:
             st.revived = torch.where(rows[:, None], new_revived, st.revived)
-            m, start, sizes, need = 0, len(state.stages), [], None
+            S = len(state.stages)
+            m, start, sizes, widths, need = 0, S, [], [], None
             if st.cached is not None:
-                m, start, sizes = work[0], work[1], work[2:]
+                m, start, sizes, widths = work[0], work[1], work[2:2 + S], work[2 + S:]
                 st.last_revived = torch.where(new_revived, state.step, st.last_revived)
                 need = new_revived & ~st.cached
                 if m:
@@ -299,15 +302,15 @@ class ShiftPolicy:
                     gone = (ranks >= 0) & evicted.gather(1, ranks.clamp(min=0))
                     s.order[:, :s.head] = torch.where(gone, NEVER, s.order[:, :s.head])
                     s.valid[:, :s.head] &= ~gone
-                    if i >= start:
+                    if i >= start and sizes[i] > 0:
                         new = (need & st.dropped_by[i]).sum(-1)  # tokens this stage gets computed, per row
                         if sizes[i] > s.head:
                             grown = -(-sizes[i] // CACHE_CHUNK) * CACHE_CHUNK
                             s.grow_head(min(grown, max(sizes[i], st.cache_bound)) - s.head)
                 present = new_revived & st.dropped_by[i] & (st.cached if st.cached is not None else True)
-                self._arrange(state, s, rows, present, new, m, reads[i])
+                self._arrange(state, s, rows, present, new, widths[i] if new is not None else 0, reads[i])
             if m:
-                self._compute_missing(engine, state, need, m, start)
+                self._compute_missing(engine, state, need, m, start, widths)
                 st.cached |= need
             for stage in state.stages:  # a head slot is read iff its token is revived
                 s = stage.store
@@ -368,7 +371,7 @@ class ShiftPolicy:
                                                   .expand_as(by_age))
         return candidate & (place < excess[:, None])
 
-    def _compute_missing(self, engine, state, need, m: int, start: int):
+    def _compute_missing(self, engine, state, need, m: int, start: int, widths: list):
         """`recompute` source: K/V at layers >= P of the `need` visual tokens (at most m per row), computed in
         place in the head's last slots of every stage from `start` on (left free by `_arrange`). A token starts
         from its hidden state at the prune point of the first stage that dropped it and runs that stage's layers
@@ -377,7 +380,8 @@ class ShiftPolicy:
         token, and stay valid for the rest of the sequence, whichever window revives it again.
         The m queries of a row are its tokens right-aligned, the latest-dropped first: at every stage the ones
         it computes (dropped there or before) are the last ones, so query j writes head slot H - m + j and a row's
-        tokens fill exactly its last slots; the other queries write nothing."""
+        tokens fill exactly its last slots; the other queries write nothing. Stage i runs only the last
+        `widths[i]` queries: the others join at a later stage, from their own hidden states."""
         st, S, N = state.shift_state, len(state.stages), need.shape[1]
         ranks = torch.arange(N, device=need.device).expand_as(need)
         key = torch.where(need, (S - state.dropped_at) * (N + 1) + ranks, -1)
@@ -394,11 +398,14 @@ class ShiftPolicy:
         pad = PAD_QUERY - torch.arange(m, device=pos.device).expand_as(pos)
         for i in range(start, S):
             stage, base = state.stages[i], st.base_valid[i]
-            s, H, Tk = stage.store, stage.store.head, stage.Tk
+            s, H, Tk, w = stage.store, stage.store.head, stage.Tk, widths[i]
             h = torch.where((first == i)[..., None], h_drop, h)  # tokens this stage dropped join here
-            live = nvalid & (first <= i)
-            order = torch.where(live, pos, pad)
-            s.order[:, H - m:H] = torch.where(live, pos, s.order[:, H - m:H])
+            if w == 0:
+                continue
+            q = slice(m - w, m)
+            live = (nvalid & (first <= i))[:, q]
+            order = torch.where(live, pos[:, q], pad[:, q])
+            s.order[:, H - w:H] = torch.where(live, pos[:, q], s.order[:, H - w:H])
             kept_valid = s.valid[:, H:H + Tk].clone()
             s.valid[:, H:H + Tk] = base
             head_len = s.head_len
@@ -406,8 +413,9 @@ class ShiftPolicy:
             in_head = torch.arange(s.used, device=pos.device) < H
             mask = s.mask(order) & (~in_head | (s.order[:, None, None, :s.used] == order[:, None, :, None]))
             mask |= ~live[:, None, :, None]  # a query that computes nothing may see anything (no empty row)
-            h, _ = engine.run_layers(stage.layers, h, s, H - m, order, cos, sin, torch.where(live, pos, -1),
-                                     state.prepared.extras, rows=live, mask=mask)
+            out, _ = engine.run_layers(stage.layers, h[:, q], s, H - w, order, cos[:, q], sin[:, q],
+                                       torch.where(live, pos[:, q], -1), state.prepared.extras, rows=live, mask=mask)
+            h = torch.cat([h[:, :m - w], out], 1)
             s.valid[:, H:H + Tk], s.head_len = kept_valid, head_len
             st.extra_flops += engine.flops(len(stage.layers), live.sum(), (mask[:, 0] & live[:, :, None]).sum())
 
