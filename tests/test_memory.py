@@ -140,7 +140,7 @@ def test_recompute_cache_holds_only_computed_tokens_and_grows_in_chunks(llava, m
 
 
 def test_recompute_cache_bound_is_kept_and_tokens_do_not_change(llava):
-    """cache_tokens = the revival slots (9 of a reserve of 16): the least recently revived tokens are evicted and
+    """cache_tokens = the tokens one shift may revive (9 of a reserve of 16): the least recently revived tokens are evicted and
     recomputed when revived again; tokens equal the unbounded cache's, logits to float rounding."""
     adapter, engine = llava
     cfg = dict(force_every=2, window=2, variant="random")
@@ -155,7 +155,7 @@ def test_recompute_cache_bound_is_kept_and_tokens_do_not_change(llava):
 
 def test_cache_bound_below_the_revival_slots_is_refused(llava):
     adapter, engine = llava
-    with pytest.raises(ConfigError, match="cache_tokens=4 is below the 9 revival slots"):
+    with pytest.raises(ConfigError, match="cache_tokens=4 is below the 9 tokens one shift may revive"):
         generate(adapter, engine, DSTPConfig(force_every=2, cache_tokens=4), n=3)
     with pytest.raises(ConfigError, match="cache_tokens must be an integer >= 1"):
         DSTPConfig(cache_tokens=0)

@@ -97,9 +97,9 @@ class DSTPConfig:
     variant: str = "dstp"
     seed: int = 0
     force_every: int | None = None  # benchmarks/tests: also declare a shift at every n-th decode step
-    # recompute: visual tokens per sequence whose K/V the cache keeps (None: the whole reserve, never evicts);
-    # when full, the least recently revived tokens are evicted and recomputed if revived again. At least the
-    # revival slots per sequence (max_revived, default k)
+    # recompute: visual tokens per sequence whose K/V the pruned stores' heads keep (None: the whole reserve, never
+    # evicts); when full, the least recently revived tokens are evicted and recomputed if revived again. At least
+    # the tokens one shift may revive per sequence (max_revived, default k)
     cache_tokens: int | None = None
 
     def __post_init__(self):

@@ -147,8 +147,8 @@ class ShiftPolicy:
         reserve = int((state.visual_valid & ~state.kept).sum(-1).max())
         bound = reserve if self.config.cache_tokens is None else min(self.config.cache_tokens, reserve)
         if bound < state.R:
-            raise ConfigError(f"DSTP cache_tokens={self.config.cache_tokens} is below the {state.R} revival slots per "
-                              f"sequence: one shift's revived tokens must fit (raise cache_tokens or lower max_revived)")
+            raise ConfigError(f"DSTP cache_tokens={self.config.cache_tokens} is below the {state.R} tokens one shift "
+                              f"may revive per sequence: they must fit (raise cache_tokens or lower max_revived)")
         shape = state.visual_valid.shape
         return dict(cached=torch.zeros(shape, dtype=torch.bool, device=state.kept.device), cache_bound=bound,
                     last_revived=torch.full(shape, -1, dtype=torch.long, device=state.kept.device))
