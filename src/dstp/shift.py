@@ -38,7 +38,7 @@ import torch
 
 from dstp.config import DSTPConfig
 from dstp.engine.kv_store import NEVER
-from dstp.engine.prune_context import topk_mask
+from dstp.engine.prune_context import first_true, topk_mask
 from dstp.engine.trace import StepTrace
 from dstp.errors import ConfigError
 
@@ -192,7 +192,7 @@ class ShiftPolicy:
         a_r = self._attend(scores, valid & ~kept)
         target = self._target(torch.where(kept, a_l, a_r), valid, st)
         revive = target & ~kept & shift[:, None]
-        rank, rvalid = self._pack(revive, state.R)  # at most R revived per row, in rank order
+        rank, rvalid = first_true(revive, state.R)  # at most R revived per row, in rank order
         new_revived = torch.zeros_like(revive).scatter(1, rank, rvalid) & revive
         t1 = time.perf_counter()
         st.detect_seconds += t1 - t0
@@ -264,12 +264,6 @@ class ShiftPolicy:
             s.valid[:, H:H + stage.Tk] = torch.where(rows[:, None], base, s.valid[:, H:H + stage.Tk])
         st.revived &= ~rows[:, None]
         st.in_window &= ~rows
-
-    @staticmethod
-    def _pack(mask: torch.Tensor, n: int):
-        """The first n True entries of each row of mask [B, N], in rank order: (rank [B, n], valid [B, n])."""
-        rank = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n]
-        return rank, torch.arange(rank.shape[1], device=mask.device)[None] < mask.sum(-1, keepdim=True)
 
     @staticmethod
     def _head_ranks(state, s) -> torch.Tensor:
@@ -346,8 +340,8 @@ class ShiftPolicy:
         """Exchange, in rows `rows`, the head slots in `a` [B, H] with those in `b` (equal counts per row, at most
         n) in every layer's K/V and in the tags. Rows with fewer repeat their first pair (same values written
         twice), or slot 0 with itself."""
-        ia, va = self._pack(a & rows[:, None], n)
-        ib, vb = self._pack(b & rows[:, None], n)
+        ia, va = first_true(a & rows[:, None], n)
+        ib, vb = first_true(b & rows[:, None], n)
         ok = va & vb
         some = ok[:, :1]
         ia = torch.where(ok, ia, torch.where(some, ia[:, :1], 0))

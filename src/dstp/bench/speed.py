@@ -23,7 +23,6 @@ reads (`decode_bytes`: the weights once per step, the K/V it attends, DSTP's mov
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -41,6 +40,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from dstp.bench.memory import PeakMemory
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
+from dstp.engine.prune_context import budget
 from dstp.errors import ConfigError
 from dstp.models.registry import adapter_for_model
 from dstp.pruners import get_pruner
@@ -305,7 +305,7 @@ def _variants(cfg: SpeedConfig, n_layers: int) -> dict:
     dstp = dict(force_every=cfg.shift_every, window=cfg.window, variant="random")
     # recompute keeps at most one shift's revived tokens (k); unbounded, random targets would soon have computed
     # most of the reserve, and its memory would be store's (plus the hidden states at P)
-    k = math.ceil(cfg.retention * cfg.grid ** 2 - 1e-9)
+    k = int(budget(torch.tensor([cfg.grid ** 2]), cfg.retention))
     return {"engine_unpruned": (None, None), "fastv": (fastv, None),
             "fastv_dstp_store": (fastv, DSTPConfig(source="store", **dstp)),
             "fastv_dstp_recompute": (fastv, DSTPConfig(source="recompute", cache_tokens=k, **dstp))}

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dstp.engine.kv_store import GROW_CHUNK, NEVER, KVStore, ScatterView
-from dstp.engine.prune_context import PruneContext, PruneResult, visual_layout
+from dstp.engine.kv_store import GROW_CHUNK, NEVER, KVStore, ScatterView, allowed_keys
+from dstp.engine.prune_context import PruneContext, PruneResult, first_true, visual_layout
 from dstp.engine.sampling import next_token
 from dstp.engine.trace import StepTrace, Trace
 from dstp.config import GenerationConfig
@@ -249,12 +249,10 @@ class Engine:
             flops += f
         elif shift is not None and state.R > 0:  # what `recompute` starts from, for the reserve only
             reserve = vvalid & ~kept
-            n = int(reserve.sum(-1).max())
-            rank = torch.argsort((~reserve).to(torch.int8), dim=-1, stable=True)[:, :n]
+            rank, held = first_true(reserve, int(reserve.sum(-1).max()))
             state.hidden_at_P = h_at.gather(1, vpos.gather(1, rank)[..., None].expand(-1, -1, D))
-            rows = torch.arange(n, device=h.device).expand_as(rank)
-            state.hidden_index = torch.full_like(vpos, -1).scatter(1, rank, torch.where(reserve.gather(1, rank),
-                                                                                        rows, -1))
+            rows = torch.arange(rank.shape[1], device=h.device).expand_as(rank)
+            state.hidden_index = torch.full_like(vpos, -1).scatter(1, rank, torch.where(held, rows, -1))
         if shift is not None:
             state.shift_state = shift.setup(self, state, probe_in)
         return state, logits, flops
@@ -269,11 +267,10 @@ class Engine:
         B, T, _ = h.shape
         valid = prepared.attention_mask
         mask, pairs = None, B * T * (T + 1) // 2
-        if not bool(valid.all()):
-            q = torch.arange(T, device=h.device)
-            mask = (valid[:, None, :] & (q[None, None, :] <= q[None, :, None])) | (q[:, None] == q[None, :])
-            mask, pairs = mask[:, None], int((mask & valid[:, :, None]).sum())
         order = torch.arange(T, device=h.device).expand(B, T)
+        if not bool(valid.all()):
+            mask = allowed_keys(order, valid, order)
+            pairs = int((mask[:, 0] & valid[:, :, None]).sum())
         for stage in state.stages:
             slots = self._store_slots(state, stage)
             for i in stage.layers:
@@ -288,11 +285,10 @@ class Engine:
         every prompt position in its store (padding positions: distinct padding slots, never read)."""
         s, H = stage.store, stage.store.head
         B, T = state.prepared.attention_mask.shape
-        dropped = state.visual_valid & ~stage.kept
-        rank = torch.argsort((~dropped).to(torch.int8), dim=-1, stable=True)[:, :H]
-        s.order[:, :H] = torch.where(dropped.gather(1, rank), state.visual_pos.gather(1, rank), NEVER)
+        rank, in_head = first_true(state.visual_valid & ~stage.kept, H)
+        s.order[:, :H] = torch.where(in_head, state.visual_pos.gather(1, rank), NEVER)
         tags, held = s.order[:, :H + stage.Tk], s.valid[:, :H + stage.Tk].clone()
-        held[:, :H] = dropped.gather(1, rank)
+        held[:, :H] = in_head
         n = H + stage.Tk  # >= T: every real prompt token has a slot, and the longest row has no padding
         slots = torch.full((B, T + 1), -1, dtype=torch.long, device=tags.device)
         slots = slots.scatter(1, torch.where(held, tags, T), torch.arange(n, device=tags.device).expand(B, n))[:, :T]

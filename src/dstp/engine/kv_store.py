@@ -22,6 +22,15 @@ NEVER = torch.iinfo(torch.long).max  # order tag of an empty slot
 GROW_CHUNK = 256  # slots added per growth step
 
 
+def allowed_keys(order: torch.Tensor, valid: torch.Tensor, query_order: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask [B, 1, Tq, S] of queries at original indices `query_order` [B, Tq] over keys tagged
+    `order` [B, S]: the valid keys at or before each query's index."""
+    allowed = valid[:, None, :] & (order[:, None, :] <= query_order[:, :, None])
+    # A padding query sees nothing; let it see itself so no row is all -inf (NaN would leak into V).
+    allowed |= order[:, None, :] == query_order[:, :, None]
+    return allowed[:, None]
+
+
 class KVStore:
     def __init__(self, layers: range, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device, limit: int | None = None, head: int = 0):
@@ -98,12 +107,8 @@ class KVStore:
         self.order, self.valid = widen(self.order, NEVER), widen(self.valid, False)
 
     def mask(self, query_order: torch.Tensor) -> torch.Tensor:
-        """Boolean attention mask [B, 1, Tq, used - lo]: valid slots at or before each query's index."""
-        order, valid = self.order[:, self.lo: self.used], self.valid[:, self.lo: self.used]
-        allowed = valid[:, None, :] & (order[:, None, :] <= query_order[:, :, None])
-        # A padding query sees nothing; let it see itself so no row is all -inf (NaN would leak into V).
-        allowed |= order[:, None, :] == query_order[:, :, None]
-        return allowed[:, None]
+        """Boolean attention mask [B, 1, Tq, used - lo] over the slots attention reads."""
+        return allowed_keys(self.order[:, self.lo: self.used], self.valid[:, self.lo: self.used], query_order)
 
     def plain_causal(self, start: int, query_order: torch.Tensor) -> bool:
         """True when the queries fill every slot attention reads, in increasing order with no padding: then a

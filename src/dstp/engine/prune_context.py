@@ -23,12 +23,17 @@ class PruneResult:
     hidden: torch.Tensor | None = None  # [B, Nmax, D] replacement hidden states at P (token merging)
 
 
+def first_true(mask: torch.Tensor, n: int):
+    """The first n True entries of each row of mask [B, S], in order: (their indices [B, n], valid [B, n]); rows
+    with fewer are padded with indices of False entries."""
+    index = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[:, :n]
+    return index, torch.arange(index.shape[1], device=mask.device)[None] < mask.sum(-1, keepdim=True)
+
+
 def visual_layout(visual_mask: torch.Tensor):
     """Original positions [B, Nmax] of each row's visual tokens (in order) and their validity."""
     n = visual_mask.sum(-1)
-    nmax = int(n.max()) if n.numel() else 0
-    pos = torch.argsort((~visual_mask).to(torch.int8), dim=-1, stable=True)[:, :nmax]
-    valid = torch.arange(nmax, device=visual_mask.device)[None, :] < n[:, None]
+    pos, valid = first_true(visual_mask, int(n.max()) if n.numel() else 0)
     return pos, valid, n
 
 
