@@ -59,7 +59,6 @@ class ShiftState:
     slot_rank: list  # per stage, [B, Tk] visual rank held by each kept slot (-1: text or padding)
     rank_of_pos: torch.Tensor  # [B, T] visual rank of each prompt position (-1: text or padding)
     dropped_by: list  # per stage, [B, Nmax] bool: the visual tokens it does not hold (its reserve)
-    span: list  # per stage, [B] how many of its head's last slots each row's window reads (0: none)
     head_kind: str  # what the heads are, as `Engine.held_bytes` reports them
     generator: torch.Generator
     history: list
@@ -128,14 +127,13 @@ class ShiftPolicy:
             order = s.order[:, s.head:s.head + stage.Tk]
             base_valid.append(s.valid[:, s.head:s.head + stage.Tk].clone())
             slot_rank.append(torch.where(order >= 0, rank_of_pos.gather(1, order.clamp(min=0)), -1))
-        zeros = torch.zeros(B, dtype=torch.long, device=vpos.device)
         return ShiftState(
-            probe=p, keys=keys, anchor=anchor, k=state.kept.sum(-1), remaining=zeros.clone(),
+            probe=p, keys=keys, anchor=anchor, k=state.kept.sum(-1),
+            remaining=torch.zeros(B, dtype=torch.long, device=vpos.device),
             in_window=torch.zeros(B, dtype=torch.bool, device=vpos.device),
             revived=torch.zeros(B, N, dtype=torch.bool, device=vpos.device),
             base_valid=base_valid, slot_rank=slot_rank, rank_of_pos=rank_of_pos,
             dropped_by=[state.visual_valid & ~stage.kept for stage in state.stages],
-            span=[zeros.clone() for _ in state.stages],
             head_kind="reserve" if self.config.source == "store" else "dstp_cache",
             generator=torch.Generator(device=vpos.device).manual_seed(self.config.seed), history=[],
             **self._revived_cache(state))
@@ -229,8 +227,8 @@ class ShiftPolicy:
         """What the host needs from this step, as one int tensor: [any row shifts, any window closes, per stage
         the head slots attention reads after the step, per stage whether they are all valid, then (recompute)
         tokens to compute (max over rows), the first stage they start in, per stage the head slots needed, per
-        stage the tokens computed there (max over rows)].
-        Each row's window span is updated here, on the device."""
+        stage the tokens computed there (max over rows)]. A row's window reads exactly its revived tokens, the valid
+        slots at the end of each head."""
         st = state.shift_state
         S = len(state.stages)
         recompute = st.cached is not None
@@ -241,14 +239,13 @@ class ShiftPolicy:
             room = torch.minimum(st.cached.sum(-1), st.cache_bound - count)  # tokens held after evictions
         reads, full, sizes, widths = [], [], [], []
         for i, stage in enumerate(state.stages):
-            D = st.dropped_by[i]
-            span = (new_revived & D).sum(-1)  # a window reads exactly its revived tokens, in the head's last slots
+            s, D = stage.store, st.dropped_by[i]
+            span = (new_revived & D).sum(-1)
             if recompute:
                 new = (need & D).sum(-1)
                 sizes.append(torch.where(new > 0, torch.minimum((st.cached & D).sum(-1), room) + new, 0).max())
                 widths.append(new.max())
-            span = torch.where(shift, span, torch.where(expired, 0, st.span[i]))
-            st.span[i] = span
+            span = torch.where(shift, span, torch.where(expired, 0, s.valid[:, :s.head].sum(-1)))
             reads.append(span.max())
             full.append((span == span.max()).all())
         parts = [shift.any(), expired.any(), *reads, *full]
