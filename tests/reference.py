@@ -2,12 +2,17 @@
 
 Layers >= P may not attend to dropped visual tokens; every token keeps its original position. This
 shares nothing with the engine but the adapter's `prepare`, `rotary` and decoder layers (themselves
-checked against transformers' generate())."""
+checked against transformers' generate()); the layers attend through transformers' own SDPA path, with a mask."""
 from __future__ import annotations
 
 import torch
 
-from dstp.models import hf_compat
+
+def hf_layer(layer, h, mask, cos, sin):
+    """A decoder layer on the whole sequence through transformers' own attention path (no dstp Attention: SDPA),
+    with the boolean mask [B, 1, n, n]."""
+    out = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
+    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.no_grad()
@@ -40,7 +45,7 @@ def masked_reference_logits(adapter, prepared, P: int, dropped: torch.Tensor, st
         index = torch.where(index < T, index, -1)
         for i, layer in enumerate(adapter.layers):
             m = (base if i < P else pruned_mask)[:, None]
-            h = hf_compat.call_decoder_layer(layer, h, m, (cos, sin), None)
+            h = hf_layer(layer, h, m, cos, sin)
             h = adapter.after_layer(i, h, index, prepared.extras)
         lg = adapter.lm_head(adapter.final_norm(h[:, -1:]))[:, -1].float()
         logits_out.append(lg)

@@ -114,7 +114,6 @@ def test_bad_inputs_are_one_line_dstp_errors(hub_models, tmp_path):
         (lambda: dstp.load("no-such-org/no-such-model"), InputError, "checkpoint not found: 'no-such-org/no-such"),
         (lambda: dstp.load(hub_models["llava"], dtype="float8"), ConfigError, "unknown dtype 'float8'"),
         (lambda: dstp.load(hub_models["llava"], device="cuda:7"), ConfigError, "cuda"),
-        (lambda: dstp.load(hub_models["llava"], attn_implementation="eager"), Exception, "sdpa"),
         (lambda: dstp.load(hub_models["llava"], device_map={"model.vision_tower": "cpu", "model.multi_modal_projector":
                                                             "cpu", "model.language_model": "meta", "lm_head": "cpu"}),
          ConfigError, "several devices (cpu, meta)"),
@@ -177,3 +176,10 @@ def test_processor_kwargs_reach_the_processor(hub_models):
                                            return_dict=True, return_tensors="pt")
     n = int((inputs["input_ids"] == reference.image_token_id).sum())
     assert out.trace.n_visual == [n] and n < 70  # 70 visual tokens at the fixture's own limit
+
+
+def test_language_model_attends_through_dstp_and_vision_keeps_its_own(hub_models):
+    pipe = dstp.load(hub_models["llava"], attn_implementation="eager")
+    model = pipe.adapter.model
+    assert model.config.get_text_config()._attn_implementation == "dstp"
+    assert model.config.vision_config._attn_implementation == "eager"

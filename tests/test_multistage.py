@@ -8,7 +8,7 @@ from dstp.config import DSTPConfig, GenerationConfig
 from dstp.engine.engine import Engine
 from dstp.engine.prune_context import PruneResult
 from dstp.errors import ConfigError
-from dstp.models import hf_compat
+from reference import hf_layer
 from dstp.models.registry import adapter_for_model
 from dstp.shift import ShiftPolicy
 from test_engine import FAMILIES
@@ -84,7 +84,7 @@ def staged_reference_logits(adapter, prepared, points, kept, merged, steps):
                 h = torch.cat([torch.where(rep[..., None], vals, h[:, :T]), h[:, T:]], 1)
             m = base if stage is None else base & ~torch.cat([dropped[stage], torch.zeros(B, n - T, dtype=torch.bool)],
                                                              1)[:, None, :]
-            h = hf_compat.call_decoder_layer(layer, h, m[:, None], (cos, sin), None)
+            h = hf_layer(layer, h, m[:, None], cos, sin)
             h = adapter.after_layer(i, h, index, prepared.extras)
         if points[-1] == len(adapter.layers) and replace[-1] is not None:  # a last stage after every layer
             rep, vals = replace[-1]

@@ -163,7 +163,8 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
     device: where the model runs ("cpu", "cuda", "cuda:1"; default cpu); leave it unset with `device_map`.
     processor_kwargs: passed to the processor's `from_pretrained`, e.g. `{"max_pixels": 1280 * 28 * 28}`.
     from_pretrained_kwargs: passed to transformers' `from_pretrained`, e.g. `device_map`, `revision`,
-        `trust_remote_code`, `cache_dir`, `token`, `attn_implementation` (the engine needs "sdpa", the default).
+        `trust_remote_code`, `cache_dir`, `token`, `attn_implementation` (default "sdpa"; it stays the vision
+        tower's, while the language model's attention becomes dstp's own: `models/hf_compat.py`).
     Returns a `Pipeline` with `.chat(conversations)` and `.generate(images, prompts)`.
     """
     import transformers
@@ -177,6 +178,9 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
     if device is not None and "device_map" in from_pretrained_kwargs:
         raise ConfigError("pass either device or device_map, not both")
     target = None if "device_map" in from_pretrained_kwargs else resolve_device("cpu" if device is None else device)
+    device_map = from_pretrained_kwargs.get("device_map")
+    if isinstance(device_map, dict):
+        check_one_device(device_map.values())
     hub = {k: from_pretrained_kwargs[k] for k in HUB_KWARGS if k in from_pretrained_kwargs}
     config = load_config(source, hub)
     adapter_cls = adapter_for_config(config)
@@ -191,12 +195,17 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
         raise InputError(f"cannot load the weights of {source!r}: {first_line(e)}") from None
     if target is not None:
         model = model.to(target)
-    devices = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
-    if len(devices) > 1:
-        raise ConfigError(f"device_map placed the model on several devices ({', '.join(devices)}); the dstp engine "
-                          f"runs a model on one device: pass device= or a device_map onto one device")
+    check_one_device((getattr(model, "hf_device_map", None) or {}).values())
     processor = adapter_cls.load_processor(source, **hub, **(processor_kwargs or {}))
     return Pipeline(adapter_cls(model.eval(), processor), prune=prune, shift=shift)
+
+
+def check_one_device(placements):
+    """A device_map's placements (before loading, or as transformers resolved them) must name one device."""
+    devices = sorted({str(d) for d in placements})
+    if len(devices) > 1:
+        raise ConfigError(f"device_map places the model on several devices ({', '.join(devices)}); the dstp engine "
+                          f"runs a model on one device: pass device= or a device_map onto one device")
 
 
 def from_model(model, processor=None, prune: PruneConfig | None = None, shift: DSTPConfig | None = None) -> Pipeline:

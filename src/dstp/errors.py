@@ -15,3 +15,7 @@ class ConfigError(DSTPError):
 
 class UnsupportedModelError(DSTPError):
     """The checkpoint's architecture has no adapter."""
+
+
+class UnsupportedEnvironmentError(DSTPError):
+    """An installed dependency (transformers, torch) that dstp is known not to work with."""

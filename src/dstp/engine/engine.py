@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dstp.engine.attention import CAUSAL, UNMASKED, Attention
 from dstp.engine.kv_store import GROW_CHUNK, NEVER, KVStore, ScatterView, allowed_keys
 from dstp.engine.prune_context import PruneContext, PruneResult, first_true, visual_layout
 from dstp.engine.sampling import next_token
@@ -111,18 +112,18 @@ class Engine:
         rows / mask: restrict the K/V writes to some sequences [B] (or queries [B, Q]) / override the mask.
         Returns (h, attended query-key pairs)."""
         if mask is None and store.plain_causal(start, query_order):
-            # exact, and lets SDPA take its fused causal kernel (transformers sets is_causal when mask is None)
+            # exact, and lets SDPA take its fused causal kernel
             n = query_order.shape[1]
-            layer_mask, pairs = None, torch.tensor(query_order.shape[0] * n * (n + 1) // 2)
+            attention, pairs = CAUSAL, torch.tensor(query_order.shape[0] * n * (n + 1) // 2)
         elif mask is None and store.sees_all(start, query_order):
-            layer_mask, pairs = None, torch.tensor(query_order.shape[0] * (store.used - store.lo))  # a decoding step
+            attention, pairs = UNMASKED, torch.tensor(query_order.shape[0] * (store.used - store.lo))  # decoding
         else:
-            layer_mask = store.mask(query_order) if mask is None else mask
-            pairs = layer_mask.sum()  # a tensor: counting must not sync the host while decoding
+            attention = Attention(mask=store.mask(query_order) if mask is None else mask)
+            pairs = attention.mask.sum()  # a tensor: counting must not sync the host while decoding
         for i in layers:
             if capture is not None and i in capture:
                 capture[i] = h
-            h = self.adapter.run_layer(i, h, layer_mask, cos, sin, store.view(start, rows))
+            h = self.adapter.run_layer(i, h, attention, cos, sin, store.view(start, rows))
             h = self.adapter.after_layer(i, h, token_index, extras)
         return h, pairs
 
@@ -259,22 +260,22 @@ class Engine:
 
     def _unpruned_from_P(self, state: State, held: list):
         """`store` source: layers >= P on every prompt token, in the prompt's order, as the unpruned model's
-        prefill runs them (SDPA's causal path without padding); each layer's K/V are scattered into its stage's
+        prefill runs them (the causal kernel without padding); each layer's K/V are scattered into its stage's
         store: the kept tokens' into its prompt slots, every visual token the stage dropped into its head (left
         unread until revived). held: [the input at P, [B, T, D]], taken out. Returns the logits and the FLOPs."""
         a, prepared = self.adapter, state.prepared
         h = held.pop()
         B, T, _ = h.shape
         valid = prepared.attention_mask
-        mask, pairs = None, B * T * (T + 1) // 2
+        attention, pairs = CAUSAL, B * T * (T + 1) // 2
         order = torch.arange(T, device=h.device).expand(B, T)
         if not bool(valid.all()):
-            mask = allowed_keys(order, valid, order)
-            pairs = int((mask[:, 0] & valid[:, :, None]).sum())
+            attention = Attention(mask=allowed_keys(order, valid, order))
+            pairs = int((attention.mask[:, 0] & valid[:, :, None]).sum())
         for stage in state.stages:
             slots = self._store_slots(state, stage)
             for i in stage.layers:
-                h = a.run_layer(i, h, mask, state.cos, state.sin, ScatterView(stage.store, slots))
+                h = a.run_layer(i, h, attention, state.cos, state.sin, ScatterView(stage.store, slots))
                 h = a.after_layer(i, h, order, prepared.extras)
         flops = self.flops(a.n_layers - state.P, int(valid.sum()), pairs)
         return self._logits(h[:, -1:]), flops

@@ -139,7 +139,7 @@ class LayerCacheView:
     def __init__(self, store: KVStore, start: int, rows: torch.Tensor | None):
         self.store, self.start, self.rows = store, start, rows
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         s, li = self.store, self.store.local(layer_idx)
         end = self.start + key_states.shape[2]
         k, v = s.k[li], s.v[li]
@@ -168,7 +168,7 @@ class ScatterView:
     def __init__(self, store: KVStore, slots: torch.Tensor):
         self.store, self.slots = store, slots
 
-    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         s, li = self.store, self.store.local(layer_idx)
         index = self.slots[:, None, :, None].expand_as(key_states)
         s.k[li].scatter_(2, index, key_states)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dstp.errors import InputError, UnsupportedModelError
+from dstp.errors import InputError
 from dstp.models import hf_compat
 from dstp.models.vision import VisionInternals  # noqa: F401 (the type of PreparedInputs.vision)
 
@@ -49,10 +49,8 @@ class Adapter:
     def __init__(self, model: nn.Module, processor=None):
         self.model = model.eval()
         self.processor = processor
-        attn = getattr(self.text_config, "_attn_implementation", None)
-        if attn not in (None, "sdpa"):
-            raise UnsupportedModelError(f"the engine passes its own attention masks and needs the language model's "
-                                        f"attn_implementation='sdpa', not {attn!r}")
+        # the engine's attention calls are dstp's (engine/attention.py); outside the engine the model keeps SDPA
+        hf_compat.use_engine_attention(self.language_model)
 
     @classmethod
     def model_class(cls, architecture: str):
@@ -223,8 +221,9 @@ class Adapter:
     def attention_scale(self, layer_idx: int) -> float:
         return self._attn(layer_idx).scaling
 
-    def run_layer(self, layer_idx: int, hidden, mask, cos, sin, cache):
-        return hf_compat.call_decoder_layer(self.layers[layer_idx], hidden, mask, (cos, sin), cache)
+    def run_layer(self, layer_idx: int, hidden, attention, cos, sin, cache):
+        """Decoder layer `layer_idx` on `hidden`, attending as `attention` (engine/attention.py) over `cache`."""
+        return hf_compat.call_decoder_layer(self.layers[layer_idx], hidden, attention, (cos, sin), cache)
 
     # -- FLOP accounting ------------------------------------------------------------------------
     def linear_params_per_layer(self) -> int:

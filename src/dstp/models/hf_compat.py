@@ -1,37 +1,145 @@
-"""Every transformers-version-sensitive call in one place.
+"""Every transformers-version-sensitive call in one place, tested on the declared range (SUPPORTED below).
 
-transformers 4.x passed the cache to attention as `past_key_value` and decoder layers returned tuples;
-5.x uses `past_key_values` and returns the hidden states tensor. Tested range: see pyproject.toml.
+- Attention: dstp registers its own attention function through transformers' public `AttentionInterface` and sets
+  it as the language model's `attn_implementation`. Inside the engine each decoder layer gets the engine's
+  `Attention` (mask, causal rule, kernel: `engine/attention.py`) as a keyword argument, which transformers' layers
+  pass on to the attention function. Called without it (the model's own `forward` / `generate()`), the function is
+  transformers' SDPA, with SDPA's masks, so the wrapped model behaves as it did.
+- Decoder layers take the cache as `cache` (5.25), `past_key_values` (5.x before) or `past_key_value` (4.x), and
+  return the hidden states (5.x) or a tuple (4.x).
+- Vision towers return a `BaseModelOutputWithPooling` whose `pooler_output` (and Qwen3-VL's per-layer DeepStack
+  features) is one tensor or a tuple of per-image tensors, depending on the release.
 """
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 
+from dstp.errors import UnsupportedEnvironmentError
+
+ATTENTION = "dstp"  # the attn_implementation name dstp registers
+ENGINE_KWARG = "dstp_attention"  # the decoder-layer keyword that carries the engine's Attention
+
+# Tested range (pyproject.toml declares the same; CI runs both ends): (first, last) minor release.
+SUPPORTED = {"transformers": ("5.17", "5.25"), "torch": ("2.11", "2.14")}
+
+
+def _minor(version: str) -> tuple[int, int]:
+    parts = version.split("+")[0].split(".")
+    return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+
+
+def check_versions(installed: dict[str, str] | None = None) -> list[str]:
+    """Compare the installed transformers and torch with the tested range. A release known to break (transformers
+    4.x: another layer and cache API) raises UnsupportedEnvironmentError; one outside the tested range warns once.
+    Returns the warnings' texts."""
+    if installed is None:
+        import transformers
+
+        installed = {"transformers": transformers.__version__, "torch": torch.__version__}
+    texts = []
+    for name, version in installed.items():
+        first, last = SUPPORTED[name]
+        if name == "transformers" and _minor(version)[0] < 5:
+            raise UnsupportedEnvironmentError(
+                f"dstp needs transformers {first} to {last}.x; transformers {version} is installed (4.x has another "
+                f"decoder-layer and cache API): pip install 'transformers>={first},<{_next(last)}'")
+        if not _minor(first) <= _minor(version) <= _minor(last):
+            text = (f"dstp is tested with {name} {first} to {last}.x; {name} {version} is installed: results may "
+                    f"differ or break (pip install '{name}>={first},<{_next(last)}')")
+            warnings.warn(text, stacklevel=3)
+            texts.append(text)
+    return texts
+
+
+def _next(minor: str) -> str:
+    major, m = _minor(minor)
+    return f"{major}.{m + 1}"
+
+
+# -- attention ---------------------------------------------------------------------------------------------------
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+               **kwargs):
+    engine_attention = kwargs.pop(ENGINE_KWARG, None)
+    if engine_attention is None:  # the model's own forward: transformers' SDPA, as with attn_implementation="sdpa"
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = engine_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return out.transpose(1, 2).contiguous(), None
+
+
+_registered = False
+
+
+def register_attention():
+    """Register dstp's attention function, and SDPA's mask builder under the same name (for the model's own
+    forward), with transformers, once the installed versions are checked. Idempotent."""
+    global _registered
+    if _registered:
+        return
+    check_versions()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, _attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    _registered = True
+
+
+def use_engine_attention(language_model: torch.nn.Module):
+    """Make dstp's attention function the language model's (`set_attn_implementation`, transformers' public
+    switch); the vision tower keeps its own."""
+    register_attention()
+    config = language_model.config
+    if getattr(config, "_attn_implementation", None) == ATTENTION:
+        return
+    if hasattr(language_model, "set_attn_implementation"):
+        language_model.set_attn_implementation(ATTENTION)
+    if getattr(config, "_attn_implementation", None) != ATTENTION:  # a module that is not a PreTrainedModel
+        config._attn_implementation = ATTENTION
+
+
+# -- decoder layers ------------------------------------------------------------------------------------------------
+_CACHE_KWARG: dict[type, str] = {}
+
 
 def _cache_kwarg(layer) -> str:
-    params = inspect.signature(type(layer).forward).parameters
-    return "past_key_values" if "past_key_values" in params else "past_key_value"
-
-
-_KWARG_BY_CLASS: dict[type, str] = {}
-
-
-def call_decoder_layer(layer, hidden, mask, position_embeddings, cache):
     kind = type(layer)
-    if kind not in _KWARG_BY_CLASS:
-        _KWARG_BY_CLASS[kind] = _cache_kwarg(layer)
-    out = layer(
-        hidden,
-        attention_mask=mask,
-        position_embeddings=position_embeddings,
-        use_cache=True,
-        **{_KWARG_BY_CLASS[kind]: cache},
-    )
+    if kind not in _CACHE_KWARG:
+        params = inspect.signature(kind.forward).parameters
+        _CACHE_KWARG[kind] = next((n for n in ("cache", "past_key_values", "past_key_value") if n in params),
+                                  "past_key_values")
+    return _CACHE_KWARG[kind]
+
+
+def call_decoder_layer(layer, hidden, attention, position_embeddings, cache):
+    """Run one transformers decoder layer with the engine's cache view and `Attention`."""
+    out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, use_cache=True,
+                **{_cache_kwarg(layer): cache, ENGINE_KWARG: attention})
     return out[0] if isinstance(out, tuple) else out
 
 
+# -- vision towers -------------------------------------------------------------------------------------------------
+def pooled_features(out) -> torch.Tensor:
+    """[n_tokens, D] from an image-feature call's output: its `pooler_output` (or the output itself), one tensor
+    [n_tokens, D] or [views, tokens, D], or per-image tensors to join."""
+    feats = getattr(out, "pooler_output", out)
+    if isinstance(feats, (tuple, list)):
+        return torch.cat([f.flatten(0, -2) for f in feats], dim=0)
+    return feats.flatten(0, -2)
+
+
+def deepstack_features(out) -> list[torch.Tensor]:
+    """Qwen3-VL's DeepStack features, one [n_tokens, D] tensor per LLM layer that receives them: each layer's entry
+    is one tensor (5.17) or per-image tensors to join (5.25)."""
+    return [pooled_features(layer) for layer in (out.deepstack_features or [])]
+
+
+# -- rotary --------------------------------------------------------------------------------------------------------
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

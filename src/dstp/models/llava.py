@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from dstp.models import hf_compat
 from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, scores_by_row, text_positions
 from dstp.models.vision import VisionInternals, cls_attention, consecutive_slots, head_mean_keys
 
@@ -30,8 +31,7 @@ class LlavaAdapter(Adapter):
 
     @staticmethod
     def flat_features(out) -> torch.Tensor:
-        feats = out.pooler_output
-        return torch.cat(list(feats), dim=0) if not torch.is_tensor(feats) else feats.flatten(0, 1)
+        return hf_compat.pooled_features(out)
 
     def image_features(self, pixel_values: torch.Tensor, **vision_kwargs) -> torch.Tensor:
         return self.flat_features(self.vision_call(pixel_values, **vision_kwargs))

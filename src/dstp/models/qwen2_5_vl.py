@@ -26,8 +26,7 @@ class Qwen25VLAdapter(Adapter):
 
     def image_features(self, pixel_values, image_grid_thw) -> torch.Tensor:
         out = self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-        feats = out.pooler_output
-        return torch.cat(list(feats), dim=0) if not torch.is_tensor(feats) else feats
+        return hf_compat.pooled_features(out)
 
     def features_and_internals(self, pixel_values, image_grid_thw, internals: bool = True):
         """(features [n_tokens, D], VisionInternals or None), in placeholder order (the ViT runs in window order)."""

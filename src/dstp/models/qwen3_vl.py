@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from dstp.models import hf_compat
 from dstp.models.base import check_image_tokens
 from dstp.models.qwen2_5_vl import Qwen25VLAdapter
 
@@ -25,11 +26,12 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
         # image); the DeepStack mergers read other blocks and are left as they are
         call = lambda: self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid)  # noqa: E731
         out, vision = self.with_internals(call, grid) if internals else (call(), None)
-        feats = torch.cat(list(out.pooler_output), dim=0)
+        feats = hf_compat.pooled_features(out)
         check_image_tokens(visual.long(), 1, feats.shape[0])
-        deepstack = embeds.new_zeros(len(out.deepstack_features), *embeds.shape)
-        if len(out.deepstack_features):
-            deepstack[:, visual] = torch.stack(list(out.deepstack_features)).to(embeds.dtype)
+        layers = hf_compat.deepstack_features(out)
+        deepstack = embeds.new_zeros(len(layers), *embeds.shape)
+        if layers:
+            deepstack[:, visual] = torch.stack(layers).to(embeds.dtype)
         return feats, vision, {"deepstack": deepstack}
 
     def after_layer(self, layer_idx, hidden, token_index, prepared_extras):

@@ -1,0 +1,47 @@
+"""dstp's attention call: the mask, the causal rule, the key range and the kernel are decided here.
+
+The engine runs transformers' decoder layers, whose attention modules project and rotate q and k, write K/V to the
+engine's cache view and then call the attention function registered under the language model's
+`attn_implementation`. dstp registers its own (`models/hf_compat.py`), which hands the call to the `Attention` the
+engine passed with the layer: so nothing depends on how transformers' SDPA function treats a missing mask, a longer
+key sequence or grouped heads, which changes between its releases.
+
+The kernel is PyTorch's `scaled_dot_product_attention`, with K/V repeated per query group (as transformers'
+`repeat_kv`, so every query head sees its K/V head).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Attention:
+    """How one engine call attends: `mask` [B, 1, Tq, S] bool over the keys the cache returns (True: may attend),
+    or None; `causal`: queries and keys are the same tokens in order (a prefill without padding), so the causal
+    rule is the mask and SDPA may take its fused causal kernel. Neither: every query sees every key (a decoding step
+    whose keys are all valid and all earlier)."""
+    mask: torch.Tensor | None = None
+    causal: bool = False
+
+    def __post_init__(self):
+        if self.causal and self.mask is not None:
+            raise ValueError("Attention: give a mask or causal=True, not both")
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        """query [B, H, Tq, hd], key/value [B, Hkv, S, hd] -> [B, H, Tq, hd]."""
+        if self.causal and key.shape[2] != query.shape[2]:
+            raise ValueError(f"causal attention needs one key per query, got {query.shape[2]} queries and "
+                             f"{key.shape[2]} keys")
+        groups = query.shape[1] // key.shape[1]
+        if groups > 1:
+            key = key.repeat_interleave(groups, dim=1)
+            value = value.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=self.mask,
+                                              is_causal=self.causal and query.shape[2] > 1, scale=scale)
+
+
+CAUSAL = Attention(causal=True)
+UNMASKED = Attention()
