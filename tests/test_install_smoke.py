@@ -1,0 +1,58 @@
+"""The path a user takes: `pip install "dstp[eval]"` into a fresh venv (no lock file), then the real path offline.
+
+`make test-install` builds that venv and runs this file in it, against the installed package (not the source
+tree); `make test` runs it too, in the locked venv. Each test is one thing a new user does first: import dstp on the
+versions pip resolved, load a hub-shaped checkpoint by id offline and chat with an image, and run
+`lmms-eval --model dstp` on a few ShiftBench samples.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+import dstp
+from dstp.models import hf_compat
+from hub_fixtures import conversation, sample_images
+
+
+def test_installed_versions_are_in_the_tested_range():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert hf_compat.check_versions() == []
+
+
+def test_load_by_id_offline_and_chat_equals_generate(hub_models):
+    pipe = dstp.load(hub_models["qwen2_5_vl"])
+    conv = conversation(sample_images(1, seed=5, sizes=[(64, 48)]), "What is in the picture?")
+    out = pipe.chat([conv], max_new_tokens=8, do_sample=False)
+    inputs = pipe.processor.apply_chat_template([copy.deepcopy(conv)], add_generation_prompt=True, tokenize=True,
+                                                return_dict=True, return_tensors="pt")
+    ref = pipe.adapter.model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert torch.equal(out.tokens[0], ref[0, inputs["input_ids"].shape[1]:])
+
+
+def test_lmms_eval_command_line_on_shiftbench(tmp_path):
+    from dstp.cli import main
+    from dstp.shiftbench import default_checkpoint_dir
+
+    tasks = tmp_path / "tasks"
+    assert main(["shiftbench", "export", "--out", str(tasks), "--seed", "3", "--n", "2"]) == 0
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled",
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("lmms-eval")), "--model", "dstp", "--model_args",
+         f"pretrained={default_checkpoint_dir()},prune=fastv,retention=0.333,dstp=true", "--tasks", "shiftbench",
+         "--include_path", str(tasks), "--output_path", str(out)],
+        env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [results] = list(out.rglob("*_results.json"))
+    scores = json.loads(results.read_text())["results"]
+    assert {"shiftbench_lookup", "shiftbench_pair", "shiftbench_walk"} <= set(scores) or "shiftbench" in scores
