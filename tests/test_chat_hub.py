@@ -183,3 +183,23 @@ def test_language_model_attends_through_dstp_and_vision_keeps_its_own(hub_models
     model = pipe.adapter.model
     assert model.config.get_text_config()._attn_implementation == "dstp"
     assert model.config.vision_config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("family,field", [("llava", "'image_token_index' or 'image_token_id'"),
+                                          ("qwen3_vl", "'vision_config'")])
+def test_config_without_a_field_the_adapter_needs_is_one_line(hub_models, tmp_path, family, field):
+    import json
+    import shutil
+
+    from conftest import HF_HUB_CACHE
+    from hub_fixtures import snapshot_dir
+
+    repo = tmp_path / "repo"
+    shutil.copytree(snapshot_dir(HF_HUB_CACHE, hub_models[family]), repo)
+    config = json.loads((repo / "config.json").read_text())
+    for name in ("image_token_index", "image_token_id") if family == "llava" else ("vision_config",):
+        config.pop(name, None)
+    (repo / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError) as e:
+        dstp.load(str(repo))
+    assert str(e.value) == f"{repo}: config.json has no {field}, which dstp's {family} adapter needs"

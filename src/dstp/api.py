@@ -184,6 +184,7 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
     hub = {k: from_pretrained_kwargs[k] for k in HUB_KWARGS if k in from_pretrained_kwargs}
     config = load_config(source, hub)
     adapter_cls = adapter_for_config(config)
+    check_config_fields(source, hub, adapter_cls)
     arch = next(a for a in (config.architectures or adapter_cls.architectures) if a in adapter_cls.architectures)
     model_cls = adapter_cls.model_class(arch)
     if model_cls is None:
@@ -198,6 +199,16 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
     check_one_device((getattr(model, "hf_device_map", None) or {}).values())
     processor = adapter_cls.load_processor(source, **hub, **(processor_kwargs or {}))
     return Pipeline(adapter_cls(model.eval(), processor), prune=prune, shift=shift)
+
+
+def check_config_fields(source: str, hub: dict, adapter_cls):
+    """The checkpoint's own config.json must hold what the adapter reads (transformers would default it)."""
+    import transformers
+
+    raw, _ = transformers.PretrainedConfig.get_config_dict(source, **hub)
+    missing = adapter_cls.missing_config_field(raw)
+    if missing is not None:
+        raise InputError(f"{source}: config.json has no {missing}, which dstp's {adapter_cls.family} adapter needs")
 
 
 def check_one_device(placements):

@@ -45,6 +45,9 @@ class Adapter:
     model_type: str = ""  # config.model_type that selects this adapter
     example_id: str = ""
     vision_internals: bool = False  # prepare(vision_scores=True) fills PreparedInputs.vision (VisionZip)
+    # keys a checkpoint's config.json must hold for this adapter (a tuple: any one of those names); transformers
+    # would fill a missing one with its class default, which is not the checkpoint's
+    config_fields: tuple = ()
 
     def __init__(self, model: nn.Module, processor=None):
         self.model = model.eval()
@@ -58,6 +61,15 @@ class Adapter:
         import transformers
 
         return getattr(transformers, architecture, None)
+
+    @classmethod
+    def missing_config_field(cls, config: dict) -> str | None:
+        """The first of `config_fields` that the raw config dict lacks, as written in messages, or None."""
+        for field in cls.config_fields:
+            names = field if isinstance(field, tuple) else (field,)
+            if not any(name in config for name in names):
+                return " or ".join(repr(n) for n in names)
+        return None
 
     @classmethod
     def load_processor(cls, path, **hub_kwargs):

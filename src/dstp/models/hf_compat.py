@@ -139,6 +139,17 @@ def deepstack_features(out) -> list[torch.Tensor]:
     return [pooled_features(layer) for layer in (out.deepstack_features or [])]
 
 
+def vision_window_index(visual, grid) -> torch.Tensor:
+    """Qwen2.5-VL's ViT merged-token order (window order), as its forward computes it: a function of
+    `transformers.vision_utils` in newer releases, a method of the vision model in older 5.x ones."""
+    try:
+        from transformers.vision_utils import get_vision_window_index
+    except ImportError:
+        return visual.get_window_index(grid)[0]
+    return get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                   window_size=visual.window_size, patch_size=visual.patch_size)[0]
+
+
 # -- rotary --------------------------------------------------------------------------------------------------------
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)

@@ -17,6 +17,7 @@ class InternVLAdapter(LlavaAdapter):
     architectures = ("InternVLForConditionalGeneration",)
     model_type = "internvl"
     example_id = "OpenGVLab/InternVL3_5-8B-HF"
+    config_fields = ("vision_config", "text_config", ("image_token_id", "image_token_index"), "downsample_ratio")
 
     def vision_layers(self):
         return self.model.model.vision_tower.encoder.layer

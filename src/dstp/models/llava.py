@@ -18,6 +18,8 @@ class LlavaAdapter(Adapter):
     model_type = "llava"
     example_id = "llava-hf/llava-1.5-7b-hf"
     vision_internals = True
+    config_fields = ("vision_config", ("image_token_index", "image_token_id"), "vision_feature_layer",
+                     "vision_feature_select_strategy")
 
     def vision_call(self, pixel_values: torch.Tensor, **vision_kwargs):
         """transformers' own image-feature call (its output keeps the tower's hidden states)."""

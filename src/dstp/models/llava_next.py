@@ -18,6 +18,7 @@ class LlavaNextAdapter(LlavaAdapter):
     architectures = ("LlavaNextForConditionalGeneration",)
     model_type = "llava_next"
     example_id = "llava-hf/llava-v1.6-mistral-7b-hf"
+    config_fields = LlavaAdapter.config_fields + ("image_grid_pinpoints",)
 
     def vision_kwargs(self, batch) -> dict:
         if batch.get("image_sizes") is None:

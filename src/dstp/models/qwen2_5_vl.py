@@ -23,6 +23,7 @@ class Qwen25VLAdapter(Adapter):
     model_type = "qwen2_5_vl"
     example_id = "Qwen/Qwen2.5-VL-3B-Instruct"
     vision_internals = True
+    config_fields = ("vision_config", "image_token_id")
 
     def image_features(self, pixel_values, image_grid_thw) -> torch.Tensor:
         out = self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
@@ -82,13 +83,7 @@ class Qwen25VLAdapter(Adapter):
 
     def window_index(self, grid) -> torch.Tensor:
         """The ViT's merged-token order (window order), as its forward computes it."""
-        visual = self.model.model.visual
-        try:
-            from transformers.vision_utils import get_vision_window_index
-        except ImportError:  # older transformers 5.x: a method of the vision model
-            return visual.get_window_index(grid)[0]
-        return get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
-                                       window_size=visual.window_size, patch_size=visual.patch_size)[0]
+        return hf_compat.vision_window_index(self.model.model.visual, grid)
 
     def visual_inputs(self, pixel_values, grid, visual, embeds, internals: bool = True):
         """(features [n_tokens, D], VisionInternals or None, extras) for `prepare`."""

@@ -20,6 +20,7 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
     architectures = ("Qwen3VLForConditionalGeneration",)
     model_type = "qwen3_vl"
     example_id = "Qwen/Qwen3-VL-4B-Instruct"
+    config_fields = ("vision_config", "text_config", "image_token_id")
 
     def visual_inputs(self, pixel_values, grid, visual, embeds, internals: bool = True):
         # vision internals as for Qwen2.5-VL (no window reordering: every Qwen3-VL ViT block attends over the whole
