@@ -75,8 +75,9 @@ def dpc_knn(x, n_clusters):
     dist = dist / math.sqrt(d)
     density = torch.stack([(-(dist[i].sort().values[:n_clusters] ** 2).mean()).exp() for i in range(n)])
     far = dist.max()
-    delta = torch.stack([min([dist[i, j] for j in range(n) if density[j] > density[i]], default=far)
-                         for i in range(n)])
+    # ties go to the higher-scored token (x is in score order), where the authors add U(0, 1e-6) noise
+    denser = lambda j, i: density[j] > density[i] or (density[j] == density[i] and j < i)  # noqa: E731
+    delta = torch.stack([min([dist[i, j] for j in range(n) if denser(j, i)], default=far) for i in range(n)])
     score = delta * density
     centres = sorted(range(n), key=lambda i: (-float(score[i]), i))[:n_clusters]
     assign = [min(range(n_clusters), key=lambda c: (float(dist[centres[c], j]), c)) for j in range(n)]
@@ -243,3 +244,27 @@ def test_stage_budgets_that_do_not_shrink_are_config_errors():
         PyramidDrop(cfg, 3)
     with pytest.raises(ConfigError, match="do not fit"):
         PyramidDrop(PruneConfig("pyramiddrop", 0.333, layer=31), 32)
+
+
+def test_recycling_with_two_clusters_makes_one_centre_of_a_tied_pair():
+    """RETAIN_TOKN=64 of 576: the second stage deletes 52 tokens, recycles 16 of them into 2 clusters. With 2
+    clusters a token's density comes from itself and its nearest neighbour, so the densest mutually-nearest pair
+    ties exactly; the tie goes to the higher-scored token, so that pair gives one centre, not both."""
+    from dstp.pruners.sparsevlm import recycle
+
+    g = torch.Generator().manual_seed(0)
+    N, D = 576, 16
+    hidden = torch.randn(1, N, D, generator=g)
+    score = torch.rand(1, N, generator=g)
+    deleted = torch.zeros(1, N, dtype=torch.bool)
+    deleted[0, torch.randperm(N, generator=g)[:52]] = True
+    centres, _ = recycle(score, hidden, deleted)
+    members = torch.sort(score.masked_fill(~deleted, float("-inf")), descending=True).indices[0, :16]
+    want, _ = dpc_knn(hidden[0, members], 2)
+    assert sorted(torch.nonzero(centres[0]).flatten().tolist()) == sorted(members[want].tolist())
+    x = hidden[0, members]
+    dist = torch.cdist(x, x).fill_diagonal_(float("inf"))
+    nearest = dist.min(-1)
+    i = int(nearest.values.argmin())
+    pair = {int(members[i]), int(members[nearest.indices[i]])}  # the densest pair: each the other's nearest
+    assert len(pair & set(torch.nonzero(centres[0]).flatten().tolist())) == 1

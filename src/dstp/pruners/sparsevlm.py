@@ -116,7 +116,10 @@ def recycle(score: torch.Tensor, hidden: torch.Tensor, deleted: torch.Tensor):
     density = torch.exp(-(nearest.masked_fill(~within, 0.0) ** 2).sum(-1) / n_clu[:, None].clamp(min=1))
     # distance to the nearest denser token (the whole row's largest distance for the densest)
     dist_max = dist.masked_fill(~pair, float("-inf")).flatten(1).max(-1).values[:, None, None]
-    denser = (density[:, None, :] > density[:, :, None]) & valid[:, None, :]
+    # j is denser than i: higher density, or equal density and a higher score (members are in score order)
+    earlier = torch.ones(m, m, dtype=torch.bool, device=hidden.device).tril(-1)  # [i, j]: j < i
+    denser = ((density[:, None, :] > density[:, :, None]) | ((density[:, None, :] == density[:, :, None]) & earlier)) \
+        & valid[:, None, :]
     delta = torch.where(denser, dist, dist_max).min(-1).values
     centre_score = (delta * density).masked_fill(~valid, float("-inf"))
     C = int(n_clu.max())
