@@ -1,4 +1,5 @@
-"""`dstp speed`: do the savings show up as time and memory? Two scenarios in one command (DESIGN §8):
+"""`dstp speed`: do the savings show up as time and memory? Two synthetic scenarios in one command (DESIGN §8), and
+a real model's shapes on request:
 
 - `kv-bound`: many visual tokens (2,304), small layers (8 x 512), batch 4, 32 new tokens: the visual K/V dominate
   what a decoding step reads, as when serving at a large batch.
@@ -6,11 +7,15 @@
   MLP 2,816, a 32k vocabulary: 123M weights read per step), 1,024 visual tokens, 1,024 new tokens: the weights
   dominate what a step reads (0.49 GB against 34 MB of K/V at the last step), as for a 4-8B model at batch 1,
   whose real size would not fit a few minutes on a 2-core CPU.
+- `real` (`--model-config PATH`): a random-weight model built from a published config.json (Qwen3-VL, Qwen2.5-VL,
+  LLaVA-1.5) at full depth and width, batch 1, one image (default 1280x960) with the inputs its family's processor
+  would give (`real_speed_config`, `build_real_batch`), 128 new tokens: what `scripts/gpu_check.sh` runs on a GPU
+  with Qwen3-VL-4B's config.
 
 Rows: transformers' generate() with its dynamic cache (`hf_generate`) and its static cache (`hf_generate_static`),
 the engine unpruned, FastV at 33.3% from layer 2, and FastV + DSTP with each source. DSTP rows are forced to shift
-every `shift_every` steps (kv-bound 8, weight-bound 32, window 20) with DSTP's `random` target: on random weights
-CPTS's top-k rarely leaves S0 (S0's softmax over k keys out-scores the reserve's over N - k), so random targets
+every `shift_every` steps (kv-bound 8, weight-bound and real 32, window 20) with DSTP's `random` target: on random
+weights CPTS's top-k rarely leaves S0 (S0's softmax over k keys out-scores the reserve's over N - k), so random targets
 make each shift revive about (1 - retention) * k tokens, and the cost of producing their K/V is really paid.
 
 Per row: decoding throughput `tokens_per_s` (batch x decoding steps / decoding seconds), `prefill_s` (vision tower
@@ -28,16 +33,20 @@ import platform
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import torch
+import transformers
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor
 
+from dstp.api import first_line
 from dstp.bench.memory import PeakMemory
+from dstp.bench.real_config import REAL_IMAGE, build_real_batch, build_real_model, real_speed_config
+from dstp.bench.speed_config import SCENARIOS, SMALL, SpeedConfig
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
 from dstp.engine.prune_context import budget
@@ -49,40 +58,6 @@ from dstp.shift import ShiftPolicy
 IMAGE_TOKEN = 3
 
 
-@dataclass(frozen=True)
-class SpeedConfig:
-    scenario: str
-    grid: int  # visual tokens = grid^2
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-    batch: int
-    new_tokens: int
-    shift_every: int  # DSTP rows: a forced shift every n decoding steps
-    window: int = 20
-    prompt_text: int = 16
-    retention: float = 0.333
-    prune_layer: int = 2
-    repeats: int = 3  # timed runs per row, after one tracked run (peak memory; also the warm-up)
-    seed: int = 0
-
-
-SCENARIOS = {
-    "kv-bound": SpeedConfig("kv-bound", grid=48, hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1024,
-                            vocab=1024, batch=4, new_tokens=32, shift_every=8, repeats=5),
-    "weight-bound": SpeedConfig("weight-bound", grid=32, hidden=1024, layers=8, heads=8, kv_heads=2,
-                                intermediate=2816, vocab=32000, batch=1, new_tokens=1024, shift_every=32, repeats=1),
-}
-# a quick look (and the tests): the same rows on shapes that run in seconds
-SMALL = {
-    "kv-bound": replace(SCENARIOS["kv-bound"], grid=16, hidden=128, layers=4, heads=4, kv_heads=4, intermediate=256,
-                        vocab=256, batch=2, new_tokens=12, shift_every=4, repeats=1),
-    "weight-bound": replace(SCENARIOS["weight-bound"], grid=8, hidden=256, layers=6, heads=4, kv_heads=2,
-                            intermediate=512, vocab=1024, new_tokens=24, shift_every=8, window=4, repeats=1),
-}
 ROWS = ("hf_generate", "hf_generate_static", "engine_unpruned", "fastv", "fastv_dstp_store", "fastv_dstp_recompute")
 
 
@@ -133,9 +108,13 @@ class _FirstLogits(LogitsProcessor):
         return scores
 
 
-def hf_run(model, batch, n: int, static: bool, device):
+def hf_run(model, batch, n: int, static: bool, device, compile: bool = True):
+    """generate() (with `static`: `cache_implementation="static"`, which transformers compiles on CUDA unless
+    `compile` is False)."""
     first = _FirstLogits(device)
     kwargs = {"cache_implementation": "static"} if static else {}
+    if static and not compile:
+        kwargs["disable_compile"] = True
     _sync(device)
     t0 = time.perf_counter()
     model.generate(**batch, max_new_tokens=n, do_sample=False, logits_processor=[first], **kwargs)
@@ -157,9 +136,9 @@ def engine_run(adapter, engine, batch, gen, pruner, policy, retention, device):
 def hf_cache_bytes(cfg: SpeedConfig, static: bool, dtype) -> int:
     """generate()'s KV cache at its end: the static cache is allocated for prompt + new tokens up front; the
     dynamic one holds every token but the last sampled."""
-    T = cfg.prompt_text + 1 + cfg.grid ** 2
+    T = cfg.prompt_tokens
     length = T + cfg.new_tokens if static else T + cfg.new_tokens - 1
-    hd = cfg.hidden // cfg.heads
+    hd = cfg.kv_head_dim
     return 2 * cfg.layers * cfg.batch * cfg.kv_heads * hd * length * torch.finfo(dtype).bits // 8
 
 
@@ -172,8 +151,8 @@ def decode_bytes(cfg: SpeedConfig, adapter, engine, trace, source: str | None) -
     a, L, B = adapter, cfg.layers, cfg.batch
     eb = torch.finfo(a.dtype).bits // 8
     slot = 2 * a.n_kv_heads * a.head_dim * eb
-    N = cfg.grid ** 2
-    T = cfg.prompt_text + 1 + N
+    N = cfg.visual_tokens
+    T = cfg.prompt_tokens
     P = trace.prune_layer if trace.stages else L
     weights = (L * engine.linear_params + cfg.hidden * cfg.vocab) * eb
     total = 0.0
@@ -305,7 +284,7 @@ def _variants(cfg: SpeedConfig, n_layers: int) -> dict:
     dstp = dict(force_every=cfg.shift_every, window=cfg.window, variant="random")
     # recompute keeps at most one shift's revived tokens (k); unbounded, random targets would soon have computed
     # most of the reserve, and its memory would be store's (plus the hidden states at P)
-    k = int(budget(torch.tensor([cfg.grid ** 2]), cfg.retention))
+    k = int(budget(torch.tensor([cfg.visual_tokens]), cfg.retention))
     return {"engine_unpruned": (None, None), "fastv": (fastv, None),
             "fastv_dstp_store": (fastv, DSTPConfig(source="store", **dstp)),
             "fastv_dstp_recompute": (fastv, DSTPConfig(source="recompute", cache_tokens=k, **dstp))}
@@ -347,9 +326,14 @@ def _profile(fn, path: str, engine, policy):
 
 
 @torch.no_grad()
-def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=False, profile_dir=None) -> list[dict]:
-    model = build_model(cfg, device, dtype)
-    batch = build_batch(cfg, device, dtype)
+def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=False, profile_dir=None,
+                 compile_static: bool = True) -> list[dict]:
+    if cfg.model_config is not None:
+        model = build_real_model(cfg, device, dtype)
+        batch = build_real_batch(cfg, model.config, device, dtype)
+    else:
+        model = build_model(cfg, device, dtype)
+        batch = build_batch(cfg, device, dtype)
     adapter = adapter_for_model(model)
     engine = Engine(adapter)
     gen = GenerationConfig(max_new_tokens=cfg.new_tokens)
@@ -362,17 +346,32 @@ def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=Fals
 
     measured = {}
     for name in ROWS:
+        static = name == "hf_generate_static"
+        # transformers compiles a static-cache generate() on CUDA (torch.compile, mode "reduce-overhead")
+        compiled = static and device.type == "cuda" and compile_static
+        compile_error = None
         if name.startswith("hf_"):
-            static = name == "hf_generate_static"
-            once = lambda: hf_run(model, batch, cfg.new_tokens, static, device)  # noqa: E731
+            once = lambda: hf_run(model, batch, cfg.new_tokens, static, device, compiled)  # noqa: E731
             reported, policy = hf_cache_bytes(cfg, static, dtype), None
         else:
             pruner, shift = variants[name]
             policy = ShiftPolicy(shift, pruner.layer) if shift is not None else None
             once = lambda: engine_run(adapter, engine, batch, gen, pruner, policy, cfg.retention, device)  # noqa: E731
-        say(name, "peak memory (and warm-up)")
-        with PeakMemory(device) as mem:
-            first = once()
+        say(name, "peak memory (and warm-up)" + (" (and torch.compile)" if compiled else ""))
+        try:
+            with PeakMemory(device) as mem:
+                first = once()
+        except Exception as e:  # noqa: BLE001  torch.compile failing here (no C compiler, ...): run uncompiled
+            if not compiled:
+                raise
+            compile_error, compiled = first_line(e), False
+            if progress:
+                progress.console.print(f"{cfg.scenario} {name}: torch.compile failed ({compile_error}); "
+                                       f"the row runs uncompiled")
+            torch._dynamo.reset()
+            once = lambda: hf_run(model, batch, cfg.new_tokens, True, device, compile=False)  # noqa: E731
+            with PeakMemory(device) as mem:
+                first = once()
         if not name.startswith("hf_"):
             reported = sum(first[3].memory_bytes.values())
         if progress:
@@ -389,6 +388,8 @@ def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=Fals
         row = dict(scenario=cfg.scenario, name=name, tokens_per_s=cfg.batch * steps / decode, prefill_s=prefill,
                    decode_ms_per_token=1000 * decode / steps, peak_bytes_measured=mem.peak_bytes,
                    peak_bytes_reported=reported, decode_steps=steps)
+        if static:
+            row.update(compiled=compiled, compile_error=compile_error)
         trace = runs[-1][3]
         if trace is not None:
             row.update(memory_bytes=trace.memory_bytes, prefill_flops=trace.prefill_flops,
@@ -430,9 +431,9 @@ def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=Fals
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """Issue 16's targets as ratios: engine >= 1.0x generate()'s static cache (tokens/s); weight-bound: DSTP store
-    >= 0.95x and recompute >= 0.90x FastV (tokens/s); kv-bound: DSTP within 1.15x of the ideal for its active set
-    (decode time over the byte-proportional ideal)."""
+    """Issue 16's targets as ratios: engine >= 1.0x generate()'s static cache (tokens/s); weight-bound (and `real`,
+    the batch-1 model weight-bound stands in for): DSTP store >= 0.95x and recompute >= 0.90x FastV (tokens/s);
+    kv-bound: DSTP within 1.15x of the ideal for its active set (decode time over the byte-proportional ideal)."""
     by = {(r["scenario"], r["name"]): r for r in rows}
     out = []
 
@@ -444,7 +445,7 @@ def targets(rows: list[dict]) -> list[dict]:
         tps = lambda name: by[(scenario, name)]["tokens_per_s"]  # noqa: E731
         add(scenario, "engine_unpruned / hf_generate_static tokens/s", tps("engine_unpruned") / tps("hf_generate_static"),
             1.0)
-        if scenario == "weight-bound":
+        if scenario in ("weight-bound", "real"):
             add(scenario, "fastv_dstp_store / fastv tokens/s", tps("fastv_dstp_store") / tps("fastv"), 0.95)
             add(scenario, "fastv_dstp_recompute / fastv tokens/s", tps("fastv_dstp_recompute") / tps("fastv"), 0.90)
         else:
@@ -455,7 +456,11 @@ def targets(rows: list[dict]) -> list[dict]:
 
 def run_speed(scenarios=("kv-bound", "weight-bound"), device: str = "cpu", dtype: str = "float32", small=False,
               repeats: int | None = None, new_tokens: int | None = None, sync_debug=False, profile_dir=None,
-              console: Console | None = None) -> dict:
+              console: Console | None = None, model_config: str | None = None, image: str | None = None,
+              layers: int | None = None, compile_static: bool = True) -> dict:
+    """The rows of each scenario. `real` (needs `model_config`, a published config.json or its folder): a
+    random-weight model built from it at full depth (`layers`: the LLM's depth instead) and width, one image of
+    `image` pixels ("WxH", default 1280x960) processed as its family's processor would, batch 1."""
     from dstp.api import resolve_device, resolve_dtype
 
     dev = resolve_device(device)
@@ -467,12 +472,22 @@ def run_speed(scenarios=("kv-bound", "weight-bound"), device: str = "cpu", dtype
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
     if new_tokens is not None and new_tokens < 2:
         raise ConfigError(f"new_tokens must be >= 2 (one decoding step at least), got {new_tokens}")
-    unknown = [s for s in scenarios if s not in SCENARIOS]
+    unknown = [s for s in scenarios if s not in SCENARIOS and s != "real"]
     if unknown:
-        raise ConfigError(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}, both")
+        raise ConfigError(f"unknown scenario {unknown[0]!r}; known: {', '.join(SCENARIOS)}, both, real")
+    if "real" in scenarios and model_config is None:
+        raise ConfigError("the real scenario needs --model-config PATH (a published config.json of a supported family)")
+    if model_config is not None and "real" not in scenarios:
+        raise ConfigError("--model-config runs the real scenario: leave --scenario out or give --scenario real")
+    if model_config is None and (image is not None or layers is not None):
+        raise ConfigError("--image and --layers shape the real scenario: give --model-config PATH")
+    if small and "real" in scenarios:
+        raise ConfigError("--small shrinks the synthetic scenarios; for a quicker real run give --layers N and "
+                          "--new-tokens N")
     configs = []
     for s in scenarios:
-        cfg = (SMALL if small else SCENARIOS)[s]
+        cfg = real_speed_config(model_config, image or REAL_IMAGE, layers) if s == "real" else \
+            (SMALL if small else SCENARIOS)[s]
         if repeats is not None:
             cfg = replace(cfg, repeats=repeats)
         if new_tokens is not None:
@@ -485,11 +500,14 @@ def run_speed(scenarios=("kv-bound", "weight-bound"), device: str = "cpu", dtype
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         for cfg in configs:
-            rows += run_scenario(cfg, dev, torch_dtype, progress, sync_debug, profile_dir)
+            rows += run_scenario(cfg, dev, torch_dtype, progress, sync_debug, profile_dir, compile_static)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     return {"device": device_name, "dtype": str(torch_dtype).replace("torch.", ""), "torch": torch.__version__,
-            "scenarios": {c.scenario: asdict(c) for c in configs}, "rows": rows, "targets": targets(rows)}
+            "transformers": transformers.__version__,
+            "scenarios": {c.scenario: {**asdict(c), "visual_tokens": c.visual_tokens, "prompt_tokens": c.prompt_tokens,
+                                       "head_dim": c.kv_head_dim} for c in configs},
+            "rows": rows, "targets": targets(rows)}
 
 
 def print_speed(result: dict, console: Console | None = None):
@@ -497,9 +515,12 @@ def print_speed(result: dict, console: Console | None = None):
     mib = lambda x: "-" if x is None else f"{x / 2**20:.1f}"  # noqa: E731
     fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
     for scenario, c in result["scenarios"].items():
-        table = Table(title=f"dstp speed {scenario}: {result['device']}, {result['dtype']}, batch {c['batch']}, "
-                            f"{c['grid'] ** 2} visual tokens, {c['layers']} layers x {c['hidden']}, {c['new_tokens']} "
-                            f"new tokens, shift every {c['shift_every']}, median of {c['repeats']}")
+        model = "" if not c.get("model_config") else \
+            f"{c['architecture']} from {c['model_config']}, random weights, image {c['image']}, "
+        visual = c.get("visual_tokens") or c["grid"] ** 2
+        table = Table(title=f"dstp speed {scenario}: {model}{result['device']}, {result['dtype']}, batch "
+                            f"{c['batch']}, {visual} visual tokens, {c['layers']} layers x {c['hidden']}, "
+                            f"{c['new_tokens']} new tokens, shift every {c['shift_every']}, median of {c['repeats']}")
         for col in ("row", "tokens/s", "prefill s", "decode ms/tok", "peak MiB measured", "peak MiB reported",
                     "vis tok/step", "decode/ideal", "prefill/ideal", "syncs/step (in DSTP)"):
             table.add_column(col, justify="right")
@@ -508,7 +529,8 @@ def print_speed(result: dict, console: Console | None = None):
                 continue
             syncs = "-" if "loop_syncs_per_step" not in r else \
                 f"{r['loop_syncs_per_step']:.2f} ({fmt(r.get('dstp_syncs_per_step'))})"
-            table.add_row(r["name"], f"{r['tokens_per_s']:.1f}", f"{r['prefill_s']:.3f}",
+            label = r["name"] + (" (compiled)" if r.get("compiled") else "")
+            table.add_row(label, f"{r['tokens_per_s']:.1f}", f"{r['prefill_s']:.3f}",
                           f"{r['decode_ms_per_token']:.2f}", mib(r["peak_bytes_measured"]),
                           mib(r["peak_bytes_reported"]),
                           fmt(r.get("visual_tokens_per_step")), fmt(r["ratio_to_ideal"]),
@@ -525,10 +547,12 @@ def print_speed(result: dict, console: Console | None = None):
 
 
 def run_speed_cli(args) -> int:
-    scenarios = tuple(SCENARIOS) if args.scenario == "both" else (args.scenario,)
+    scenario = args.scenario or ("real" if args.model_config is not None else "both")
+    scenarios = tuple(SCENARIOS) if scenario == "both" else (scenario,)
     result = run_speed(scenarios, device=args.device, dtype=args.dtype, small=args.small, repeats=args.repeats,
                        new_tokens=args.new_tokens, sync_debug=args.sync_debug,
-                       profile_dir=args.out if args.profile else None)
+                       profile_dir=args.out if args.profile else None, model_config=args.model_config,
+                       image=args.image, layers=args.layers, compile_static=not args.no_compile)
     print_speed(result)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "speed.json")
