@@ -53,6 +53,8 @@ def test_lmms_eval_command_line_on_shiftbench(tmp_path):
          "--include_path", str(tasks), "--output_path", str(out)],
         env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # lmms-eval reports a failed evaluation in its log and still exits 0
+    assert "Error during evaluation" not in proc.stdout + proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     [results] = list(out.rglob("*_results.json"))
     scores = json.loads(results.read_text())["results"]
     assert {"shiftbench_lookup", "shiftbench_pair", "shiftbench_walk"} <= set(scores) or "shiftbench" in scores
