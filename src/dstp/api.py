@@ -220,5 +220,9 @@ def check_one_device(placements):
 
 
 def from_model(model, processor=None, prune: PruneConfig | None = None, shift: DSTPConfig | None = None) -> Pipeline:
-    """Wrap an already loaded transformers model (a supported class or a subclass of one) and its processor."""
+    """Wrap an already loaded transformers model (a supported class or a subclass of one) and its processor.
+
+    The model's language model gets dstp's attention function as its `attn_implementation` (models/hf_compat.py):
+    the engine's calls use dstp's masks and kernel, and the model's own forward / generate() then run transformers'
+    SDPA, whatever implementation the language model had before (its vision tower keeps its own)."""
     return Pipeline(adapter_for_model(model, processor), prune=prune, shift=shift)
