@@ -65,8 +65,8 @@ class Adapter:
     @classmethod
     def missing_config_field(cls, config: dict) -> str | None:
         """The first of `config_fields` that the raw config dict lacks, as written in messages, or None."""
-        for field in cls.config_fields:
-            names = field if isinstance(field, tuple) else (field,)
+        for entry in cls.config_fields:
+            names = entry if isinstance(entry, tuple) else (entry,)
             if not any(name in config for name in names):
                 return " or ".join(repr(n) for n in names)
         return None
