@@ -177,8 +177,9 @@ def test_cache_layout(hub_models):
 
 
 def _digests(root: pathlib.Path) -> dict[str, str]:
+    """Every file of the fixture repos under `root` (the session cache also holds tests/real_checkpoints.py's)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for repo in sorted(root.glob("models--dstp-fixtures--*")) for p in sorted(repo.rglob("*")) if p.is_file()}
 
 
 def test_build_is_deterministic_and_idempotent(hub_models, tmp_path):
