@@ -4,7 +4,6 @@ the real special token ids come from the config)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import replace
 
@@ -159,18 +158,14 @@ def _image_size(image: str) -> tuple[int, int]:
 
 
 def _smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """transformers' Qwen2-VL `smart_resize`: multiples of `factor`, the aspect kept, the area within bounds."""
-    if max(h, w) / min(h, w) > 200:
-        raise ConfigError(f"--image: aspect ratio {max(h, w) / min(h, w):.0f} is over the processor's limit of 200")
-    hb, wb = round(h / factor) * factor, round(w / factor) * factor
-    if hb * wb > max_pixels:
-        beta = math.sqrt(h * w / max_pixels)
-        hb = max(factor, math.floor(h / beta / factor) * factor)
-        wb = max(factor, math.floor(w / beta / factor) * factor)
-    elif hb * wb < min_pixels:
-        beta = math.sqrt(min_pixels / (h * w))
-        hb, wb = math.ceil(h * beta / factor) * factor, math.ceil(w * beta / factor) * factor
-    return hb, wb
+    """transformers' Qwen2-VL `smart_resize` (multiples of `factor`, the aspect kept, the area within bounds), its
+    refusal (an aspect ratio over 200) as one line."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    try:
+        return smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    except ValueError as e:
+        raise ConfigError(f"--image: {first_line(e)}") from None
 
 
 def real_image_layout(file: str, config, family: str, image: str) -> dict:

@@ -64,26 +64,27 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
                **kwargs):
     engine_attention = kwargs.pop(ENGINE_KWARG, None)
     if engine_attention is None:  # the model's own forward: transformers' SDPA, as with attn_implementation="sdpa"
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return _sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     out = engine_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5)
     return out.transpose(1, 2).contiguous(), None
 
 
 _registered = False
+_sdpa = None  # transformers' sdpa_attention_forward, bound at registration (importing dstp imports no transformers)
 
 
 def register_attention():
     """Register dstp's attention function, and SDPA's mask builder under the same name (for the model's own
     forward), with transformers, once the installed versions are checked. Idempotent."""
-    global _registered
+    global _registered, _sdpa
     if _registered:
         return
     check_versions()
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    _sdpa = sdpa_attention_forward
 
     AttentionInterface.register(ATTENTION, _attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
