@@ -88,10 +88,10 @@ def test_kept_tokens_keep_original_positions(family):
     prepared = adapter.prepare(three())
     engine = Engine(adapter)
     kept = [[0, 2, 5]] * prepared.inputs_embeds.shape[0]
-    state, _, _ = engine.prefill(prepared, 4, pruner=FixedPruner(2, kept))
+    state, _, _, _ = engine.prefill(prepared, 4, pruner=FixedPruner(2, kept))
     s = state.pruned
     for b in range(prepared.inputs_embeds.shape[0]):
-        order = s.order[b, s.head: s.head + state.Tk][s.valid[b, s.head: s.head + state.Tk]]
+        order = s.order[b, s.reserve: s.reserve + state.Tk][s.valid[b, s.reserve: s.reserve + state.Tk]]
         expect = torch.nonzero(prepared.attention_mask[b] & ~prepared.visual_mask[b]).flatten().tolist()
         vis = torch.nonzero(prepared.visual_mask[b]).flatten()
         expect = sorted(expect + vis[[0, 2, 5]].tolist())

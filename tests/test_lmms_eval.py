@@ -228,7 +228,9 @@ def test_model_args_map_one_to_one_onto_load_and_configs():
     s = parse_model_args({"pretrained": "org/name", "prune": "divprune", "retention": 0.111, "prune_layer": 0,
                           "seed": 7, "dstp": True, "tau": 0.5, "window": 5, "source": "store", "variant": "hard",
                           "max_revived": 9, "probe_layer": 0, "dtype": "bfloat16", "device": "cpu",
-                          "batch_size": 8, "max_new_tokens": 64})
+                          "batch_size": 8, "max_new_tokens": 64, "compile": True, "stop_check_every": 4})
+    assert s.engine == dstp.EngineConfig(compile=True, stop_check_every=4)
+    assert parse_model_args({}).engine == dstp.EngineConfig()
     assert s.pretrained == "org/name" and s.dtype == "bfloat16" and s.device == "cpu"
     assert s.prune == dstp.PruneConfig(method="divprune", retention=0.111, layer=0, seed=7)
     assert s.shift == dstp.DSTPConfig(tau=0.5, window=5, source="store", variant="hard", max_revived=9,
@@ -252,6 +254,8 @@ def test_model_args_map_one_to_one_onto_load_and_configs():
     ({"retention": 0.5}, "needs a pruner"),
     ({"batch_size": "auto"}, "batch_size='auto': expected an integer"),
     ({"dstp": "maybe"}, "expected true or false"),
+    ({"compile": "sometimes"}, "expected true or false"),
+    ({"stop_check_every": 0}, "stop_check_every must be an integer >= 1, got 0"),
 ])
 def test_model_args_errors_are_one_line(args, needle):
     from dstp.integrations.lmms_eval import parse_model_args

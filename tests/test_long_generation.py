@@ -15,8 +15,7 @@ import tiny_models as tm
 
 
 def run(adapter, prepared, pruner=None, shift=None, n=40):
-    return Engine(adapter).generate(prepared, GenerationConfig(max_new_tokens=n), pruner=pruner,
-                                    retention=0.333, shift=shift, return_logits=True)
+    return Engine(adapter).generate(prepared, GenerationConfig(max_new_tokens=n), pruner=pruner, shift=shift, return_logits=True)
 
 
 @pytest.mark.parametrize("source", [None, "recompute", "store"])
@@ -38,16 +37,20 @@ def test_store_allocates_only_a_first_chunk(monkeypatch):
     model = tm.tiny_llava()
     adapter = adapter_for_model(model)
     engine = Engine(adapter)
-    store = engine.decode_store(range(0, 2), 2, prompt_slots=30, max_new_tokens=10_000, head=5)
+    store = engine.new_store(range(0, 2), 2, prompt_slots=30, max_new_tokens=10_000, reserve=5)
     assert store.capacity == 5 + 30 + kv_store.GROW_CHUNK and store.limit == 30 + 10_000
     order = torch.arange(30 + kv_store.GROW_CHUNK + 1).expand(2, -1)
     store.claim(5, order, torch.ones_like(order, dtype=torch.bool))  # one past the first chunk
-    assert store.capacity == 5 + 30 + 2 * kv_store.GROW_CHUNK and store.head == 5
+    assert store.capacity == 5 + 30 + 2 * kv_store.GROW_CHUNK and store.reserve == 5
+    assert not store.ensure(store.capacity) and store.ensure(store.capacity + 1)  # whole chunks, when needed
+    assert store.capacity == 5 + 30 + 3 * kv_store.GROW_CHUNK
     store.k[0][:, :, 5:8] = 1.0
-    store.grow_head(3)  # head slots come first: the rest moves up, contents and tags kept
-    assert store.head == 8 and store.used == 8 + 30 + kv_store.GROW_CHUNK + 1
+    store.grow_reserve(3)  # reserve slots come first: the rest moves up, contents and tags kept
+    assert store.reserve == 8 and store.filled == 8 + 30 + kv_store.GROW_CHUNK + 1
     assert (store.k[0][:, :, 8:11] == 1.0).all() and (store.k[0][:, :, :8] == 0).all()
-    assert torch.equal(store.order[:, 8:store.used], order)
+    assert torch.equal(store.order[:, 8:store.filled], order)
+    with pytest.raises(RuntimeError, match="KV store overflow"):
+        store.ensure(8 + 30 + 10_001)
 
 
 def test_max_new_tokens_beyond_the_context_is_refused():

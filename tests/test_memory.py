@@ -4,7 +4,6 @@ bound without changing the tokens."""
 import pytest
 import torch
 
-from dstp import shift as shift_module
 from dstp.bench.memory import LiveTensorBytes, PeakMemory, storage_bytes
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
@@ -64,15 +63,16 @@ def run_tracked(adapter, engine, batch, shift=None, steps=10, retention=0.333, c
     policy = ShiftPolicy(shift, 2) if shift is not None else None
     with torch.no_grad(), PeakMemory("cpu") as m:
         prepared = adapter.prepare(batch)
-        state, logits, _ = engine.prefill(prepared, steps + 1, pruner=pruner, retention=retention, shift=policy)
+        state, pstate, logits, _ = engine.start(prepared, steps + 1, pruner=pruner, shift=policy)
         for _ in range(steps):
-            logits, _, _ = engine.decode_step(state, logits.argmax(-1), policy)
+            logits, _, _ = engine.decode_step(state, logits.argmax(-1), policy, pstate,
+                                          policy.noise(pstate) if policy else None)
         del _
         live = m.live_bytes
         made_before = storage_bytes([t for t in batch.values() if any(
             t.untyped_storage()._cdata == u.untyped_storage()._cdata for u in vars(prepared).values()
             if isinstance(u, torch.Tensor))])
-    return state, live, made_before, logits.untyped_storage().nbytes()
+    return state, pstate, live, made_before, logits.untyped_storage().nbytes()
 
 
 @pytest.mark.parametrize("source", [None, "recompute", "store"])
@@ -81,16 +81,16 @@ def test_reported_memory_is_every_buffer_the_state_holds(llava, source):
     tracker's live bytes equal Engine.held_bytes exactly (less the input ids, made before tracking began)."""
     adapter, engine = llava
     shift = DSTPConfig(source=source, force_every=3, variant="random") if source else None
-    state, live, made_before, logits_bytes = run_tracked(adapter, engine, tm.llava_batch([3, 7, 1]), shift)
-    held = engine.held_bytes(state)
+    state, pstate, live, made_before, logits_bytes = run_tracked(adapter, engine, tm.llava_batch([3, 7, 1]), shift)
+    held = engine.held_bytes(state, pstate)
     assert live == sum(held.values()) - made_before + logits_bytes
     expected = {"inputs", "kv", "other"} | ({"dstp"} if source else set()) \
         | {"recompute": {"dstp_cache", "hidden_at_P"}, "store": {"reserve"}, None: set()}[source]
     assert set(held) == expected  # no probe keys: a pruner inside the LLM probes the store of layers < P
     if source is not None:  # the pruned store's head: the reserve's K/V, or the revived tokens computed so far
         s = state.pruned
-        head = sum(t.untyped_storage().nbytes() for t in (*s.k, *s.v, s.order, s.valid)) // s.capacity * s.head
-        assert s.head > 0 and held["reserve" if source == "store" else "dstp_cache"] == head
+        head = sum(t.untyped_storage().nbytes() for t in (*s.k, *s.v, s.order, s.valid)) // s.capacity * s.reserve
+        assert s.reserve > 0 and held["reserve" if source == "store" else "dstp_cache"] == head
 
 
 def test_kv_figure_is_allocated_capacity_not_used_slots(llava):
@@ -112,31 +112,30 @@ def generate(adapter, engine, shift, n=30, batch=None):
     state_seen = []
     step = policy.step
 
-    def watched(engine_, state, q):  # the cache's size after every decoding step
-        out = step(engine_, state, q)
-        st = state.shift_state
-        state_seen.append((state.pruned.head, int(st.cached.sum(-1).max()),
+    def watched(st, state, q, noise):  # the cache's size after every decoding step
+        out = step(st, state, q, noise)
+        state_seen.append((state.pruned.reserve, int(st.cached.sum(-1).max()),
                            [sorted(torch.nonzero(st.cached[b]).flatten().tolist()) for b in range(st.cached.shape[0])]))
         return out
 
     policy.step = watched
-    out = engine.generate(prepared, GenerationConfig(max_new_tokens=n), pruner=pruner, retention=0.333,
+    out = engine.generate(prepared, GenerationConfig(max_new_tokens=n), pruner=pruner,
                           shift=policy, return_logits=True)
     return out, state_seen
 
 
-def test_recompute_cache_holds_only_computed_tokens_and_grows_in_chunks(llava, monkeypatch):
+def test_recompute_cache_holds_only_computed_tokens(llava):
+    """The reserve's slots are allocated at prefill (the decoding step's shapes never change), sized to the bound
+    (here the whole reserve, 16); the tokens with K/V in it are exactly those revived so far."""
     adapter, engine = llava
-    monkeypatch.setattr(shift_module, "CACHE_CHUNK", 4)
     out, seen = generate(adapter, engine, DSTPConfig(force_every=6, window=3, variant="random"))
     revived_ever = [set() for _ in range(3)]
     for step, (capacity, most, cached) in zip(out.trace.steps, seen):
         for b in range(3):
             revived_ever[b] |= set(step.revived[b])
             assert set(cached[b]) == revived_ever[b]  # exactly the tokens computed so far
-        assert most <= capacity and (capacity % 4 == 0 or capacity == 16)  # chunks of 4, up to the reserve (16)
-    capacities = [c for c, _, _ in seen]
-    assert capacities[0] < capacities[-1] and capacities == sorted(capacities)  # grew as tokens came
+        assert most <= capacity == 16
+    assert any(revived_ever) and max(len(r) for r in revived_ever) < 16
 
 
 def test_recompute_cache_bound_is_kept_and_tokens_do_not_change(llava):
@@ -172,7 +171,6 @@ def test_measured_peak_recompute_below_store(llava):
     for source in ("recompute", "store"):
         policy = ShiftPolicy(DSTPConfig(source=source, force_every=4, variant="random", cache_tokens=9), 2)
         with PeakMemory("cpu") as m:
-            engine.generate(adapter.prepare(batch), GenerationConfig(max_new_tokens=20), pruner=pruner,
-                            retention=0.333, shift=policy)
+            engine.generate(adapter.prepare(batch), GenerationConfig(max_new_tokens=20), pruner=pruner, shift=policy)
         peaks[source] = m.peak_bytes
     assert peaks["recompute"] < peaks["store"]

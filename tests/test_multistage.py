@@ -129,14 +129,14 @@ def test_each_stage_runs_on_its_own_shorter_sequence(family):
     name, adapter, prepared = family
     points = (1, 2, 3)
     kept = shrinking_sets(prepared, 3)
-    state, _, _ = Engine(adapter).prefill(prepared, 4, pruner=FixedStages(points, kept))
+    state, _, _, _ = Engine(adapter).prefill(prepared, 4, pruner=FixedStages(points, kept))
     text = prepared.attention_mask & ~prepared.visual_mask
     sizes = []
     for s, stage in enumerate(state.stages):
         assert stage.layers == range(points[s], points[s + 1] if s + 1 < 3 else adapter.n_layers)
         assert len(stage.store.k) == len(stage.layers)
         for b in range(prepared.inputs_embeds.shape[0]):
-            H = stage.store.head
+            H = stage.store.reserve
             held = stage.store.order[b, H:H + stage.Tk][stage.store.valid[b, H:H + stage.Tk]].tolist()
             vis = torch.nonzero(prepared.visual_mask[b]).flatten()
             assert held == sorted(torch.nonzero(text[b]).flatten().tolist() + vis[kept[s][b]].tolist())
@@ -164,18 +164,17 @@ def llava():
 
 def run(engine, prepared, pruner, shift=None, n=10):
     policy = ShiftPolicy(shift, pruner.layer) if shift is not None else None
-    retention = pruner.config.retention if hasattr(pruner, "config") else 1.0
-    return engine.generate(prepared, GenerationConfig(max_new_tokens=n), pruner=pruner, shift=policy,
-                           retention=retention, return_logits=True)
+    return engine.generate(prepared, GenerationConfig(max_new_tokens=n), pruner=pruner, shift=policy, return_logits=True)
 
 
 @pytest.mark.parametrize("points", [(1, 2, 3), (0, 2, 3)])
-def test_never_triggered_dstp_is_bit_identical(llava, points):
+def test_never_triggered_dstp_equals_vanilla(llava, points):
+    """Same tokens, logits to float rounding (the step reads the reserve too, masked: test_shift.py)."""
     adapter, engine, prepared = llava
     pruner = FixedStages(points, shrinking_sets(prepared, 3))
     vanilla = run(engine, prepared, pruner)
     dstp = run(engine, prepared, pruner, DSTPConfig(tau=-1.0))
-    assert torch.equal(vanilla.tokens, dstp.tokens) and torch.equal(vanilla.logits, dstp.logits)
+    assert torch.equal(vanilla.tokens, dstp.tokens) and (vanilla.logits - dstp.logits).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("points", [(1, 2, 3), (0, 2, 3)])
@@ -189,25 +188,22 @@ def test_all_tokens_store_window_equals_unpruned(llava, points):
     assert out.trace.steps[0].visual_attended.tolist() == prepared.n_visual.tolist()
 
 
-@pytest.mark.parametrize("name,source,chunk", [("llava", "recompute", 64), ("llava", "recompute", 1),
-                                               ("qwen3_vl", "recompute", 64), ("llava", "store", 64)])
-def test_revived_tokens_get_kv_and_slots_from_the_stage_that_dropped_them(name, source, chunk, monkeypatch):
+@pytest.mark.parametrize("name,source", [("llava", "recompute"), ("qwen3_vl", "recompute"), ("llava", "store")])
+def test_revived_tokens_get_kv_and_slots_from_the_stage_that_dropped_them(name, source):
     """Recompute: a revived token's K/V in every stage from the first that dropped it equal a prefill whose
     stages had also kept it (Qwen3-VL: DeepStack reaches it). Store: they are the unpruned prefill's. Stages
-    that still hold it give it no slot. chunk 1: heads grow to exactly what they hold, so an early stage's head
-    is narrower than the most tokens a row computes."""
-    from dstp import shift as shift_module
-    monkeypatch.setattr(shift_module, "CACHE_CHUNK", chunk)
+    that still hold it give it no slot."""
     make, _, three = FAMILIES[name]
     adapter = adapter_for_model(make())
     engine, prepared = Engine(adapter), adapter.prepare(three())
     points = (1, 2, 3)
     kept = shrinking_sets(prepared, 3, drop=2)  # 6 reserve tokens, two dropped at each stage
     policy = ShiftPolicy(DSTPConfig(force_every=1, window=5, variant="random", source=source), 1)
-    state, logits, _ = engine.prefill(prepared, 8, pruner=FixedStages(points, kept), shift=policy)
+    state, pstate, logits, _ = engine.start(prepared, 8, pruner=FixedStages(points, kept), shift=policy)
     for _ in range(3):
-        logits, _, _ = engine.decode_step(state, logits.argmax(-1), policy)
-    revived = state.shift_state.revived
+        logits, _, _ = engine.decode_step(state, logits.argmax(-1), policy, pstate,
+                                          policy.noise(pstate) if policy else None)
+    revived = pstate.revived
     assert revived.any()
     unpruned = engine.prefill(prepared, 4)[0].full  # every layer, slot = original index
     first_stages = set()
@@ -223,9 +219,9 @@ def test_revived_tokens_get_kv_and_slots_from_the_stage_that_dropped_them(name, 
                 st = stage.store
                 where = torch.nonzero((st.order[b] == pos) & st.valid[b]).flatten().tolist()
                 if s < d:  # still held in its prompt slots
-                    assert len(where) == 1 and st.head <= where[0] < st.head + stage.Tk
+                    assert len(where) == 1 and st.reserve <= where[0] < st.reserve + stage.Tk
                     continue
-                assert len(where) == 1 and where[0] < st.head  # in the head
+                assert len(where) == 1 and where[0] < st.reserve  # in the reserve
                 for li, layer in enumerate(stage.layers):
                     if source == "recompute":
                         r = ref.stages[s].store
@@ -247,8 +243,6 @@ def test_window_expires_in_every_stage(llava):
     active = torch.stack([s.active for s in out.trace.steps])
     assert (active[:W] >= k).all() and (active[:W] > k).any() and (active[W:] == k).all()
     assert any(out.trace.steps[0].revived) and not any(out.trace.steps[W].revived)
-    state_free = [stage.store.head_len for stage in engine.prefill(prepared, 2, pruner=pruner)[0].stages]
-    assert state_free == [0, 0, 0]
 
 
 @pytest.mark.parametrize("method", ["sparsevlm", "pyramiddrop"])
@@ -265,7 +259,7 @@ def test_dstp_on_the_multi_stage_pruners(method):
     pruner = get_pruner(PruneConfig(method, 0.333), adapter.n_layers)
     vanilla = run(engine, prepared, pruner)
     quiet = run(engine, prepared, pruner, DSTPConfig(tau=-1.0))
-    assert torch.equal(vanilla.logits, quiet.logits)
+    assert torch.equal(vanilla.tokens, quiet.tokens) and (vanilla.logits - quiet.logits).abs().max() < 1e-5
     assert quiet.trace.stages == vanilla.trace.stages and len(vanilla.trace.stages) == 3
     assert sum(map(len, vanilla.trace.kept)) < sum(map(len, vanilla.trace.stages[0][1]))
     for source in ("recompute", "store"):

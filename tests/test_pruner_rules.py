@@ -14,6 +14,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from dstp.config import PruneConfig
+from dstp.engine import engine as engine_module
 from dstp.engine.engine import Engine
 from dstp.models.registry import adapter_for_model
 from dstp.pruners import get_pruner
@@ -63,7 +64,7 @@ def budget(n, retention):
 
 def dstp_prefill(adapter, prepared, method, retention, layer=None):
     pruner = get_pruner(PruneConfig(method, retention, layer=layer), adapter.n_layers)
-    state, _, _ = Engine(adapter).prefill(prepared, 2, pruner=pruner, retention=retention)
+    state, _, _, _ = Engine(adapter).prefill(prepared, 2, pruner=pruner)
     kept = [torch.nonzero(state.kept[b]).flatten().tolist() for b in range(state.kept.shape[0])]
     return kept, state
 
@@ -72,19 +73,22 @@ def llm_input_after_pruning(adapter, prepared, method, retention) -> torch.Tenso
     """[B, T, D] what the first pruned stage's layers receive (merged tokens included), in the prompt's layout
     (zero at the tokens it does not hold)."""
     engine, seen = Engine(adapter), {}
-    run = engine.run_layers
+    run = engine_module.run_layers
 
-    def spy(layers, h, *args, **kwargs):
+    def spy(adapter_, layers, h, *args, **kwargs):
         seen.setdefault(layers, h)  # the first call on these layers: the prefill's
-        return run(layers, h, *args, **kwargs)
+        return run(adapter_, layers, h, *args, **kwargs)
 
-    engine.run_layers = spy
-    pruner = get_pruner(PruneConfig(method, retention), adapter.n_layers)
-    state, _, _ = engine.prefill(prepared, 2, pruner=pruner, retention=retention)
+    engine_module.run_layers = spy
+    try:
+        pruner = get_pruner(PruneConfig(method, retention), adapter.n_layers)
+        state, _, _, _ = engine.prefill(prepared, 2, pruner=pruner)
+    finally:
+        engine_module.run_layers = run
     stage = state.stages[0]
     h = seen[stage.layers]
     B, T = prepared.attention_mask.shape
-    valid = stage.store.valid[:, stage.store.head: stage.store.head + stage.Tk]
+    valid = stage.store.valid[:, stage.store.reserve: stage.store.reserve + stage.Tk]
     into = torch.where(valid, stage.index, T)[..., None].expand_as(h)
     return torch.zeros(B, T + 1, h.shape[-1]).scatter(1, into, h)[:, :T]
 

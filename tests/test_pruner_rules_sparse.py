@@ -183,7 +183,7 @@ class Recorder:
 
 def engine_stages(adapter, prepared, method, retention):
     rec = Recorder(get_pruner(PruneConfig(method, retention), adapter.n_layers))
-    state, _, _ = Engine(adapter).prefill(prepared, 2, pruner=rec, retention=retention)
+    state, _, _, _ = Engine(adapter).prefill(prepared, 2, pruner=rec)
     return rec, state
 
 

@@ -10,7 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from dstp.config import GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
-from dstp.engine.prune_context import budget, topk_mask, visual_layout
+from dstp.engine.prune_context import topk_mask, visual_layout
+from dstp.pruners.base import budget
 from dstp.errors import ConfigError
 from dstp.models.llava import text_positions
 from dstp.models.registry import adapter_for_model
@@ -185,7 +186,7 @@ def eager_attentions(family):
 
 def engine_kept(family, method, K, retention=0.3):
     pruner = get_pruner(PruneConfig(method, retention, layer=K), family.adapter.n_layers)
-    state, _, _ = Engine(family.adapter).prefill(family.prepared, 2, pruner=pruner, retention=retention)
+    state, _, _, _ = Engine(family.adapter).prefill(family.prepared, 2, pruner=pruner)
     return state.kept
 
 
@@ -239,7 +240,7 @@ def test_retention_one_equals_unpruned(family, method):
     engine, prepared, cfg = Engine(family.adapter), family.prepared, GenerationConfig(max_new_tokens=6)
     base = engine.generate(prepared, cfg)
     pruner = get_pruner(PruneConfig(method, 1.0), family.adapter.n_layers)
-    out = engine.generate(prepared, cfg, pruner=pruner, retention=1.0, relevant=all_relevant(prepared))
+    out = engine.generate(prepared, cfg, pruner=pruner, relevant=all_relevant(prepared))
     assert torch.equal(out.tokens, base.tokens)
     assert out.trace.kept == [list(range(int(n))) for n in prepared.n_visual]
 
@@ -249,7 +250,7 @@ def test_retention_one_equals_unpruned(family, method):
 def test_pruned_generation_attends_k_visual_tokens(family, method):
     engine, prepared = Engine(family.adapter), family.prepared
     pruner = get_pruner(PruneConfig(method, 0.3, seed=1), family.adapter.n_layers)
-    out = engine.generate(prepared, GenerationConfig(max_new_tokens=3), pruner=pruner, retention=0.3,
+    out = engine.generate(prepared, GenerationConfig(max_new_tokens=3), pruner=pruner,
                           relevant=all_relevant(prepared))
     k = budget(prepared.n_visual, 0.3)
     assert out.trace.steps[0].visual_attended.tolist() == k.tolist()
@@ -261,7 +262,7 @@ def test_visionzip_runs_on_the_other_families(name):
     family = build_family(name)
     engine, prepared = Engine(family.adapter), family.prepared
     pruner = get_pruner(PruneConfig("visionzip", 0.3), family.adapter.n_layers)
-    out = engine.generate(prepared, GenerationConfig(max_new_tokens=3), pruner=pruner, retention=0.3)
+    out = engine.generate(prepared, GenerationConfig(max_new_tokens=3), pruner=pruner)
     assert out.trace.steps[0].visual_attended.tolist() == budget(prepared.n_visual, 0.3).tolist()
 
 
@@ -274,7 +275,7 @@ def test_vision_scores_are_computed_only_when_asked(name):
     assert torch.equal(lean.inputs_embeds, family.prepared.inputs_embeds)
     pruner = get_pruner(PruneConfig("visionzip", 0.3), family.adapter.n_layers)
     with pytest.raises(ConfigError, match="visionzip needs the vision encoder's internals .*vision_scores=True"):
-        Engine(family.adapter).generate(lean, GenerationConfig(max_new_tokens=2), pruner=pruner, retention=0.3)
+        Engine(family.adapter).generate(lean, GenerationConfig(max_new_tokens=2), pruner=pruner)
 
 
 # -- configuration errors ------------------------------------------------------------------------------
@@ -383,11 +384,11 @@ def test_dstp_composes_with_pre_llm_pruners(llava_family, method):
 
     engine, prepared, cfg = Engine(llava_family.adapter), llava_family.prepared, GenerationConfig(max_new_tokens=6)
     pruner = get_pruner(PruneConfig(method, 0.3), llava_family.adapter.n_layers)
-    run = lambda shift=None: engine.generate(prepared, cfg, pruner=pruner, retention=0.3, return_logits=True,  # noqa: E731
+    run = lambda shift=None: engine.generate(prepared, cfg, pruner=pruner, return_logits=True,  # noqa: E731
                                              shift=None if shift is None else ShiftPolicy(shift, pruner.layer))
     vanilla, never = run(), run(DSTPConfig(tau=-1.0))
     assert ShiftPolicy(DSTPConfig(), pruner.layer).probe_layer(pruner.layer, llava_family.adapter.n_layers) == 0
-    assert torch.equal(vanilla.tokens, never.tokens) and torch.equal(vanilla.logits, never.logits)
+    assert torch.equal(vanilla.tokens, never.tokens) and (vanilla.logits - never.logits).abs().max() < 1e-5
     forced = run(DSTPConfig(force_every=1, window=3, variant="random"))
     assert all(bool(s.shift.all()) for s in forced.trace.steps)
     assert all(forced.trace.steps[0].revived)  # every row revived reserve tokens (merged ones kept their embedding)
@@ -411,7 +412,7 @@ def test_visionzip_and_cdpruner_on_shiftbench():
     assert torch.equal(views.hidden, prepared.inputs_embeds[prepared.visual_mask].view(3, 144, -1))
     for method in ("visionzip", "cdpruner"):
         pruner = get_pruner(PruneConfig(method, 0.333), adapter.n_layers)
-        out = Engine(adapter).generate(prepared, GenerationConfig(max_new_tokens=3), pruner=pruner, retention=0.333)
+        out = Engine(adapter).generate(prepared, GenerationConfig(max_new_tokens=3), pruner=pruner)
         assert [len(kept) for kept in out.trace.kept] == [48, 48, 48]
 
 
@@ -424,7 +425,7 @@ def test_visionzip_shares_k_over_llava_next_crops_and_keeps_no_cut_patch():
     ctx_engine = Engine(family.adapter)
     for r in (0.111, 0.333, 0.666, 0.95):  # 0.95: k exceeds the patches of row 0 (75 of 80 tokens)
         pruner = get_pruner(PruneConfig("visionzip", r), family.adapter.n_layers)
-        state, _, _ = ctx_engine.prefill(family.prepared, 2, pruner=pruner, retention=r)
+        state, _, _, _ = ctx_engine.prefill(family.prepared, 2, pruner=pruner)
         assert state.kept.sum(-1).tolist() == budget(n, r).tolist()
         # a token kept where no patch lands is a newline, taken only when k exceeds the row's patches
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)[:-1]])

@@ -34,14 +34,16 @@ def run(engine, prepared, P, kept, shift=None, n=12):
 
 
 @pytest.mark.parametrize("P", [0, 2])
-def test_never_triggered_is_bit_identical_to_vanilla(llava, P):
+def test_never_triggered_equals_vanilla(llava, P):
+    """Same tokens; logits to float rounding only: the step reads DSTP's reserve slots too, masked (its shapes must
+    not depend on what is revived), and SDPA's reductions over a longer key row round differently."""
     adapter, engine = llava
     prepared = adapter.prepare(tm.llava_batch([3, 7, 1]))
     kept = kept_sets(prepared)
     vanilla = run(engine, prepared, P, kept)
     dstp = run(engine, prepared, P, kept, DSTPConfig(tau=-1.0))
     assert torch.equal(vanilla.tokens, dstp.tokens)
-    assert torch.equal(vanilla.logits, dstp.logits)
+    assert (vanilla.logits - dstp.logits).abs().max() < 1e-5
     assert not any(bool(s.shift.any()) for s in dstp.trace.steps)
 
 
@@ -66,10 +68,11 @@ def test_recomputed_kv_equals_prefill_that_kept_them(llava, P, steps):
     prepared = adapter.prepare(tm.llava_batch([3, 7, 1]))
     kept = kept_sets(prepared, drop=6)
     policy = ShiftPolicy(DSTPConfig(force_every=1, window=5, variant="random" if steps > 1 else "dstp"), P)
-    state, logits, _ = engine.prefill(prepared, 8, pruner=FixedPruner(P, kept), shift=policy)
+    state, pstate, logits, _ = engine.start(prepared, 8, pruner=FixedPruner(P, kept), shift=policy)
     for _ in range(steps):
-        logits, _, _ = engine.decode_step(state, logits.argmax(-1), policy)
-    revived = state.shift_state.revived
+        logits, _, _ = engine.decode_step(state, logits.argmax(-1), policy, pstate,
+                                          policy.noise(pstate) if policy else None)
+    revived = pstate.revived
     assert revived.any()
     s = state.pruned
     for b in range(len(kept)):
@@ -79,7 +82,7 @@ def test_recomputed_kv_equals_prefill_that_kept_them(llava, P, steps):
             pos = int(state.visual_pos[b, rank])
             slot = int(torch.nonzero((s.order[b] == pos) & s.valid[b])[0])
             ref_slot = int(torch.nonzero((r.order[b] == pos) & r.valid[b])[0])
-            assert slot < s.head  # it lives in the head, among the reserve
+            assert slot < s.reserve  # it lives in the reserve
             for li in range(len(s.layers)):
                 assert (s.k[li][b, :, slot] - r.k[li][b, :, ref_slot]).abs().max() < 1e-5
                 assert (s.v[li][b, :, slot] - r.v[li][b, :, ref_slot]).abs().max() < 1e-5

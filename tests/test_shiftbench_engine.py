@@ -47,7 +47,7 @@ def test_hidden_tokens_in_training_equal_pruned_tokens_in_the_engine():
     adapter = adapter_for_model(model, processor)
     pruner = get_pruner(PruneConfig("oracle", 48 / n_vis, layer=0), adapter.n_layers)
     out = Engine(adapter).generate(adapter.prepare(batch), GenerationConfig(max_new_tokens=1, stop_token_ids=()),
-                                   pruner=pruner, retention=48 / n_vis, relevant=kept, return_logits=True)
+                                   pruner=pruner, relevant=kept, return_logits=True)
     assert out.trace.kept == [kept[b].nonzero().squeeze(-1).tolist() for b in range(2)]
     ids = batch["input_ids"]
     visible = batch["attention_mask"].clone()

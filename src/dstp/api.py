@@ -2,13 +2,14 @@
 `.generate(images, prompts)`."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 import torch
 
 from dstp.chat import check_conversations, check_image_lists
-from dstp.config import DSTPConfig, GenerationConfig, PruneConfig, generation_config
+from dstp.config import DSTPConfig, EngineConfig, GenerationConfig, PruneConfig, generation_config
 from dstp.engine.engine import Engine, GenerationOutput
 from dstp.engine.trace import Trace
 from dstp.errors import ConfigError, InputError, UnsupportedModelError
@@ -26,11 +27,12 @@ class GenerateResult:
 class Pipeline:
     """A model + its processor + an optional pruner and DSTP policy, driven by the dstp engine."""
 
-    def __init__(self, adapter: Adapter, prune: PruneConfig | None = None, shift: DSTPConfig | None = None):
+    def __init__(self, adapter: Adapter, prune: PruneConfig | None = None, shift: DSTPConfig | None = None,
+                 engine: EngineConfig | None = None):
         from dstp.pruners import get_pruner
         from dstp.shift import ShiftPolicy
 
-        self.adapter, self.engine = adapter, Engine(adapter)
+        self.adapter, self.engine = adapter, Engine(adapter, engine)
         self.prune, self.shift = prune, shift
         self.pruner = get_pruner(prune, adapter.n_layers) if prune is not None else None
         if shift is not None and self.pruner is None:
@@ -87,9 +89,8 @@ class Pipeline:
 
     @torch.no_grad()
     def generate_prepared(self, prepared, config: GenerationConfig, relevant=None) -> GenerateResult:
-        retention = self.prune.retention if self.prune is not None else 1.0
-        out: GenerationOutput = self.engine.generate(prepared, config, pruner=self.pruner, retention=retention,
-                                                     shift=self.policy, relevant=relevant)
+        out: GenerationOutput = self.engine.generate(prepared, config, pruner=self.pruner, shift=self.policy,
+                                                     relevant=relevant)
         texts = self.decode(out.tokens, out.trace.new_tokens)
         return GenerateResult(texts=texts, tokens=out.tokens, trace=out.trace)
 
@@ -152,7 +153,8 @@ def load_config(source: str, hub: dict):
 
 def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, shift: DSTPConfig | None = None,
          dtype: torch.dtype | str = "auto", device: str | torch.device | None = None,
-         processor_kwargs: dict | None = None, **from_pretrained_kwargs) -> Pipeline:
+         processor_kwargs: dict | None = None, compile: bool = False, engine: EngineConfig | None = None,
+         **from_pretrained_kwargs) -> Pipeline:
     """Load a supported multimodal model with its own processor for dstp generation.
 
     model_id_or_path: a local directory, or a hub id resolved as transformers resolves it (the hub, the local
@@ -162,6 +164,9 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
     dtype: a torch dtype, "bfloat16"/"bf16", "float16"/"fp16", "float32"/"fp32", or "auto" (the checkpoint's).
     device: where the model runs ("cpu", "cuda", "cuda:1"; default cpu); leave it unset with `device_map`.
     processor_kwargs: passed to the processor's `from_pretrained`, e.g. `{"max_pixels": 1280 * 28 * 28}`.
+    compile: run the decoding step under `torch.compile(fullgraph=True)` (CUDA graphs on CUDA); greedy tokens are
+        the eager engine's. Shorthand for `engine=EngineConfig(compile=True)`.
+    engine: how the engine runs the step (`EngineConfig`: compile mode, fallback, stop-check interval).
     from_pretrained_kwargs: passed to transformers' `from_pretrained`, e.g. `device_map`, `revision`,
         `trust_remote_code`, `cache_dir`, `token`, `attn_implementation` (default "sdpa"; it stays the vision
         tower's, while the language model's attention becomes dstp's own: `models/hf_compat.py`).
@@ -198,7 +203,16 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
         model = model.to(target)
     check_one_device((getattr(model, "hf_device_map", None) or {}).values())
     processor = adapter_cls.load_processor(source, **hub, **(processor_kwargs or {}))
-    return Pipeline(adapter_cls(model.eval(), processor), prune=prune, shift=shift)
+    return Pipeline(adapter_cls(model.eval(), processor), prune=prune, shift=shift,
+                    engine=engine_config(engine, compile))
+
+
+def engine_config(engine: EngineConfig | None, compile: bool) -> EngineConfig:
+    """`engine`, with `compile=True` switched on when asked."""
+    if not isinstance(compile, bool):
+        raise ConfigError(f"compile must be True or False, got {compile!r}")
+    engine = engine or EngineConfig()
+    return dataclasses.replace(engine, compile=True) if compile else engine
 
 
 def check_config_fields(source: str, hub: dict, adapter_cls):
@@ -219,10 +233,11 @@ def check_one_device(placements):
                           f"runs a model on one device: pass device= or a device_map onto one device")
 
 
-def from_model(model, processor=None, prune: PruneConfig | None = None, shift: DSTPConfig | None = None) -> Pipeline:
+def from_model(model, processor=None, prune: PruneConfig | None = None, shift: DSTPConfig | None = None,
+               compile: bool = False, engine: EngineConfig | None = None) -> Pipeline:
     """Wrap an already loaded transformers model (a supported class or a subclass of one) and its processor.
 
     The model's language model gets dstp's attention function as its `attn_implementation` (models/hf_compat.py):
     the engine's calls use dstp's masks and kernel, and the model's own forward / generate() then run transformers'
     SDPA, whatever implementation the language model had before (its vision tower keeps its own)."""
-    return Pipeline(adapter_for_model(model, processor), prune=prune, shift=shift)
+    return Pipeline(adapter_for_model(model, processor), prune=prune, shift=shift, engine=engine_config(engine, compile))

@@ -41,6 +41,28 @@ class GenerationConfig:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs the decoding step. `compile`: under `torch.compile(fullgraph=True)` (on CUDA with CUDA
+    graphs: `compile_mode` None picks "reduce-overhead" there, the default mode elsewhere); `compile_fallback`: run
+    eagerly instead of failing when this torch cannot compile on the device. `stop_check_every`: the loop reads
+    whether every row has stopped once every this many steps (its only host read while decoding); rows that
+    stopped in between run on, and what they generate after their stop is discarded."""
+
+    compile: bool = False
+    compile_mode: str | None = None
+    compile_backend: str = "inductor"
+    compile_fallback: bool = False
+    stop_check_every: int = 8
+
+    def __post_init__(self):
+        if isinstance(self.stop_check_every, bool) or not isinstance(self.stop_check_every, int) \
+                or self.stop_check_every < 1:
+            raise ConfigError(f"stop_check_every must be an integer >= 1, got {self.stop_check_every!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be True or False, got {self.compile!r}")
+
+
 GENERATION_FIELDS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop_token_ids")
 
 

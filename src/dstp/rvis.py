@@ -55,13 +55,7 @@ def relevance(engine: Engine, prepared: PreparedInputs, tokens: torch.Tensor, la
     n = tokens.shape[1]
     feed = tokens[:, :-1] if n > 0 else tokens  # the last generated token is never fed back
     ext = extend_prepared(a, prepared, feed)
-    capture = {i: None for i in layers}
-    state_store = engine.new_store(range(0, a.n_layers), ext.inputs_embeds.shape[0], ext.inputs_embeds.shape[1])
-    order = torch.arange(ext.inputs_embeds.shape[1], device=ext.inputs_embeds.device).expand_as(ext.attention_mask)
-    state_store.claim(0, order, ext.attention_mask)
-    cos, sin = a.rotary(ext.inputs_embeds, ext.position_ids)
-    engine.run_layers(range(a.n_layers), ext.inputs_embeds, state_store, 0, order, cos, sin, order, ext.extras,
-                       capture)
+    state_store, cos, sin, capture = engine.run_prompt(ext, set(layers))
     vpos, vvalid, _ = visual_layout(prepared.visual_mask)
     query_pos = (T - 1 + torch.arange(feed.shape[1] + 1, device=vpos.device)).expand(vpos.shape[0], -1)
     out = []

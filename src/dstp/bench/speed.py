@@ -49,7 +49,7 @@ from dstp.bench.real_config import REAL_IMAGE, build_real_batch, build_real_mode
 from dstp.bench.speed_config import SCENARIOS, SMALL, SpeedConfig
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
-from dstp.engine.prune_context import budget
+from dstp.pruners.base import budget
 from dstp.errors import ConfigError
 from dstp.models.registry import adapter_for_model
 from dstp.pruners import get_pruner
@@ -129,7 +129,7 @@ def engine_run(adapter, engine, batch, gen, pruner, policy, retention, device):
     prepared = adapter.prepare(batch, vision_scores=False)
     _sync(device)
     t_prep = time.perf_counter() - t0
-    out = engine.generate(prepared, gen, pruner=pruner, retention=retention, shift=policy)
+    out = engine.generate(prepared, gen, pruner=pruner, shift=policy)
     return t_prep + out.trace.prefill_seconds, out.trace.decode_seconds, len(out.trace.steps), out.trace
 
 
@@ -261,7 +261,7 @@ def count_host_syncs(adapter, engine, batch, pruner, policy, retention, n: int) 
         policy.step = counted("dstp", policy.step)
     try:
         with counter:
-            out = engine.generate(prepared, GenerationConfig(max_new_tokens=n), pruner=pruner, retention=retention,
+            out = engine.generate(prepared, GenerationConfig(max_new_tokens=n), pruner=pruner,
                                   shift=policy)
     finally:
         del engine.decode_step
@@ -291,8 +291,8 @@ def _variants(cfg: SpeedConfig, n_layers: int) -> dict:
 
 
 def _profile(fn, path: str, engine, policy):
-    """A torch.profiler table of one run: the engine's phases and DSTP's are labelled (`dstp.step`: detection +
-    CPTS + the one read; `dstp.activate`: opening windows, `dstp.recompute`: producing revived K/V), then the
+    """A torch.profiler table of one run: the engine's phases and DSTP's are labelled (`dstp.step`: detection, CPTS,
+    the windows and the stores told what to read; `dstp.recompute`: producing revived K/V, inside it), then the
     operators by self time."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -305,8 +305,7 @@ def _profile(fn, path: str, engine, policy):
         setattr(obj, attr, wrapped)
 
     labels = [(engine, "prefill", "engine.prefill"), (engine, "decode_step", "engine.decode_step"),
-              (policy, "step", "dstp.step"), (policy, "_activate", "dstp.activate"),
-              (policy, "_compute_missing", "dstp.recompute")]
+              (policy, "step", "dstp.step"), (policy, "_recompute", "dstp.recompute")]
     for obj, attr, name in labels:
         label(obj, attr, name)
     cuda = torch.cuda.is_available()
@@ -397,9 +396,7 @@ def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=Fals
                        decode_bytes=decode_bytes(cfg, adapter, engine, trace, variants[name][1] and
                                                  variants[name][1].source),
                        visual_tokens_per_step=sum(float(s.visual_attended.float().mean()) for s in trace.steps)
-                       / max(1, len(trace.steps)),
-                       dstp_detect_s=trace.detect_seconds if policy else None,
-                       dstp_revive_s=trace.revive_seconds if policy else None)
+                       / max(1, len(trace.steps)))
             if sync_debug:
                 say(name, "host syncs")
                 pruner, _ = variants[name]

@@ -1,15 +1,19 @@
 """A preallocated KV store for a group of consecutive layers that share one slot layout.
 
-Every slot carries the ORIGINAL sequence index of its token (`order`) and a `valid` flag. Attention masks
-are built from those two vectors, so slots can hold any subset of the prompt (pruned), tokens revived
-later (DSTP) and generated tokens, in any physical arrangement. Writes go to slot ranges by index;
-nothing is concatenated per step.
+Every slot carries the ORIGINAL sequence index of its token (`order`) and a `valid` flag. Attention masks are built
+from those two vectors, so slots can hold any subset of the prompt (pruned), tokens revived later (DSTP) and
+generated tokens, in any physical arrangement. Writes go to slots by index; nothing is concatenated per step.
 
-Layout:  [head | prompt | generated tokens ... free]. The front part, from slot `head` on, is filled in order
-(the prompt, then one slot per generated token) and grows by whole chunks (`GROW_CHUNK` slots) up to its limit,
-so a long `max_new_tokens` costs memory only for tokens that are actually generated. The head holds tokens that
-come and go (DSTP's reserve of dropped visual tokens); attention reads its last `head_len` slots, next to the
-prompt, so a store with an open revival window is still one contiguous range of slots, `[head - head_len, used)`.
+Layout:  [reserve | prompt | generated tokens ... free]. The reserve holds tokens that come and go (DSTP's dropped
+visual tokens), read by attention only while their slot is valid. The front, from slot `reserve` on, is filled in
+order (the prompt, then one slot per generated token) and grows by whole chunks (`GROW_CHUNK` slots) up to its
+limit, so a long `max_new_tokens` costs memory only for tokens that are actually generated.
+
+A compiled decoding step reads every slot of the store, masked by `valid`: its shapes depend only on the capacity,
+which changes once per chunk, never on how many slots are filled or revived, so the step compiles to one graph (and
+a CUDA graph) per capacity, and nothing in it waits on a value from the device. The eager step reads the slots up
+to the new token's, as transformers' step does (the loop knows that count on the host), without a mask where none
+is needed (`reads_all`): the same numbers as transformers' own decoding.
 
 K and V are one tensor per layer, so that growing the store copies one layer at a time: the transient memory of
 a growth step is one layer's buffers, not the whole store's.
@@ -33,63 +37,93 @@ def allowed_keys(order: torch.Tensor, valid: torch.Tensor, query_order: torch.Te
 
 class KVStore:
     def __init__(self, layers: range, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device, limit: int | None = None, head: int = 0):
-        """`capacity` front slots (+ `head` head slots) are allocated now; the front may grow to `limit` slots
+                 dtype: torch.dtype, device: torch.device, limit: int | None = None, reserve: int = 0):
+        """`capacity` front slots (+ `reserve` reserve slots) are allocated now; the front may grow to `limit` slots
         (None: it never grows)."""
         self.layers = layers
         self.limit = capacity if limit is None else limit
-        shape = (batch, n_kv_heads, head + capacity, head_dim)
+        shape = (batch, n_kv_heads, reserve + capacity, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.order = torch.full((batch, head + capacity), NEVER, dtype=torch.long, device=device)
-        self.valid = torch.zeros((batch, head + capacity), dtype=torch.bool, device=device)
-        self.head = head  # slots [0, head): the head
-        self.used = head  # slots [head, used) are filled (prompt, then generated tokens)
-        self.head_len = 0  # attention reads the head's last head_len slots; while 0, the head costs nothing
-        self.head_full = True  # known on the host: every slot of [head - head_len, head) holds a valid token
-        self.dense = True  # known on the host: every slot in [head, used) holds a valid token (no padding, holes)
+        self.order = torch.full((batch, reserve + capacity), NEVER, dtype=torch.long, device=device)
+        self.valid = torch.zeros((batch, reserve + capacity), dtype=torch.bool, device=device)
+        self.reserve = reserve  # slots [0, reserve)
+        self.filled = reserve  # prefill: slots [reserve, filled) hold the prompt (decoding writes past it by index)
+        self.dense = True  # known on the host: every prompt slot is valid and stays so (no padding, no holes)
 
     @property
     def capacity(self) -> int:
         return self.order.shape[1]
 
     @property
-    def lo(self) -> int:
-        """First slot attention reads."""
-        return self.head - self.head_len
+    def front(self) -> int:
+        return self.reserve
 
     def local(self, layer_idx: int) -> int:
         return layer_idx - self.layers.start
 
-    def claim(self, start: int, order: torch.Tensor, valid: torch.Tensor, all_valid: bool | None = None):
-        """Tag front slots [start, start + n) with their tokens' original indices `order` [B, n]. `all_valid`:
-        whether every claimed slot is valid, when the caller knows (decoding); else it is read from `valid` (one
-        host read: prefill)."""
+    def layer_keys(self, layer_idx: int, end: int) -> torch.Tensor:
+        """[B, Hkv, end, hd] the cached (rotated) keys of slots [0, end) at `layer_idx`."""
+        return self.k[self.local(layer_idx)][:, :, :end]
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v, self.order, self.valid]
+
+    # -- prefill ----------------------------------------------------------------------------------------------
+    def claim(self, start: int, order: torch.Tensor, valid: torch.Tensor):
+        """Tag front slots [start, start + n) with their tokens' original indices `order` [B, n] (prefill)."""
         n = order.shape[1]
-        if start + n > self.capacity:
-            self.grow(start + n - self.capacity)
+        self.ensure(start + n)
         self.order[:, start:start + n] = order
         self.valid[:, start:start + n] = valid
-        self.used = max(self.used, start + n)
-        self.dense = self.dense and (bool(valid.all()) if all_valid is None else all_valid)
+        self.filled = max(self.filled, start + n)
+        self.dense = self.dense and bool(valid.all())
 
-    def grow(self, need: int):
-        """Room for `need` more front slots: at least one more chunk at the end."""
-        front = self.capacity - self.head
-        if front + need > self.limit:
-            raise RuntimeError(f"KV store overflow: {front + need} slots needed, limit {self.limit}")
-        self._insert_slots(self.capacity, min(max(need, GROW_CHUNK), self.limit - front))
+    def allow_holes(self):
+        """Prompt slots may be switched off while decoding (DSTP's `hard` variant): a mask is needed from now on."""
+        self.dense = False
 
-    def grow_head(self, extra: int):
-        """`extra` more head slots, empty, before the others (every other slot moves up by `extra`)."""
+    def prefill_view(self, start: int, rows: torch.Tensor | None = None) -> "RangeView":
+        """Cache view of a prefill writing slots [start, start + Q), attention reading [0, start + Q)."""
+        return RangeView(self, start, rows)
+
+    def scatter_view(self, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own") -> "ScatterView":
+        return ScatterView(self, slots, rows, returns)
+
+    def mask_upto(self, end: int, query_order: torch.Tensor) -> torch.Tensor:
+        """Mask [B, 1, Tq, end] of queries over slots [0, end)."""
+        return allowed_keys(self.order[:, :end], self.valid[:, :end], query_order)
+
+    def plain_causal(self, start: int, query_order: torch.Tensor) -> bool:
+        """True when the queries fill every slot attention reads, in increasing order with no padding: then a plain
+        causal mask is exact and attention may take SDPA's fused causal kernel (a prefill without left padding; one
+        host read)."""
+        n = query_order.shape[1]
+        if start != 0 or n < 2:
+            return False
+        order = self.order[:, :n]
+        return bool(self.valid[:, :n].all()) and bool((order[:, 1:] > order[:, :-1]).all())
+
+    # -- capacity (decided on the host: the loop knows how many tokens it has generated) -------------------------
+    def ensure(self, slots: int) -> bool:
+        """Room for slots up to `slots` (exclusive): whole chunks are added at the end when needed. True if it grew."""
+        grew = slots > self.capacity
+        if grew:
+            front, need = self.capacity - self.reserve, slots - self.capacity
+            if front + need > self.limit:
+                raise RuntimeError(f"KV store overflow: {front + need} slots needed, limit {self.limit}")
+            self._insert_slots(self.capacity, min(max(need, GROW_CHUNK), self.limit - front))
+        return grew
+
+    def grow_reserve(self, extra: int):
+        """`extra` more reserve slots, free, before the others (every other slot moves up by `extra`; at prefill)."""
         if extra > 0:
             self._insert_slots(0, extra)
-            self.head += extra
-            self.used += extra
+            self.reserve += extra
+            self.filled += extra
 
     def _insert_slots(self, at: int, extra: int):
-        """Reallocate with `extra` empty slots inserted before slot `at` (contents and tags of the others kept),
-        one layer at a time."""
+        """Reallocate with `extra` empty slots inserted before slot `at`, one layer at a time."""
         cap = self.capacity
 
         def widen(t: torch.Tensor, fill) -> torch.Tensor:
@@ -106,35 +140,68 @@ class KVStore:
                 buffers[i] = widen(buffers[i], 0)
         self.order, self.valid = widen(self.order, NEVER), widen(self.valid, False)
 
-    def mask(self, query_order: torch.Tensor) -> torch.Tensor:
-        """Boolean attention mask [B, 1, Tq, used - lo] over the slots attention reads."""
-        return allowed_keys(self.order[:, self.lo: self.used], self.valid[:, self.lo: self.used], query_order)
+    # -- decoding (tensor arguments only: no host value changes from step to step) ------------------------------
+    def append(self, slot: torch.Tensor, order: torch.Tensor, end: int | None = None) -> "SlotView":
+        """Tag front slot `slot` ([1] long, the same for every row) with the new tokens' indices `order` [B, 1]
+        and return the cache view that writes their K/V there and reads slots [0, end) (None: every slot)."""
+        self.order.index_copy_(1, slot, order)
+        self.valid.index_fill_(1, slot, True)
+        return SlotView(self, slot, self.capacity if end is None else end)
 
-    def plain_causal(self, start: int, query_order: torch.Tensor) -> bool:
-        """True when the queries fill every slot attention reads, in increasing order with no padding: then a
-        plain causal mask is exact and attention may use SDPA's fused causal path (prefill without left padding)."""
-        n = query_order.shape[1]
-        if start != self.lo or self.used - self.lo != n or n < 2:
-            return False
-        order = self.order[:, start:start + n]
-        return bool(self.valid[:, start:start + n].all()) and bool((order[:, 1:] > order[:, :-1]).all())
+    def decode_mask(self, end: int | None = None) -> torch.Tensor:
+        """[B, 1, 1, end]: what one new token per row attends to among slots [0, end), every valid one (all of
+        them come before it)."""
+        return self.valid[:, None, None, :end]
 
-    def sees_all(self, start: int, query_order: torch.Tensor) -> bool:
-        """True when one query per row, in the last slot used, may attend to every slot attention reads: the
-        front is dense, the head's read slots are all valid, and the query comes after every token (a decoding
-        step). Then no mask is exact, and SDPA runs its unmasked kernel (the mask costs as much as the attention
-        on CPU)."""
-        return (query_order.shape[1] == 1 and self.dense and (self.head_len == 0 or self.head_full)
-                and start == self.used - 1)
+    def reads_all(self, end: int | None) -> bool:
+        """True when a decoding step reading slots [0, end) may attend to every one of them without a mask: the end
+        is the new token's slot + 1, no reserve, and every prompt slot valid. Then SDPA runs its unmasked kernel, as
+        transformers' decoding step does (and on CPU a mask costs as much as the attention)."""
+        return end is not None and self.reserve == 0 and self.dense
 
-    def view(self, start: int, rows: torch.Tensor | None = None) -> "LayerCacheView":
-        return LayerCacheView(self, start, rows)
+    # -- the reserve (DSTP is its client) --------------------------------------------------------------------------
+    def reserve_tags(self) -> torch.Tensor:
+        """[B, reserve] original index of the token in each reserve slot (NEVER: free)."""
+        return self.order[:, :self.reserve]
+
+    def tag_reserve(self, tags: torch.Tensor):
+        """Which token each reserve slot holds ([B, reserve]; NEVER: free). The slots stay unread until activated."""
+        self.order[:, :self.reserve] = tags
+        self.valid[:, :self.reserve] = False
+
+    def activate_reserve(self, active: torch.Tensor):
+        """Attention reads exactly the reserve slots in `active` [B, reserve] from now on."""
+        self.valid[:, :self.reserve] = active
+
+    def prompt_valid(self, n: int) -> torch.Tensor:
+        """[B, n] validity of the first n front slots (the kept prompt)."""
+        return self.valid[:, self.reserve:self.reserve + n]
+
+    def set_prompt_valid(self, valid: torch.Tensor):
+        """Validity of the first valid.shape[1] front slots (DSTP's `hard` variant takes kept tokens out)."""
+        self.valid[:, self.reserve:self.reserve + valid.shape[1]] = valid
+
+    def prompt_tags(self, n: int) -> torch.Tensor:
+        return self.order[:, self.reserve:self.reserve + n]
+
+    def prompt_mask(self, query_order: torch.Tensor, prompt_valid: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        """Mask [B, 1, Q, capacity] of queries at original indices `query_order` [B, Q] that attend causally to the
+        prompt slots valid in `prompt_valid` [B, n] (the first n front slots) and to their own slot `own` [B, Q]."""
+        keys_valid = torch.zeros_like(self.valid)
+        keys_valid[:, self.front:self.front + prompt_valid.shape[1]] = prompt_valid
+        slot = torch.arange(self.capacity, device=own.device)[None, None, :] == own[:, :, None]
+        return allowed_keys(self.order, keys_valid, query_order) | slot[:, None]
+
+    def reserve_nbytes(self) -> tuple[int, int]:
+        """(bytes of the front, bytes of the reserve) as allocated: the slot axis divides every buffer."""
+        total = sum(t.untyped_storage().nbytes() for t in self.buffers())
+        reserve = total // self.capacity * self.reserve
+        return total - reserve, reserve
 
 
-class LayerCacheView:
-    """What a HF attention module sees as its cache: `update` writes this step's K/V into the slots
-    [start, start + Tq) and returns every slot attention reads. `rows` (bool [B], or [B, Tq]) restricts the write
-    to some rows (or some queries of each row)."""
+class RangeView:
+    """A prefill's cache view: `update` writes this call's K/V into slots [start, start + Q) (only for `rows`, bool
+    [B] or [B, Q], when given) and returns slots [0, start + Q)."""
 
     def __init__(self, store: KVStore, start: int, rows: torch.Tensor | None):
         self.store, self.start, self.rows = store, start, rows
@@ -150,29 +217,53 @@ class LayerCacheView:
             keep = self.rows[:, None, :, None] if self.rows.dim() == 2 else self.rows[:, None, None, None]
             k[:, :, self.start:end] = torch.where(keep, key_states, k[:, :, self.start:end])
             v[:, :, self.start:end] = torch.where(keep, value_states, v[:, :, self.start:end])
-        return k[:, :, s.lo: s.used], v[:, :, s.lo: s.used]
+        return k[:, :, :end], v[:, :, :end]
 
     # transformers calls these on some code paths; the store has no notion of a global length.
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.store.used - self.store.lo
+        return self.start
 
     def get_mask_sizes(self, *args, **kwargs):
-        return self.store.used - self.store.lo, 0
+        return self.start, 0
+
+
+class SlotView:
+    """A decoding step's cache view: `update` writes the new token's K/V into slot `slot` ([1] long tensor) and
+    returns slots [0, end)."""
+
+    def __init__(self, store: KVStore, slot: torch.Tensor, end: int):
+        self.store, self.slot, self.end = store, slot, end
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        s, li = self.store, self.store.local(layer_idx)
+        s.k[li].index_copy_(2, self.slot, key_states)
+        s.v[li].index_copy_(2, self.slot, value_states)
+        return s.k[li][:, :, :self.end], s.v[li][:, :, :self.end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.end
+
+    def get_mask_sizes(self, *args, **kwargs):
+        return self.end, 0
 
 
 class ScatterView:
-    """A prefill's cache view over the whole sequence (nothing cached before it): `update` writes each query's K/V
-    to its own slot (`slots` [B, Tq]) and returns this step's K/V as they came, so attention runs in the
-    sequence's own order while the store receives them in its layout."""
+    """A cache view that writes each query's K/V to its own slot (`slots` [B, Tq]; only where `rows` [B, Tq], when
+    given). `returns`: "own" hands back this call's K/V as they came (a prefill over the whole sequence in its own
+    order while the store receives it in its layout); "all": every slot of the store (queries attending to it)."""
 
-    def __init__(self, store: KVStore, slots: torch.Tensor):
-        self.store, self.slots = store, slots
+    def __init__(self, store: KVStore, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own"):
+        self.store, self.slots, self.rows, self.returns = store, slots, rows, returns
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         s, li = self.store, self.store.local(layer_idx)
         index = self.slots[:, None, :, None].expand_as(key_states)
-        s.k[li].scatter_(2, index, key_states)
-        s.v[li].scatter_(2, index, value_states)
+        for buf, new in ((s.k[li], key_states), (s.v[li], value_states)):
+            if self.rows is not None:
+                new = torch.where(self.rows[:, None, :, None], new, buf.gather(2, index))
+            buf.scatter_(2, index, new)
+        if self.returns == "all":
+            return s.k[li], s.v[li]
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -37,12 +37,6 @@ def visual_layout(visual_mask: torch.Tensor):
     return pos, valid, n
 
 
-def budget(n_visual: torch.Tensor, retention: float) -> torch.Tensor:
-    """k = ceil(retention * N) per row (at least one token)."""
-    k = torch.ceil(n_visual.double() * retention - 1e-9).long()
-    return torch.clamp(k, min=1)
-
-
 def topk_mask(scores: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Bool mask [B, N] of the k[b] highest scores among valid entries of each row (ties: lower index)."""
     s = scores.float().masked_fill(~valid, float("-inf"))
@@ -57,17 +51,15 @@ class PruneContext:
     cos/sin are in the slot layout of the stage before P (`slot_order` [B, S]: original index of each slot,
     negative on padding; None: slot = original index, the unpruned prefix)."""
 
-    def __init__(self, engine, prepared: PreparedInputs, layer: int, hidden: torch.Tensor, retention: float,
-                 store, probe_hidden: torch.Tensor | None, cos, sin, generator: torch.Generator,
+    def __init__(self, engine, prepared: PreparedInputs, layer: int, hidden: torch.Tensor, store=None,
+                 probe_hidden: torch.Tensor | None = None, cos=None, sin=None, gen: torch.Generator | None = None,
                  relevant: torch.Tensor | None = None, stage: int = 0, kept_before: torch.Tensor | None = None,
                  slot_order: torch.Tensor | None = None, slot_valid: torch.Tensor | None = None,
                  stage_hidden: torch.Tensor | None = None):
         self.engine, self.prepared, self.layer = engine, prepared, layer
         self.hidden = hidden  # [B, T, D] at the prune point (embeddings when layer == 0); stale for dropped tokens
-        self.retention = retention
         self.visual_pos, self.visual_valid, self.n_visual = visual_layout(prepared.visual_mask)
-        self.k = budget(self.n_visual, retention)
-        self.generator = generator
+        self.generator = gen
         self.relevant = relevant  # [B, Nmax] bool from outside (oracle)
         self.stage = stage
         self.kept_before = self.visual_valid if kept_before is None else kept_before
@@ -118,7 +110,7 @@ class PruneContext:
         store = self._store
         probs = self.engine.attention_rows(self.layer - 1, self._probe_hidden, self._slots(query_pos), store,
                                            self._cos, self._sin)
-        return self._to_positions(probs, store.order[:, store.lo: store.used])
+        return self._to_positions(probs, store.order[:, :store.filled])
 
     def own_attention(self, query_pos: torch.Tensor) -> torch.Tensor:
         """Attention probabilities [B, H, Q, T] of layer P itself, from its q and k on its input (the layer has

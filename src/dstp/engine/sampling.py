@@ -2,7 +2,8 @@
 
 Order and rules as in `generate()`: repetition penalty (greedy too), then, when sampling, temperature, top-k
 (ties at the k-th value kept), top-p (the smallest tail whose mass exceeds 1 - top_p is removed, at least one
-token kept), softmax, and a draw from a seeded generator."""
+token kept), softmax, and a draw: the inverse of the distribution's CDF at a uniform number the caller drew from
+its seeded generator (one per row and step), so that the step itself holds no generator and compiles."""
 from __future__ import annotations
 
 import torch
@@ -43,13 +44,14 @@ def warp(logits: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
 
 
 def next_token(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tensor | None,
-               generator: torch.Generator | None) -> torch.Tensor:
+               uniform: torch.Tensor | None) -> torch.Tensor:
     """The next token per row from logits [B, V]; `seen` marks tokens already in each sequence (needed only
-    when `config.repetition_penalty != 1`)."""
+    when `config.repetition_penalty != 1`); `uniform` [B] in [0, 1) (needed only when sampling)."""
     logits = logits.float()
     if config.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, config.repetition_penalty)
     if not config.do_sample:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(warp(logits, config), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = torch.softmax(warp(logits, config), dim=-1).cumsum(-1)
+    below = cdf < uniform[:, None] * cdf[:, -1:]  # tokens whose cumulative mass lies below the draw
+    return below.sum(-1).clamp(max=logits.shape[-1] - 1)

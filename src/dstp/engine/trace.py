@@ -15,6 +15,7 @@ class StepTrace:
     shift: torch.Tensor | None = None  # DSTP: a shift was detected at this step
     active: torch.Tensor | None = None  # DSTP: size of the active visual set
     revived: list[list[int]] | None = None  # DSTP: visual-token indices revived at this step, per row
+    revived_mask: torch.Tensor | None = None  # DSTP, while decoding: [B, Nmax] the window's revived set
 
 
 @dataclass
@@ -31,8 +32,6 @@ class Trace:
     memory_bytes: dict = field(default_factory=dict)  # the same by what it is for, + the prepared inputs (held_bytes)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    detect_seconds: float = 0.0
-    revive_seconds: float = 0.0
     new_tokens: list[int] = field(default_factory=list)
 
     def row(self, b: int) -> dict:

@@ -65,6 +65,8 @@ MODEL_ARGS = {
     "variant": ("str", "DSTPConfig.variant"),
     "dtype": ("str", "dstp.load(dtype=): auto, bfloat16, float16, float32"),
     "device": ("str", "dstp.load(device=) (default: cuda if present, else cpu; each process's own under accelerate)"),
+    "compile": ("bool", "dstp.load(compile=): the decoding step under torch.compile (CUDA graphs on CUDA)"),
+    "stop_check_every": ("int", "EngineConfig.stop_check_every: decoding steps between two checks for the end"),
     "batch_size": ("int", "requests per engine call (default: lmms-eval's --batch_size, 1)"),
     "max_new_tokens": ("int", "generation length for every task, instead of the task's"),
     "efficiency_out": ("str", "folder for the efficiency JSONL (default: lmms-eval's --output_path)"),
@@ -88,6 +90,7 @@ class Settings:
     seed: int
     efficiency_out: str | None
     system_prompt: str | None = None
+    engine: dstp.EngineConfig = dstp.EngineConfig()
 
 
 def _value(name: str, kind: str, value):
@@ -158,7 +161,8 @@ def parse_model_args(args: dict) -> Settings:
         from dstp.shiftbench import default_checkpoint_dir
 
         pretrained = str(default_checkpoint_dir())
-    return Settings(pretrained=pretrained, prune=prune, shift=shift, dtype=a.get("dtype", "auto"),
+    engine = dstp.EngineConfig(compile=a.get("compile", False), stop_check_every=a.get("stop_check_every", 8))
+    return Settings(pretrained=pretrained, prune=prune, shift=shift, dtype=a.get("dtype", "auto"), engine=engine,
                     device=a.get("device"), batch_size=a.get("batch_size", 1), max_new_tokens=a.get("max_new_tokens"),
                     seed=a.get("seed", 0), efficiency_out=a.get("efficiency_out"),
                     system_prompt=a.get("system_prompt") or None)
@@ -273,7 +277,7 @@ class DSTPModel(lmms):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if self._world_size > 1 else "cuda"
         elif device is None:
             device = "cpu"
-        self.pipe = dstp.load(s.pretrained, prune=s.prune, shift=s.shift, dtype=s.dtype, device=device)
+        self.pipe = dstp.load(s.pretrained, prune=s.prune, shift=s.shift, dtype=s.dtype, device=device, engine=s.engine)
         self._device = torch.device(device)
         self.efficiency_path = self._efficiency_path()
         self._records: list[dict] = []

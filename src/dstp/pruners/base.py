@@ -2,7 +2,7 @@
 
 A pruner declares its prune point `layer` (0 = before the LLM) and what it `needs`, and `select(ctx)`
 returns a `PruneResult` whose `kept` mask holds exactly k[b] = ceil(retention * N_b) visual tokens per
-row (visual tokens are addressed by rank 0..N_b-1 among the row's visual tokens, padded to Nmax).
+row (`self.budget(ctx)`: the retention is the pruner's own config) (visual tokens are addressed by rank 0..N_b-1 among the row's visual tokens, padded to Nmax).
 
 A multi-stage pruner also sets `stage_layers`, its schedule of increasing prune points (`layer` is the first);
 the engine calls `select(ctx)` once at each, with `ctx.stage` its index and `ctx.kept_before` the set the stage
@@ -80,13 +80,19 @@ class Pruner:
     def select(self, ctx: PruneContext) -> PruneResult:
         raise NotImplementedError
 
+    def budget(self, ctx: PruneContext, fraction: float | None = None) -> torch.Tensor:
+        """k[b] for this pruner's retention (or `fraction` of N, for a stage of a multi-stage schedule)."""
+        return budget(ctx.n_visual, self.config.retention if fraction is None else fraction)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer}, retention={self.config.retention})"
 
 
-def budget(ctx: PruneContext) -> torch.Tensor:
-    """k[b], never more than the row's visual tokens (a row without an image keeps nothing)."""
-    return torch.minimum(ctx.k, ctx.n_visual)
+def budget(n_visual: torch.Tensor, fraction: float) -> torch.Tensor:
+    """k[b] = ceil(fraction * N_b), at least one token, never more than the row's N_b (a row without an image keeps
+    nothing). The one budget rule: every pruner, DSTP's k and the vLLM plugin count with it."""
+    k = torch.ceil(n_visual.double() * fraction - 1e-9).long().clamp(min=1)
+    return torch.minimum(k, n_visual)
 
 
 def require(ctx: PruneContext, method: str, what: str, value, source: str | None = None):

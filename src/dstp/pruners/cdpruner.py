@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dstp.pruners.base import Pruner, PruneResult, budget
+from dstp.pruners.base import Pruner, PruneResult
 
 
 def instruction_mask(visual_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -82,4 +82,4 @@ class CDPruner(Pruner):
         visual, valid = ctx.visual_hidden(), ctx.visual_valid
         mask = instruction_mask(ctx.prepared.visual_mask, ctx.prepared.attention_mask)
         rel = relevance(visual, valid, ctx.hidden, mask)
-        return PruneResult(kept=conditional_dpp(visual, rel, valid, budget(ctx)))
+        return PruneResult(kept=conditional_dpp(visual, rel, valid, self.budget(ctx)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dstp.pruners.base import Pruner, PruneResult, budget
+from dstp.pruners.base import Pruner, PruneResult
 
 
 def cosine_distance(x: torch.Tensor) -> torch.Tensor:
@@ -41,4 +41,4 @@ class DivPrune(Pruner):
     needs = ("embeddings",)
 
     def select(self, ctx) -> PruneResult:
-        return PruneResult(kept=max_min_diverse(ctx.visual_hidden(), ctx.visual_valid, budget(ctx)))
+        return PruneResult(kept=max_min_diverse(ctx.visual_hidden(), ctx.visual_valid, self.budget(ctx)))

@@ -2,7 +2,7 @@
 from layer K on."""
 from __future__ import annotations
 
-from dstp.pruners.base import Pruner, PruneResult, budget, topk_mask
+from dstp.pruners.base import Pruner, PruneResult, topk_mask
 
 
 class FastV(Pruner):
@@ -12,4 +12,4 @@ class FastV(Pruner):
 
     def select(self, ctx) -> PruneResult:
         scores = ctx.visual_attention(ctx.last_token_position())[:, 0]  # [B, Nmax]
-        return PruneResult(kept=topk_mask(scores, ctx.visual_valid, budget(ctx)))
+        return PruneResult(kept=topk_mask(scores, ctx.visual_valid, self.budget(ctx)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from dstp.pruners.base import Pruner, PruneResult, budget, evenly_spaced, require
+from dstp.pruners.base import Pruner, PruneResult, evenly_spaced, require
 
 
 def oracle_mask(relevant: torch.Tensor, valid: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -22,4 +22,4 @@ class Oracle(Pruner):
     def select(self, ctx) -> PruneResult:
         relevant = require(ctx, self.name, "ctx.relevant", ctx.relevant,
                            "pass relevant= (which visual tokens each answer needs; ShiftBench knows them)")
-        return PruneResult(kept=oracle_mask(relevant.bool(), ctx.visual_valid, budget(ctx)))
+        return PruneResult(kept=oracle_mask(relevant.bool(), ctx.visual_valid, self.budget(ctx)))

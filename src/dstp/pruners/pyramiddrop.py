@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from dstp.engine.prune_context import budget as ceil_budget
 from dstp.errors import ConfigError
 from dstp.pruners.base import Pruner, PruneResult, check_shrinking, depth_scaled_layer, stage_points, topk_mask
 
@@ -50,9 +49,9 @@ class PyramidDrop(Pruner):
 
     def select(self, ctx) -> PruneResult:
         before = ctx.kept_before & ctx.visual_valid
-        ratio = (self.ratios or stage_ratios(ctx.retention, len(self.stage_layers)))[ctx.stage]
+        ratio = (self.ratios or stage_ratios(self.config.retention, len(self.stage_layers)))[ctx.stage]
         if ratio >= 1.0:
             return PruneResult(kept=before)
         score = ctx.visual_attention(ctx.last_token_position(), own=True)[:, 0]  # [B, Nmax]
-        k = torch.minimum(ceil_budget(ctx.n_visual, ratio), before.sum(-1))
+        k = torch.minimum(self.budget(ctx, ratio), before.sum(-1))
         return PruneResult(kept=topk_mask(score, before, k))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dstp.pruners.base import Pruner, PruneResult, budget, topk_mask
+from dstp.pruners.base import Pruner, PruneResult, topk_mask
 
 
 def random_scores(n_visual: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -20,4 +20,4 @@ class Random(Pruner):
 
     def select(self, ctx) -> PruneResult:
         scores = random_scores(ctx.n_visual.cpu(), ctx.generator).to(ctx.visual_valid.device)
-        return PruneResult(kept=topk_mask(scores, ctx.visual_valid, budget(ctx)))
+        return PruneResult(kept=topk_mask(scores, ctx.visual_valid, self.budget(ctx)))

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import torch
 
-from dstp.engine.prune_context import budget as ceil_budget
 from dstp.errors import ConfigError
 from dstp.pruners.base import (Pruner, PruneResult, check_shrinking, depth_scaled_layer, stage_points,
                                topk_mask)
@@ -164,14 +163,14 @@ class SparseVLM(Pruner):
 
     def select(self, ctx) -> PruneResult:
         before = ctx.kept_before & ctx.visual_valid
-        fractions = self.fractions or stage_fractions(ctx.retention)
+        fractions = self.fractions or stage_fractions(self.config.retention)
         if fractions[ctx.stage] >= 1.0:
             return PruneResult(kept=before)
         cand, cvalid = candidate_raters(ctx.prepared, ctx.visual_pos)
         raters = select_raters(ctx.prepared.inputs_embeds, ctx.visual_pos, ctx.visual_valid, cand, cvalid)
         att = ctx.visual_attention(cand)  # [B, Q, N] head mean, this stage's layer P-1, tokens present
         score = (att * raters[..., None]).sum(1) / raters.sum(-1, keepdim=True).clamp(min=1)
-        k = torch.minimum(ceil_budget(ctx.n_visual, fractions[ctx.stage]), before.sum(-1) - 1).clamp(min=0)
+        k = torch.minimum(self.budget(ctx, fractions[ctx.stage]), before.sum(-1) - 1).clamp(min=0)
         keep = topk_mask(score, before, k)
         centres, hidden = recycle(score, ctx.visual_hidden(), before & ~keep)
         return PruneResult(kept=keep | centres, hidden=hidden)

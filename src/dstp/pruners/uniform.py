@@ -2,7 +2,7 @@
 (rank (2i+1)N // 2k for i < k, so k = 1 keeps the middle token and k = N keeps all)."""
 from __future__ import annotations
 
-from dstp.pruners.base import Pruner, PruneResult, budget, evenly_spaced
+from dstp.pruners.base import Pruner, PruneResult, evenly_spaced
 
 
 class Uniform(Pruner):
@@ -10,4 +10,4 @@ class Uniform(Pruner):
     default_layer = 0
 
     def select(self, ctx) -> PruneResult:
-        return PruneResult(kept=evenly_spaced(ctx.visual_valid, budget(ctx)))
+        return PruneResult(kept=evenly_spaced(ctx.visual_valid, self.budget(ctx)))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dstp.errors import ConfigError
-from dstp.pruners.base import Pruner, PruneResult, budget
+from dstp.pruners.base import Pruner, PruneResult
 
 
 def share(k: int, counts: list[int]) -> list[int]:
@@ -99,7 +99,7 @@ class VisionZip(Pruner):
 
     def select(self, ctx) -> PruneResult:
         vision = require_internals(ctx, self.name)
-        k, n = budget(ctx).tolist(), ctx.n_visual.tolist()
+        k, n = self.budget(ctx).tolist(), ctx.n_visual.tolist()
         kept = torch.zeros(ctx.batch, ctx.nmax, dtype=torch.bool, device=ctx.visual_valid.device)
         hidden = ctx.visual_hidden().clone()
         offsets = torch.tensor([0] + n[:-1]).cumsum(0).tolist()

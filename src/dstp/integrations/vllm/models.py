@@ -207,7 +207,7 @@ class _PrunedImages:
     def _dstp_select(self, embeddings: torch.Tensor, relative, image: int, vision=None) -> torch.Tensor:
         """[N, W] -> [k, W + POSITION_CHANNELS]: the kept (or merged) rows, each with its relative position
         appended. `image`: the image's index in this call (its instruction); `vision`: its encoder internals."""
-        index, merged = keep(self._dstp_pruner, self._dstp.retention, self._dstp.prune.seed,
+        index, merged = keep(self._dstp_pruner, self._dstp.prune.seed,
                              self._dstp_features(embeddings), self._dstp_instruction(image), vision)
         rows = embeddings[index]
         if merged is not None:  # merged tokens replace the LLM-input part (Qwen3-VL: DeepStack stays the target's)

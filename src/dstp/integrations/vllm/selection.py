@@ -24,7 +24,7 @@ DIGIT = 128  # every integer below 256 is exact in bfloat16 and float16
 POSITION_CHANNELS = 6  # 3 axes x 2 digits: relative positions up to DIGIT**2 - 1 = 16383 per axis
 
 
-def keep(pruner, retention: float, seed: int, embeddings: torch.Tensor, instruction: torch.Tensor | None = None,
+def keep(pruner, seed: int, embeddings: torch.Tensor, instruction: torch.Tensor | None = None,
          vision=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sorted indices [k] of the visual tokens `pruner` keeps from one image's embeddings [N, D] (the LLM's input
     embeddings of those tokens), their merged rows [k, D] or None where the pruner only selects).
@@ -43,7 +43,7 @@ def keep(pruner, retention: float, seed: int, embeddings: torch.Tensor, instruct
                               position_ids=torch.arange(T, device=device)[None],
                               next_position=torch.tensor([T], device=device), visual_mask=visual, vision=vision)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    ctx = PruneContext(None, prepared, 0, row, retention, None, None, None, None, generator)
+    ctx = PruneContext(None, prepared, 0, row, gen=generator)
     result = pruner.select(ctx)
     index = result.kept[0].nonzero()[:, 0]
     merged = None if result.hidden is None else result.hidden[0, index].to(embeddings.dtype)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from dstp.config import PruneConfig
-from dstp.engine.prune_context import budget
+from dstp.pruners.base import budget
 from dstp.errors import ConfigError
 from dstp.pruners import PRUNERS, get_pruner
 
@@ -74,7 +74,7 @@ class Settings:
         """k = ceil(retention * N) visual tokens of an image of N (at least 1), as dstp's engine counts them."""
         if n_visual <= 0:
             return 0
-        return min(n_visual, int(budget(torch.tensor([n_visual]), self.prune.retention)[0]))
+        return int(budget(torch.tensor([n_visual]), self.prune.retention)[0])
 
     def pruner(self, n_layers: int):
         return get_pruner(self.prune, n_layers)
