@@ -32,20 +32,26 @@ def run(adapter, prepared, engine_config, method=None, source=None, n=12, **gen)
     pruner = get_pruner(PruneConfig(method, 0.333), adapter.n_layers) if method else None
     policy = ShiftPolicy(DSTPConfig(source=source, force_every=3, window=2, variant="random"), pruner.layer) \
         if source else None
+    relevant = prepared.visual_mask.new_ones(prepared.inputs_embeds.shape[0], int(prepared.n_visual.max())) \
+        if method == "oracle" else None
+    relevant = relevant if relevant is None else relevant.index_fill(1, torch.arange(0, relevant.shape[1], 2), False)
     return engine.generate(prepared, GenerationConfig(max_new_tokens=n, **gen), pruner=pruner, shift=policy,
-                           return_logits=True)
+                           relevant=relevant, return_logits=True)
 
 
 CASES = [(None, None), ("fastv", None), ("fastv", "store"), ("fastv", "recompute"), ("divprune", "recompute"),
          ("visionzip", "store"), ("sparsevlm", "recompute"), ("pyramiddrop", "store"), ("cdpruner", None),
-         ("random", "recompute"), ("uniform", None)]
+         ("random", "recompute"), ("uniform", None), ("oracle", "store")]
 
 
+@pytest.mark.parametrize("batch", ["padded", "one"])
 @pytest.mark.parametrize("method,source", CASES)
-def test_one_graph_and_eager_tokens(llava, method, source):
+def test_one_graph_and_eager_tokens(llava, method, source, batch):
     """fullgraph=True fails on any graph break; the compiled step (dynamo's graph, run as traced) gives the eager
-    step's tokens and logits."""
+    step's tokens and logits; a batch of three rows with left padding, and one row."""
     _, adapter, prepared = llava
+    if batch == "one":
+        prepared = adapter.prepare(tm.llava_batch([4]))
     counter = CompileCounter()
     eager = run(adapter, prepared, EngineConfig(), method, source)
     compiled = run(adapter, prepared, EngineConfig(compile=True, compile_backend=counter), method, source)
