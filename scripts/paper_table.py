@@ -12,7 +12,7 @@ the shipped ShiftBench model (what tests/test_lmms_eval.py checks for one cell):
 
     dstp shiftbench export --out /tmp/sb --n 20
     HF_DATASETS_OFFLINE=1 python scripts/paper_table.py --out /tmp/sb_grid --include-path /tmp/sb \\
-        --models "$(python -c 'import dstp.shiftbench as s; print(s.default_checkpoint_dir())')" \\
+        --models "$(python -c 'import dstp.lab.shiftbench as s; print(s.default_checkpoint_dir())')" \\
         --tasks shiftbench --methods fastv --retentions 0.333 --dtype float32 --device cpu
 
 See docs/paper.md for what each benchmark needs. Not run here on the real checkpoints (no GPU, no hub access).

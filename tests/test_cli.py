@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from dstp.cli import main
-from dstp.shiftbench import generate_samples
-from dstp.shiftbench.processor import ShiftBenchProcessor
-from dstp.shiftbench.train import TrainConfig, build_model
+from dstp.lab.shiftbench import generate_samples
+from dstp.lab.shiftbench.processor import ShiftBenchProcessor
+from dstp.lab.shiftbench.train import TrainConfig, build_model
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_generate_prints_answer_and_trace(model_dir, image_file, capsys, tmp_pat
 
 
 def test_generate_oracle_on_shiftbench(model_dir, image_file, tmp_path):
-    from dstp.shiftbench.inputs import relevant_cells
+    from dstp.lab.shiftbench.inputs import relevant_cells
 
     path, prompt = image_file
     code = run_cli(["generate", "--model", model_dir, "--image", path, "--prompt", prompt, "--prune", "oracle",
@@ -183,7 +183,7 @@ def test_analyze_warns_about_steps_beyond_the_answer(tmp_path, capsys):
 
 
 def test_shiftbench_sample_writes_renders_and_prompts_that_generate_accepts(tmp_path, capsys):
-    from dstp.shiftbench.processor import ShiftBenchProcessor
+    from dstp.lab.shiftbench.processor import ShiftBenchProcessor
 
     out = tmp_path / "s"
     assert run_cli(["shiftbench", "sample", "--out", str(out), "--n", "2", "--hops", "3"]) == 0
@@ -206,7 +206,7 @@ def test_shiftbench_sample_writes_renders_and_prompts_that_generate_accepts(tmp_
     (["--model", "/no/such/dir"], "checkpoint not found"),
 ])
 def test_revival_check_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
-    from dstp.shiftbench.revival_check import main as revival_main
+    from dstp.lab.shiftbench.revival_check import main as revival_main
 
     assert run_main(revival_main, argv) == 2
     err = capsys.readouterr().err.strip()
@@ -227,8 +227,8 @@ def run_main(fn, argv):
     (["SHIPPED", "--eval-n", "0"], "--eval-n must be >= 1"),
 ])
 def test_model_card_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
-    from dstp.shiftbench import default_checkpoint_dir
-    from dstp.shiftbench.card import main as card_main
+    from dstp.lab.shiftbench import default_checkpoint_dir
+    from dstp.lab.shiftbench.card import main as card_main
 
     names = {"EMPTY": str(tmp_path), "SHIPPED": str(default_checkpoint_dir())}
     assert run_main(card_main, [names.get(a, a) for a in argv]) == 2

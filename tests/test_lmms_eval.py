@@ -26,8 +26,8 @@ else:
 
 import dstp
 from dstp.errors import ConfigError, InputError
-from dstp.shiftbench import TASKS, default_checkpoint_dir, generate_samples
-from dstp.shiftbench.tasks import parse_answer
+from dstp.lab.shiftbench import TASKS, default_checkpoint_dir, generate_samples
+from dstp.lab.shiftbench.tasks import parse_answer
 
 SEED, N = 11, 3  # pair and walk get 2 of 3 here; N odd: the 2-process run pads a rank (copies neither run nor recorded)
 CKPT = str(default_checkpoint_dir())
@@ -43,7 +43,7 @@ dataset_kwargs:
     test: {data}
 test_split: test
 output_type: generate_until_multi_round
-doc_to_visual: !function dstp.shiftbench.export.doc_to_visual
+doc_to_visual: !function dstp.lab.shiftbench.export.doc_to_visual
 doc_to_text: !function chain_utils.doc_to_text
 doc_to_target: answer
 process_results: !function chain_utils.process_results
@@ -61,8 +61,8 @@ metadata:
 
 CHAIN_UTILS = '''\
 """A walk asked as one lookup per round: round r looks up the cell round r - 1 answered."""
-from dstp.shiftbench.export import doc_to_visual
-from dstp.shiftbench.tasks import parse_answer
+from dstp.lab.shiftbench.export import doc_to_visual
+from dstp.lab.shiftbench.tasks import parse_answer
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None, round_idx=None, previous_output=None, previous_round_info=None):
@@ -178,7 +178,7 @@ def _conv(sample, image_first=True):
 
 
 def test_chat_template_renders_the_bench_prompts_left_padded():
-    from dstp.shiftbench.processor import ShiftBenchProcessor
+    from dstp.lab.shiftbench.processor import ShiftBenchProcessor
 
     proc = ShiftBenchProcessor.from_pretrained(CKPT)
     samples = [s for t in TASKS for s in generate_samples(t, 2, seed=5)]
@@ -203,7 +203,7 @@ def test_chat_template_renders_the_bench_prompts_left_padded():
     ([{"role": "user", "content": [{"type": "text", "text": "<image> lookup r1c1"}]}], "holds '<image>'"),
 ])
 def test_chat_template_bad_conversations_one_line(conv, needle):
-    from dstp.shiftbench.processor import ShiftBenchProcessor
+    from dstp.lab.shiftbench.processor import ShiftBenchProcessor
 
     proc = ShiftBenchProcessor.from_pretrained(CKPT)
     two = [{"role": "user", "content": [_conv(generate_samples("lookup", 1, 0)[0])[0]["content"][0]] * 2}]
@@ -327,7 +327,7 @@ def test_loglikelihood_names_the_task():
 # ---- registration, and `import dstp` without the integration ---------------------------------------------
 REGISTRATION = f"""
 import importlib, sys
-import dstp, dstp.shiftbench.export, dstp.cli
+import dstp, dstp.lab.shiftbench.export, dstp.cli
 dstp.load({CKPT!r})
 bad = sorted(m for m in sys.modules if m.split(".")[0] == "lmms_eval" or m.startswith("dstp.integrations"))
 assert not bad, bad  # import dstp (and using it) never imports the integration
@@ -398,7 +398,7 @@ def test_multi_round_follows_the_task_protocol(single_run, exported, pipe):
     _, out = single_run
     _, samples, records = _outputs(out)
     rows = [json.loads(line) for line in (exported / "walk.jsonl").read_text().splitlines()]
-    from dstp.shiftbench.export import doc_to_visual
+    from dstp.lab.shiftbench.export import doc_to_visual
 
     for doc, got in zip(rows, samples["shiftbench_chain"]):
         rounds = got["filtered_resps"]

@@ -398,9 +398,9 @@ def test_dstp_composes_with_pre_llm_pruners(llava_family, method):
 def test_visionzip_and_cdpruner_on_shiftbench():
     """ShiftBench's per-cell front end: VisionZip on its stand-ins (feature norm, features as keys, identity
     projector); CDPruner on the prompt's embeddings after the image."""
-    from dstp.shiftbench import generate_samples
-    from dstp.shiftbench.processor import ShiftBenchProcessor
-    from dstp.shiftbench.train import TrainConfig, build_model
+    from dstp.lab.shiftbench import generate_samples
+    from dstp.lab.shiftbench.processor import ShiftBenchProcessor
+    from dstp.lab.shiftbench.train import TrainConfig, build_model
 
     processor = ShiftBenchProcessor.build()
     model = build_model(TrainConfig(seed=3), processor).eval()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from dstp.shiftbench import TASKS, check_answer, default_checkpoint_dir, evaluate, generate_samples, load_shiftbench
-from dstp.shiftbench.processor import ShiftBenchProcessor
-from dstp.shiftbench.render import GRID_LINE, PALETTE, render_grid
-from dstp.shiftbench.symbols import cell_name, parse_cell_name
+from dstp.lab.shiftbench import TASKS, check_answer, default_checkpoint_dir, evaluate, generate_samples, load_shiftbench
+from dstp.lab.shiftbench.processor import ShiftBenchProcessor
+from dstp.lab.shiftbench.render import GRID_LINE, PALETTE, render_grid
+from dstp.lab.shiftbench.symbols import cell_name, parse_cell_name
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_shipped_checkpoint_is_the_default_recipe():
     import json
     from dataclasses import asdict
 
-    from dstp.shiftbench.train import TrainConfig
+    from dstp.lab.shiftbench.train import TrainConfig
 
     record = json.loads((default_checkpoint_dir() / "training_record.json").read_text())
     default = json.loads(json.dumps(asdict(TrainConfig(seed=record["seed"]))))
@@ -191,7 +191,7 @@ def test_shipped_checkpoint_is_the_default_recipe():
 
 
 def test_layers_below_a_deeper_reader_start_as_frozen_identities():
-    from dstp.shiftbench.train import TrainConfig, build_model, lower_lr_scale
+    from dstp.lab.shiftbench.train import TrainConfig, build_model, lower_lr_scale
 
     cfg = TrainConfig(layers=4, read_layer=2, freeze_below_steps=10, below_ramp_steps=10)
     model = build_model(cfg, ShiftBenchProcessor.build())
@@ -209,7 +209,7 @@ def test_default_recipe_retraces_the_shipped_training_log():
     # the first optimiser steps of `dstp shiftbench train --seed 0` against the shipped checkpoint's own log
     import json
 
-    from dstp.shiftbench.train import TrainConfig, start_run, train_step
+    from dstp.lab.shiftbench.train import TrainConfig, start_run, train_step
 
     logged = [json.loads(line) for line in (default_checkpoint_dir() / "train_log.jsonl").open()][1:4]
     torch.set_num_threads(2)
@@ -225,7 +225,7 @@ def test_training_hides_only_visual_tokens_no_question_needs():
     # the pruning-robustness augmentation: a uniform random share of the unneeded cells, never a needed one
     import numpy as np
 
-    from dstp.shiftbench.train import Packer, TrainConfig
+    from dstp.lab.shiftbench.train import Packer, TrainConfig
 
     cfg = TrainConfig(hide_rows=1.0, hide_max=0.9)
     processor = ShiftBenchProcessor.build(cfg.grid_size, cfg.cell_pixels)
@@ -257,7 +257,7 @@ def test_revival_check_counts_are_consistent():
     # token's cell" are the same event; every count is bounded by the steps whose read was pruned
     import dstp
     from dstp.config import DSTPConfig, PruneConfig
-    from dstp.shiftbench.revival_check import named_cell, revival_check
+    from dstp.lab.shiftbench.revival_check import named_cell, revival_check
 
     assert named_cell("r3c7", 12) == 43 and named_cell("same", 12) is None
     pipe = dstp.load(str(default_checkpoint_dir()), prune=PruneConfig("fastv", 0.111), shift=DSTPConfig())
@@ -380,7 +380,7 @@ def test_batch_shape_problems_are_named(shipped, walk3):
 
 
 def test_pointers_and_needed_cells_read_back_from_a_render():
-    from dstp.shiftbench.inputs import read_pointers, relevant_cells
+    from dstp.lab.shiftbench.inputs import read_pointers, relevant_cells
 
     for task in TASKS:
         for s in generate_samples(task, 5, seed=2):
@@ -390,7 +390,7 @@ def test_pointers_and_needed_cells_read_back_from_a_render():
 
 def test_evaluation_helpers_reject_bad_arguments_before_running(shipped):
     from dstp.errors import ConfigError
-    from dstp.shiftbench.evaluation import prefill_recall, pruned_accuracy
+    from dstp.lab.shiftbench.evaluation import prefill_recall, pruned_accuracy
 
     model, proc = shipped
     with pytest.raises(ConfigError, match="n must be >= 1"):
@@ -409,7 +409,7 @@ def test_revival_check_with_the_oracle_finds_no_pruned_read():
     # the oracle keeps every cell a walk needs (revival_check passes them), so no step misses its read
     import dstp
     from dstp.config import DSTPConfig, PruneConfig
-    from dstp.shiftbench.revival_check import revival_check
+    from dstp.lab.shiftbench.revival_check import revival_check
 
     pipe = dstp.load(str(default_checkpoint_dir()), prune=PruneConfig("oracle", 0.111), shift=DSTPConfig())
     assert revival_check(pipe, "walk", n=6, seed=5, batch_size=6)["missing_reads"] == 0

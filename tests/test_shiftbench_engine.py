@@ -4,9 +4,9 @@ import torch
 from dstp.config import GenerationConfig
 from dstp.engine.engine import Engine
 from dstp.models.registry import adapter_for_model
-from dstp.shiftbench import generate_samples
-from dstp.shiftbench.processor import ShiftBenchProcessor
-from dstp.shiftbench.train import TrainConfig, build_model
+from dstp.lab.shiftbench import generate_samples
+from dstp.lab.shiftbench.processor import ShiftBenchProcessor
+from dstp.lab.shiftbench.train import TrainConfig, build_model
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from dstp.engine.engine import Engine, GenerationOutput
 from dstp.engine.trace import Trace
 from dstp.errors import ConfigError, InputError, UnsupportedModelError
 from dstp.models.base import Adapter
-from dstp.models.registry import adapter_for_config, adapter_for_model
+from dstp.models.registry import adapter_for_config, adapter_for_model, load_plugin
 
 
 @dataclass
@@ -138,11 +138,13 @@ def first_line(error: Exception) -> str:
 
 def load_config(source: str, hub: dict):
     """The checkpoint's config: a local directory as such, anything else resolved by transformers (hub id,
-    local cache, `HF_HUB_OFFLINE`)."""
+    local cache, `HF_HUB_OFFLINE`). A model type that an adapter outside the library serves (the lab's ShiftBench
+    model) has that adapter's module imported first (`load_plugin`), which registers the model with transformers."""
     import transformers
 
     local = os.path.isdir(source)
     try:
+        load_plugin(transformers.PretrainedConfig.get_config_dict(source, **hub)[0].get("model_type"))
         return transformers.AutoConfig.from_pretrained(source, **hub)
     except (OSError, ValueError) as e:
         if local:
@@ -173,8 +175,6 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
     Returns a `Pipeline` with `.chat(conversations)` and `.generate(images, prompts)`.
     """
     import transformers
-
-    import dstp.shiftbench.modeling  # noqa: F401  registers the ShiftBench model with transformers' Auto classes
 
     source = os.fspath(model_id_or_path)
     if not isinstance(source, str) or not source.strip():

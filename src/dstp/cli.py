@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["shiftbench", "train"]:
-        from dstp.shiftbench.train import main as train_main
+        from dstp.lab.shiftbench.train import main as train_main
 
         return train_main(argv[2:])
     parser = build_parser()
@@ -182,11 +182,11 @@ def _dispatch(args) -> int:
 
         return run_speed_cli(args)
     if args.command == "shiftbench" and args.shiftbench_command == "sample":
-        from dstp.shiftbench.sample import run_sample_cli
+        from dstp.lab.shiftbench.sample import run_sample_cli
 
         return run_sample_cli(args)
     if args.command == "shiftbench" and args.shiftbench_command == "export":
-        from dstp.shiftbench.export import run_export_cli
+        from dstp.lab.shiftbench.export import run_export_cli
 
         return run_export_cli(args)
     raise AssertionError(args.command)

@@ -22,7 +22,7 @@ def open_image(path: str) -> Image.Image:
 
 
 def default_model() -> str:
-    from dstp.shiftbench import default_checkpoint_dir
+    from dstp.lab.shiftbench import default_checkpoint_dir
 
     return str(default_checkpoint_dir())
 
@@ -57,7 +57,7 @@ def oracle_relevant(pipe, images, prompt: str):
     """`--prune oracle`: the visual tokens the answer needs, which only a ShiftBench question names."""
     if pipe.adapter.family != "shiftbench":
         raise ConfigError("--prune oracle needs the cells the answer needs; only ShiftBench prompts say so")
-    from dstp.shiftbench.inputs import relevant_mask
+    from dstp.lab.shiftbench.inputs import relevant_mask
 
     if len(images) != 1:
         raise InputError("a ShiftBench prompt takes exactly one --image")

@@ -297,7 +297,7 @@ def context_limit(adapter) -> int | None:
 def analysis_input(args):
     """(image as an array, prompt): the given ones, or a 4-hop ShiftBench walk."""
     if args.image is None:
-        from dstp.shiftbench import generate_samples
+        from dstp.lab.shiftbench import generate_samples
 
         seed = DEFAULT_SAMPLE_SEED if args.seed is None else args.seed
         sample = generate_samples("walk", 1, seed=seed, hops=4)[0]

@@ -66,7 +66,7 @@ def _variants(cfg: BenchConfig) -> list[tuple[str, str, DSTPConfig | None]]:
 
 def load_pipeline(model: str | None):
     import dstp
-    from dstp.shiftbench import default_checkpoint_dir
+    from dstp.lab.shiftbench import default_checkpoint_dir
 
     path = model or str(default_checkpoint_dir())
     if model is None and not os.path.isfile(os.path.join(path, "config.json")):
@@ -75,7 +75,7 @@ def load_pipeline(model: str | None):
 
 
 def prepare_task(pipe: Pipeline, task: str, cfg: BenchConfig) -> TaskData:
-    from dstp.shiftbench import generate_samples
+    from dstp.lab.shiftbench import generate_samples
 
     samples = generate_samples(task, cfg.n, seed=cfg.seed)
     longest = max(len(s.target.split()) for s in samples)
@@ -94,7 +94,7 @@ def prepare_task(pipe: Pipeline, task: str, cfg: BenchConfig) -> TaskData:
 
 def run_config(pipe: Pipeline, data: TaskData, prune: PruneConfig | None, shift: DSTPConfig | None, seed: int):
     """Generate every sample of a task under one configuration; per-sample outcomes and cost totals."""
-    from dstp.shiftbench import check_answer
+    from dstp.lab.shiftbench import check_answer
 
     p = Pipeline(pipe.adapter, prune=prune, shift=shift)
     gen = GenerationConfig(max_new_tokens=data.max_new_tokens, seed=seed)
@@ -290,7 +290,7 @@ QUICK = dict(n=24, methods=("fastv", "divprune"), retentions=(0.333,))
 def bench_config(args) -> BenchConfig:
     """The configuration the flags ask for, checked before anything runs."""
     from dstp.bench.ablation import ablation_config
-    from dstp.shiftbench import TASKS
+    from dstp.lab.shiftbench import TASKS
 
     check_flags(args)
     cfg = BenchConfig(model=args.model, seed=args.seed, batch_size=args.batch_size, prune_layer=args.prune_layer)

@@ -44,9 +44,13 @@ from lmms_eval.protocol import ChatMessages
 
 import dstp
 from dstp.errors import ConfigError, DSTPError
+from dstp.pruners import PRUNERS
 
 MODEL_NAME = "dstp"
 DEFAULT_MAX_NEW_TOKENS = 128  # when neither the task nor model_args set a generation length
+# `pretrained` when model_args leave it out: the shipped ShiftBench model, package data of the lab
+# (`dstp.lab.shiftbench.default_checkpoint_dir()`); `dstp.load` imports the lab only when it loads it
+SHIPPED_MODEL = str(Path(dstp.__file__).resolve().parent / "lab" / "shiftbench" / "checkpoint")
 
 # model arg -> (kind, what it sets)
 MODEL_ARGS = {
@@ -134,8 +138,6 @@ def parse_model_args(args: dict) -> Settings:
         if stray:
             raise ConfigError(f"{stray[0]}={a[stray[0]]} needs a pruner: add prune=METHOD")
     else:
-        from dstp.pruners import PRUNERS
-
         if method not in PRUNERS:
             raise ConfigError(f"unknown prune method {method!r}; known: none, {', '.join(sorted(PRUNERS))}")
         if "retention" not in a:
@@ -155,15 +157,9 @@ def parse_model_args(args: dict) -> Settings:
     for key in ("batch_size", "max_new_tokens"):
         if key in a and a[key] < 1:
             raise ConfigError(f"model_args {key}={a[key]}: must be >= 1")
-    if "pretrained" in a:
-        pretrained = a["pretrained"]
-    else:
-        from dstp.shiftbench import default_checkpoint_dir
-
-        pretrained = str(default_checkpoint_dir())
     engine = dstp.EngineConfig(compile=a.get("compile", False), stop_check_every=a.get("stop_check_every", 8))
-    return Settings(pretrained=pretrained, prune=prune, shift=shift, dtype=a.get("dtype", "auto"), engine=engine,
-                    device=a.get("device"), batch_size=a.get("batch_size", 1), max_new_tokens=a.get("max_new_tokens"),
+    return Settings(pretrained=a.get("pretrained", SHIPPED_MODEL), prune=prune, shift=shift, engine=engine,
+                    dtype=a.get("dtype", "auto"), device=a.get("device"), batch_size=a.get("batch_size", 1), max_new_tokens=a.get("max_new_tokens"),
                     seed=a.get("seed", 0), efficiency_out=a.get("efficiency_out"),
                     system_prompt=a.get("system_prompt") or None)
 

@@ -1,5 +1,11 @@
-"""Which adapter serves which checkpoint, decided from the config's architecture."""
+"""Which adapter serves which checkpoint, decided from the config's architecture.
+
+The library's families are registered here. An adapter that lives outside the library (the lab's ShiftBench model,
+`dstp.lab.shiftbench`) registers itself when its module is imported; `load_plugin` imports that module, named by
+the `dstp.adapters` entry point under the checkpoint's model_type, when such a checkpoint is loaded."""
 from __future__ import annotations
+
+from importlib.metadata import entry_points
 
 from dstp.errors import UnsupportedModelError
 from dstp.models.base import Adapter
@@ -7,7 +13,6 @@ from dstp.models.internvl import InternVLAdapter
 from dstp.models.llava import LlavaAdapter
 from dstp.models.llava_next import LlavaNextAdapter
 from dstp.models.qwen2_5_vl import Qwen25VLAdapter
-from dstp.models.shiftbench import ShiftBenchAdapter
 from dstp.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -19,8 +24,22 @@ def register(adapter: type[Adapter]) -> type[Adapter]:
     return adapter
 
 
-for _a in (LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, ShiftBenchAdapter):
+for _a in (LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter):
     register(_a)
+
+
+PLUGIN_GROUP = "dstp.adapters"  # entry points: model_type -> the module that registers its adapter when imported
+
+
+def load_plugin(model_type) -> bool:
+    """Import the module the `dstp.adapters` entry point names for `model_type` (if there is one and no registered
+    adapter serves that type yet): True if one was imported."""
+    if not isinstance(model_type, str) or any(a.model_type == model_type for a in ADAPTERS.values()):
+        return False
+    found = list(entry_points(group=PLUGIN_GROUP, name=model_type))
+    for point in found:
+        point.load()
+    return bool(found)
 
 
 def supported() -> list[str]:

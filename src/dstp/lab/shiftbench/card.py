@@ -1,5 +1,5 @@
 """Write ``MODEL_CARD.md`` next to trained weights: recipe, seed, time, accuracy, where the model
-reads the image. ``python -m dstp.shiftbench.card DIR [--eval-n N]`` rewrites it from ``DIR/training_record.json`` (after
+reads the image. ``python -m dstp.lab.shiftbench.card DIR [--eval-n N]`` rewrites it from ``DIR/training_record.json`` (after
 re-running the final evaluation on N fresh samples per task, if given; ``--notes-only`` re-renders it from the saved
 analysis and NOTES.md without running the model)."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dstp.pruners import depth_scaled_layer
-from dstp.shiftbench.evaluation import lookup_attention_profile, prefill_recall
+from dstp.lab.shiftbench.evaluation import lookup_attention_profile, prefill_recall
 
 RETENTIONS = (0.666, 0.333, 0.111)
 
@@ -26,7 +26,7 @@ def analysis(model, processor) -> dict:
     }
     result = {"layers": layers, "fastv_k": k, "profile": profile, "fastv_recall": recall}
     try:
-        from dstp.shiftbench.evaluation import pruned_accuracy
+        from dstp.lab.shiftbench.evaluation import pruned_accuracy
     except ImportError:  # an older evaluation module already imported by the training process
         return result
     result["pruned_accuracy"] = [
@@ -49,7 +49,7 @@ def render_card(record: dict, result: dict) -> str:
     lines = [
         "# ShiftBench model (dstp)",
         "",
-        "Tiny vision-language model for the ShiftBench testbed (`dstp.shiftbench`): a per-cell patch embedder",
+        "Tiny vision-language model for the ShiftBench testbed (`dstp.lab.shiftbench`): a per-cell patch embedder",
         "(MLP over each 8x8-pixel cell, plus a learned per-cell coordinate table) in front of a HF `LlamaModel`",
         f"decoder ({cfg['layers']} layers, hidden {cfg['hidden']}, {cfg['heads']} heads, rope_theta 1e6) and an `lm_head`.",
         "A text token naming a cell (`r3c7`) gets that cell's coordinate embedding added to its word embedding",
@@ -57,7 +57,7 @@ def render_card(record: dict, result: dict) -> str:
         "",
         "## Reproduce",
         "",
-        f"`dstp shiftbench train --seed {record['seed']}` (= `python -m dstp.shiftbench.train --seed {record['seed']}`)",
+        f"`dstp shiftbench train --seed {record['seed']}` (= `python -m dstp.lab.shiftbench.train --seed {record['seed']}`)",
         f"on 2 CPU threads, torch {record['torch']}: {record['steps_done']} steps in {record['train_seconds'] / 60:.1f} min",
         "(wall time, on a shared 2-core machine). This directory is that command's output.",
         "",
@@ -146,7 +146,7 @@ def render_files(out_dir: Path, result: dict, notes: str | None = None) -> None:
     (Path(out_dir) / "MODEL_CARD.md").write_text(card)
 
 
-PROG = "python -m dstp.shiftbench.card"
+PROG = "python -m dstp.lab.shiftbench.card"
 
 
 def build_parser():
@@ -192,8 +192,8 @@ def main(argv=None) -> int:
 
 
 def rewrite_card(out_dir: Path, eval_n: int | None) -> int:
-    from dstp.shiftbench import load_shiftbench
-    from dstp.shiftbench.train import FINAL_EVAL_SEED, final_metrics
+    from dstp.lab.shiftbench import load_shiftbench
+    from dstp.lab.shiftbench.train import FINAL_EVAL_SEED, final_metrics
 
     torch.set_num_threads(2)
     model, processor = load_shiftbench(out_dir)

@@ -19,10 +19,10 @@ import json
 from pathlib import Path
 
 from dstp.errors import ConfigError
-from dstp.shiftbench.tasks import IMAGE_TOKEN, TASKS, Sample, check_answer, generate_samples
+from dstp.lab.shiftbench.tasks import IMAGE_TOKEN, TASKS, Sample, check_answer, generate_samples
 
 GROUP = "shiftbench"
-HOOKS = "dstp.shiftbench.export"  # lmms-eval's `!function` imports these by module path
+HOOKS = "dstp.lab.shiftbench.export"  # lmms-eval's `!function` imports these by module path
 
 TASK_YAML = """\
 # Written by `dstp shiftbench export --seed {seed} --n {n}`: the samples `dstp bench --seed {seed} --n {n}` evaluates.

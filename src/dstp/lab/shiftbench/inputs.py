@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from dstp.errors import InputError
-from dstp.shiftbench.render import GRID_LINE, PALETTE
-from dstp.shiftbench.symbols import cell_name, parse_cell_name
-from dstp.shiftbench.tasks import IMAGE_TOKEN, MAX_HOPS
+from dstp.lab.shiftbench.render import GRID_LINE, PALETTE
+from dstp.lab.shiftbench.symbols import cell_name, parse_cell_name
+from dstp.lab.shiftbench.tasks import IMAGE_TOKEN, MAX_HOPS
 
 ARGUMENTS = {"lookup": ("CELL",), "pair": ("CELL", "CELL"), "walk": ("HOPS", "CELL")}
 ANSWER_WORDS = ("=", "same", "diff")

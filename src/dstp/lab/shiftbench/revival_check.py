@@ -1,4 +1,4 @@
-"""Does DSTP revive the cell the model needs next? ``python -m dstp.shiftbench.revival_check --task pair``.
+"""Does DSTP revive the cell the model needs next? ``python -m dstp.lab.shiftbench.revival_check --task pair``.
 
 For every decoding step at which the cell the next answer token must read (``Sample.token_reads``) was pruned
 at prefill, and the answer so far matches the reference, count: whether DSTP shifted, whether it revived the
@@ -15,9 +15,9 @@ from PIL import Image
 
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
 from dstp.errors import ConfigError, DSTPError
-from dstp.shiftbench.symbols import parse_cell_name
+from dstp.lab.shiftbench.symbols import parse_cell_name
 
-PROG = "python -m dstp.shiftbench.revival_check"
+PROG = "python -m dstp.lab.shiftbench.revival_check"
 
 
 def named_cell(word: str, grid_size: int) -> int | None:
@@ -27,7 +27,7 @@ def named_cell(word: str, grid_size: int) -> int | None:
 
 @torch.no_grad()
 def revival_check(pipe, task: str, n: int = 200, seed: int = 1234, batch_size: int = 50) -> dict:
-    from dstp.shiftbench import generate_samples
+    from dstp.lab.shiftbench import generate_samples
 
     samples = generate_samples(task, n, seed=seed)
     grid = samples[0].pointers.shape[0]
@@ -84,7 +84,7 @@ def check_args(args) -> None:
 
 def main(argv=None) -> int:
     import dstp
-    from dstp.shiftbench import default_checkpoint_dir
+    from dstp.lab.shiftbench import default_checkpoint_dir
 
     args = build_parser().parse_args(argv)
     try:

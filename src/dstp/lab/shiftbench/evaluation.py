@@ -8,8 +8,8 @@ import torch
 
 from dstp.config import check_retention
 from dstp.errors import ConfigError
-from dstp.shiftbench.symbols import parse_cell_name
-from dstp.shiftbench.tasks import check_answer, generate_samples
+from dstp.lab.shiftbench.symbols import parse_cell_name
+from dstp.lab.shiftbench.tasks import check_answer, generate_samples
 
 PRUNED_METHODS = ("fastv", "random", "prompt_oracle")
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dstp.errors import ConfigError
-from dstp.shiftbench.render import MAX_GRID, render_grid
-from dstp.shiftbench.symbols import cell_name
+from dstp.lab.shiftbench.render import MAX_GRID, render_grid
+from dstp.lab.shiftbench.symbols import cell_name
 
 TASKS = ("lookup", "pair", "walk")
 MIN_GRID = 2

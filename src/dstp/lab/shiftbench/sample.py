@@ -14,9 +14,9 @@ from dstp.errors import ConfigError
 
 def shipped_max_hops() -> int:
     """The longest walk the shipped model was trained on (what its processor accepts)."""
-    from dstp.shiftbench import default_checkpoint_dir
-    from dstp.shiftbench.processor import trained_max_hops
-    from dstp.shiftbench.tasks import MAX_HOPS
+    from dstp.lab.shiftbench import default_checkpoint_dir
+    from dstp.lab.shiftbench.processor import trained_max_hops
+    from dstp.lab.shiftbench.tasks import MAX_HOPS
 
     return trained_max_hops(default_checkpoint_dir()) or MAX_HOPS
 
@@ -35,7 +35,7 @@ def check_sample_args(args) -> None:
 
 def write_samples(out: str, task: str, n: int, seed: int, hops: int | None = None) -> list[dict]:
     """n samples of `task` as out/<task>_<i>.png plus out/prompts.jsonl; the rows written."""
-    from dstp.shiftbench import generate_samples
+    from dstp.lab.shiftbench import generate_samples
 
     samples = generate_samples(task, n, seed=seed, hops=hops)
     os.makedirs(out, exist_ok=True)

@@ -1,11 +1,18 @@
-"""The ShiftBench testbed model (`ShiftBenchForConditionalGeneration`): a per-cell patch embedder in front of
-a Llama decoder, 1-D RoPE. Its own `embed_multimodal` builds the input embeddings."""
+"""dstp's adapter of the ShiftBench testbed model (`ShiftBenchForConditionalGeneration`): a per-cell patch embedder
+in front of a Llama decoder, 1-D RoPE. Its own `embed_multimodal` builds the input embeddings.
+
+It lives in the lab, beside the model, and registers itself with the library's adapter registry when imported
+(`import dstp.lab.shiftbench` does; `dstp.load` of a ShiftBench checkpoint does it through the `dstp.adapters`
+entry point): loading any other model never imports it."""
 from __future__ import annotations
 
 import torch
 
 from dstp.errors import InputError
+from dstp.lab.shiftbench.modeling import ShiftBenchForConditionalGeneration
+from dstp.lab.shiftbench.processor import ShiftBenchProcessor
 from dstp.models.base import Adapter, PreparedInputs, scores_by_row, text_positions
+from dstp.models.registry import register
 from dstp.models.vision import VisionInternals, consecutive_slots, pad_views
 
 
@@ -13,19 +20,15 @@ class ShiftBenchAdapter(Adapter):
     family = "shiftbench"
     architectures = ("ShiftBenchForConditionalGeneration",)
     model_type = "dstp_shiftbench"
-    example_id = "dstp.shiftbench.default_checkpoint_dir()"
+    example_id = "dstp.lab.shiftbench.default_checkpoint_dir()"
     vision_internals = True
 
     @classmethod
     def model_class(cls, architecture: str):
-        from dstp.shiftbench.modeling import ShiftBenchForConditionalGeneration
-
         return ShiftBenchForConditionalGeneration
 
     @classmethod
     def load_processor(cls, path, **hub_kwargs):
-        from dstp.shiftbench.processor import ShiftBenchProcessor
-
         try:
             return ShiftBenchProcessor.from_pretrained(path, **hub_kwargs)
         except OSError as e:
@@ -76,3 +79,6 @@ class ShiftBenchAdapter(Adapter):
         views = pad_views(list(torch.split(features, counts)))
         return VisionInternals(hidden=views, keys=views, scores=views.float().norm(dim=-1),
                                slot=consecutive_slots(counts, features.device), project=lambda x: x)
+
+
+register(ShiftBenchAdapter)

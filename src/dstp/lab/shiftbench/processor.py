@@ -11,9 +11,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BatchFeature, PreTrainedTokenizerFast
 
 from dstp.errors import InputError
-from dstp.shiftbench.inputs import check_prompt, image_array
-from dstp.shiftbench.symbols import cell_name
-from dstp.shiftbench.tasks import IMAGE_TOKEN, MAX_HOPS, TASKS
+from dstp.lab.shiftbench.inputs import check_prompt, image_array
+from dstp.lab.shiftbench.symbols import cell_name
+from dstp.lab.shiftbench.tasks import IMAGE_TOKEN, MAX_HOPS, TASKS
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", IMAGE_TOKEN)
 PROCESSOR_CONFIG = "shiftbench_processor.json"

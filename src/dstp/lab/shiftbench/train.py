@@ -1,4 +1,4 @@
-"""Train the ShiftBench model from a seed: ``python -m dstp.shiftbench.train --seed 0 [--out DIR]``.
+"""Train the ShiftBench model from a seed: ``python -m dstp.lab.shiftbench.train --seed 0 [--out DIR]``.
 
 Recipe (DESIGN §7, choices explained in checkpoint/NOTES.md): 16-layer d=128 Llama decoder, per-cell patch
 embedder, one token per cell tied to the cell's coordinate embedding. Heads of layer 2 start as a
@@ -22,11 +22,11 @@ import torch
 from transformers import LlamaConfig
 
 from dstp.errors import ConfigError
-from dstp.shiftbench.evaluation import evaluate
-from dstp.shiftbench.modeling import ShiftBenchConfig, ShiftBenchForConditionalGeneration
-from dstp.shiftbench.processor import ShiftBenchProcessor, images_to_pixels
-from dstp.shiftbench.render import render_grid
-from dstp.shiftbench.tasks import DEFAULT_WALK_HOPS, make_question, random_grid
+from dstp.lab.shiftbench.evaluation import evaluate
+from dstp.lab.shiftbench.modeling import ShiftBenchConfig, ShiftBenchForConditionalGeneration
+from dstp.lab.shiftbench.processor import ShiftBenchProcessor, images_to_pixels
+from dstp.lab.shiftbench.render import render_grid
+from dstp.lab.shiftbench.tasks import DEFAULT_WALK_HOPS, make_question, random_grid
 
 FINAL_EVAL_SEED = 20261124  # generate_samples stream; training draws from its own stream
 PROBE_EVAL_SEED = 777
@@ -328,7 +328,7 @@ def train(cfg: TrainConfig, out_dir: Path, log_path: Path, minutes: float | None
     log.close()
     (out_dir / "training_record.json").write_text(json.dumps({"config": asdict(cfg), **record}, indent=2) + "\n")
     print(json.dumps(record, indent=2))
-    from dstp.shiftbench.card import write_card
+    from dstp.lab.shiftbench.card import write_card
 
     write_card(out_dir, model, processor)
     return record
