@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dstp.bench import speed
+from dstp.lab.bench import speed
 from dstp.config import GenerationConfig
 from dstp.engine.engine import Engine
 from dstp.models.registry import adapter_for_model

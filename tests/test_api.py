@@ -8,7 +8,7 @@ from transformers import CLIPImageProcessor, LlamaConfig, LlavaProcessor, PreTra
 
 import dstp
 from dstp import ConfigError, DSTPConfig, InputError, PruneConfig, UnsupportedModelError
-import tiny_models as tm
+from dstp.lab.bench import tiny_models as tm
 
 
 def tiny_llava_processor():

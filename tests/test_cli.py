@@ -142,7 +142,7 @@ def test_bench_writes_records_and_plots(model_dir, tmp_path):
 
 
 def test_bench_writes_partial_results_after_every_run(model_dir, monkeypatch):
-    from dstp.bench import sweep
+    from dstp.lab.bench import sweep
 
     saved = []
     monkeypatch.setattr(sweep, "save", lambda records, out: saved.append(len(records)))
@@ -157,7 +157,7 @@ def test_bench_writes_partial_results_after_every_run(model_dir, monkeypatch):
     (["--quick", "--ablation"], "results/quick/ablation"), (["--quick", "--out", "x"], "x"),
 ])
 def test_quick_and_ablation_never_write_over_a_full_run(flags, folder):
-    from dstp.bench.sweep import output_dir
+    from dstp.lab.bench.sweep import output_dir
     from dstp.cli import build_parser
 
     assert output_dir(build_parser().parse_args(["bench", *flags])) == folder

@@ -15,7 +15,7 @@ from dstp.errors import ConfigError
 from dstp.models.registry import adapter_for_model
 from dstp.pruners import get_pruner
 from dstp.shift import ShiftPolicy
-import tiny_models as tm
+from dstp.lab.bench import tiny_models as tm
 
 
 @pytest.fixture(scope="module")

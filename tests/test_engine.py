@@ -7,19 +7,18 @@ from dstp.engine.engine import Engine
 from dstp.engine.prune_context import PruneResult
 from dstp.models.registry import adapter_for_model
 from reference import masked_reference_logits
-import tiny_models as tm
-import tiny_models_v3 as tm3
+from dstp.lab.bench import tiny_models as tm
 
 FAMILIES = {
     "llava": (tm.tiny_llava, lambda: tm.llava_batch([2]), lambda: tm.llava_batch([3, 7, 1])),
     "qwen2_5_vl": (tm.tiny_qwen2_5_vl, lambda: tm.qwen_batch([(8, 8)], [3]),
                    lambda: tm.qwen_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
-    "qwen3_vl": (tm3.tiny_qwen3_vl, lambda: tm3.qwen3_vl_batch([(8, 8)], [3]),
-                 lambda: tm3.qwen3_vl_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
+    "qwen3_vl": (tm.tiny_qwen3_vl, lambda: tm.qwen3_vl_batch([(8, 8)], [3]),
+                 lambda: tm.qwen3_vl_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
     "llava_next": (tm.tiny_llava_next, lambda: tm.llava_next_batch([(45, 45)], [2]),
                    lambda: tm.llava_next_batch([(30, 55), (60, 40), (45, 45)], [3, 7, 1])),
-    "internvl": (tm3.tiny_internvl, lambda: tm3.internvl_batch([2], [3]),
-                 lambda: tm3.internvl_batch([1, 3, 2], [4, 1, 6])),
+    "internvl": (tm.tiny_internvl, lambda: tm.internvl_batch([2], [3]),
+                 lambda: tm.internvl_batch([1, 3, 2], [4, 1, 6])),
 }
 
 

@@ -133,7 +133,7 @@ def single_run(exported, tmp_path_factory):
 def bench_records():
     from rich.console import Console
 
-    from dstp.bench.sweep import BenchConfig, run_bench
+    from dstp.lab.bench.sweep import BenchConfig, run_bench
 
     cfg = BenchConfig(methods=("fastv",), retentions=(0.333,), n=N, seed=SEED, shifts=("dstp",),
                       include_unpruned=False)

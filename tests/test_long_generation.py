@@ -11,7 +11,7 @@ from dstp.engine.engine import Engine
 from dstp.models.registry import adapter_for_model
 from dstp.pruners import get_pruner
 from dstp.shift import ShiftPolicy
-import tiny_models as tm
+from dstp.lab.bench import tiny_models as tm
 
 
 def run(adapter, prepared, pruner=None, shift=None, n=40):

@@ -4,14 +4,14 @@ bound without changing the tokens."""
 import pytest
 import torch
 
-from dstp.bench.memory import LiveTensorBytes, PeakMemory, storage_bytes
+from dstp.lab.bench.memory import LiveTensorBytes, PeakMemory, storage_bytes
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
 from dstp.errors import ConfigError
 from dstp.models.registry import adapter_for_model
 from dstp.pruners import get_pruner
 from dstp.shift import ShiftPolicy
-import tiny_models as tm
+from dstp.lab.bench import tiny_models as tm
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from reference import hf_layer
 from dstp.models.registry import adapter_for_model
 from dstp.shift import ShiftPolicy
 from test_engine import FAMILIES
-import tiny_models as tm
+from dstp.lab.bench import tiny_models as tm
 
 
 class FixedStages:

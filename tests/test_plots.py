@@ -5,7 +5,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dstp.bench.plots import _bars, _pruned_groups, _styles, plot_all  # noqa: E402
+from dstp.lab.bench.plots import _bars, _pruned_groups, _styles, plot_all  # noqa: E402
 
 
 def _records():

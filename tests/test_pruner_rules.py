@@ -18,7 +18,7 @@ from dstp.engine import engine as engine_module
 from dstp.engine.engine import Engine
 from dstp.models.registry import adapter_for_model
 from dstp.pruners import get_pruner
-import tiny_models as tm
+from dstp.lab.bench import tiny_models as tm
 
 SEEDS = (0, 1, 2)
 RETENTIONS = (0.666, 0.333, 0.111)

@@ -20,7 +20,7 @@ from dstp.models.registry import adapter_for_model
 from dstp.pruners import get_pruner
 from dstp.pruners.pyramiddrop import PyramidDrop
 from dstp.pruners.sparsevlm import SparseVLM
-import tiny_models as tm
+from dstp.lab.bench import tiny_models as tm
 
 LAYERS = 8
 SEEDS = (0, 1, 2)

@@ -18,7 +18,7 @@ from dstp.models.registry import adapter_for_model
 from dstp.pruners import PRUNERS, depth_scaled_layer, get_pruner
 from dstp.pruners.divprune import max_min_diverse
 from dstp.models.vision import VisionInternals, consecutive_slots, pad_views
-import tiny_models as tm
+from dstp.lab.bench import tiny_models as tm
 
 METHODS = sorted(PRUNERS)
 SINGLE_STAGE = [m for m in METHODS if not PRUNERS[m].multi_stage]  # multi-stage rules: test_pruner_rules_sparse.py

@@ -8,7 +8,7 @@ from dstp.config import GenerationConfig
 from dstp.engine.engine import Engine
 from dstp.models.registry import adapter_for_model
 from dstp.rvis import dips, events, relevance, report, shift_curve
-import tiny_models as tm
+from dstp.lab.bench import tiny_models as tm
 
 
 def test_relevance_matches_eager_output_attentions():

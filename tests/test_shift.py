@@ -8,7 +8,7 @@ from dstp.errors import ConfigError
 from dstp.models.registry import adapter_for_model
 from dstp.shift import ShiftPolicy
 from test_engine import FixedPruner
-import tiny_models as tm
+from dstp.lab.bench import tiny_models as tm
 
 
 @pytest.fixture(scope="module")

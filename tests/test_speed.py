@@ -9,9 +9,9 @@ import pathlib
 import pytest
 import torch
 
-from dstp.bench.real_config import build_real_batch, real_hf_config, real_image_layout, real_speed_config
-from dstp.bench.speed import HostSyncs, ROWS, build_batch
-from dstp.bench.speed_config import SCENARIOS, SMALL
+from dstp.lab.bench.real_config import build_real_batch, real_hf_config, real_image_layout, real_speed_config
+from dstp.lab.bench.speed import HostSyncs, ROWS, build_batch
+from dstp.lab.bench.speed_config import SCENARIOS, SMALL
 from dstp.cli import main
 
 REAL_CONFIGS = pathlib.Path(__file__).resolve().parent / "real_configs"

@@ -160,7 +160,7 @@ def _quiet_transformers():
 
 def _dispatch(args) -> int:
     if args.command == "fidelity":
-        from dstp.bench.fidelity import run_fidelity
+        from dstp.lab.bench.fidelity import run_fidelity
 
         rows = run_fidelity(new_tokens=args.new_tokens, out_path=args.out, device=args.device,
                             dtypes=tuple(args.dtypes))
@@ -170,7 +170,7 @@ def _dispatch(args) -> int:
 
         return run_generate(args)
     if args.command == "bench":
-        from dstp.bench.sweep import run_bench_cli
+        from dstp.lab.bench.sweep import run_bench_cli
 
         return run_bench_cli(args)
     if args.command == "analyze":
@@ -178,7 +178,7 @@ def _dispatch(args) -> int:
 
         return run_analyze_cli(args)
     if args.command == "speed":
-        from dstp.bench.speed import run_speed_cli
+        from dstp.lab.bench.speed import run_speed_cli
 
         return run_speed_cli(args)
     if args.command == "shiftbench" and args.shiftbench_command == "sample":

@@ -289,7 +289,7 @@ QUICK = dict(n=24, methods=("fastv", "divprune"), retentions=(0.333,))
 
 def bench_config(args) -> BenchConfig:
     """The configuration the flags ask for, checked before anything runs."""
-    from dstp.bench.ablation import ablation_config
+    from dstp.lab.bench.ablation import ablation_config
     from dstp.lab.shiftbench import TASKS
 
     check_flags(args)
@@ -346,7 +346,7 @@ def output_dir(args) -> str:
 
 
 def run_bench_cli(args) -> int:
-    from dstp.bench.plots import plot_all
+    from dstp.lab.bench.plots import plot_all
 
     cfg = bench_config(args)
     out = output_dir(args)
@@ -356,7 +356,7 @@ def run_bench_cli(args) -> int:
     console.print(f"writing to {out}/ (bench.json and bench.md after every run, plots at the end)")
     partial = lambda records: save(records, out)  # noqa: E731
     if args.ablation:
-        from dstp.bench.ablation import run_ablation
+        from dstp.lab.bench.ablation import run_ablation
 
         records = run_ablation(cfg, console, pipe, partial)
     else:

@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dstp.bench import tiny_models as tm
+from dstp.lab.bench import tiny_models as tm
 from dstp.config import GenerationConfig
 from dstp.engine.engine import Engine
 from dstp.errors import ConfigError

@@ -44,9 +44,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LogitsProcessor
 
 from dstp.api import first_line
-from dstp.bench.memory import PeakMemory
-from dstp.bench.real_config import REAL_IMAGE, build_real_batch, build_real_model, real_speed_config
-from dstp.bench.speed_config import SCENARIOS, SMALL, SpeedConfig
+from dstp.lab.bench.memory import PeakMemory
+from dstp.lab.bench.real_config import REAL_IMAGE, build_real_batch, build_real_model, real_speed_config
+from dstp.lab.bench.speed_config import SCENARIOS, SMALL, SpeedConfig
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
 from dstp.pruners.base import budget

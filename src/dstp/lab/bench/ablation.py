@@ -25,7 +25,7 @@ def ablation_runs(dstp: DSTPConfig) -> list[tuple[str, DSTPConfig]]:
 
 def run_ablation(cfg, console: Console, pipe=None, on_record=None) -> list[dict]:
     """Unpruned and vanilla pruners, then every DSTP run; `on_record(records so far)` after each run."""
-    from dstp.bench.sweep import load_pipeline, run_bench
+    from dstp.lab.bench.sweep import load_pipeline, run_bench
 
     pipe = pipe or load_pipeline(cfg.model)
     records: list[dict] = []

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from dstp.api import first_line
-from dstp.bench.speed_config import SpeedConfig
+from dstp.lab.bench.speed_config import SpeedConfig
 from dstp.errors import ConfigError, InputError, UnsupportedModelError
 
 # -- the `real` scenario: a random-weight model built from a published config.json --------------------------------
