@@ -54,7 +54,7 @@ import torch
 if not torch.cuda.is_available():
     sys.exit(f"gpu_check: torch {torch.__version__} sees no CUDA device (torch.version.cuda = {torch.version.cuda})")
 try:
-    import dstp.lab.bench.fidelity, dstp.lab.bench.speed, dstp.cli  # noqa: E401, F401
+    import dstp.lab.bench.fidelity, dstp.lab.bench.speed, dstp.lab.cli.main  # noqa: E401, F401
 except Exception as e:  # noqa: BLE001
     sys.exit(f"gpu_check: cannot import dstp from src/: {type(e).__name__}: {str(e).strip().splitlines()[0]}")
 PY
@@ -95,10 +95,10 @@ PY
 } | tee "$OUT/machine.txt"
 
 START=$SECONDS
-"$PY" -m dstp.cli fidelity --device cuda --dtypes float32,bfloat16 --out "$OUT/fidelity_cuda.json"
+"$PY" -m dstp.lab.cli fidelity --device cuda --dtypes float32,bfloat16 --out "$OUT/fidelity_cuda.json"
 FID=$?  # 1: some family not token-identical / not within 1e-5 (a finding, recorded in the JSON); 2: an error
 echo "gpu_check: fidelity exit $FID after $((SECONDS - START)) s"
-"$PY" -m dstp.cli speed --model-config "$CONFIG" --device cuda --dtype bfloat16 --sync-debug \
+"$PY" -m dstp.lab.cli speed --model-config "$CONFIG" --device cuda --dtype bfloat16 --sync-debug \
     ${SPEED_FLAGS[@]+"${SPEED_FLAGS[@]}"} --out "$OUT"
 SPEED=$?
 echo "gpu_check: speed exit $SPEED after $((SECONDS - START)) s in all"

@@ -144,7 +144,7 @@ def test_bad_inputs_are_one_line_dstp_errors(hub_models, tmp_path):
 
 
 def test_cli_generate_takes_a_hub_id_and_chat_input(hub_models, tmp_path, capsys):
-    from dstp.cli import main
+    from dstp.lab.cli.main import main
 
     paths = []
     for i, image in enumerate(sample_images(2, seed=9, sizes=[(40, 40), (64, 32)])):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dstp.cli import main
+from dstp.lab.cli.main import main
 from dstp.lab.shiftbench import generate_samples
 from dstp.lab.shiftbench.processor import ShiftBenchProcessor
 from dstp.lab.shiftbench.train import TrainConfig, build_model
@@ -157,8 +157,8 @@ def test_bench_writes_partial_results_after_every_run(model_dir, monkeypatch):
     (["--quick", "--ablation"], "results/quick/ablation"), (["--quick", "--out", "x"], "x"),
 ])
 def test_quick_and_ablation_never_write_over_a_full_run(flags, folder):
-    from dstp.lab.bench.sweep import output_dir
-    from dstp.cli import build_parser
+    from dstp.lab.cli.bench import output_dir
+    from dstp.lab.cli.main import build_parser
 
     assert output_dir(build_parser().parse_args(["bench", *flags])) == folder
 
@@ -206,7 +206,7 @@ def test_shiftbench_sample_writes_renders_and_prompts_that_generate_accepts(tmp_
     (["--model", "/no/such/dir"], "checkpoint not found"),
 ])
 def test_revival_check_bad_input_is_one_line_and_exit_2(argv, needle, capsys):
-    from dstp.lab.shiftbench.revival_check import main as revival_main
+    from dstp.lab.cli.revival_check import main as revival_main
 
     assert run_main(revival_main, argv) == 2
     err = capsys.readouterr().err.strip()
@@ -228,7 +228,7 @@ def run_main(fn, argv):
 ])
 def test_model_card_bad_input_is_one_line_and_exit_2(argv, needle, tmp_path, capsys):
     from dstp.lab.shiftbench import default_checkpoint_dir
-    from dstp.lab.shiftbench.card import main as card_main
+    from dstp.lab.cli.card import main as card_main
 
     names = {"EMPTY": str(tmp_path), "SHIPPED": str(default_checkpoint_dir())}
     assert run_main(card_main, [names.get(a, a) for a in argv]) == 2

@@ -39,7 +39,7 @@ def test_load_by_id_offline_and_chat_equals_generate(hub_models):
 
 
 def test_lmms_eval_command_line_on_shiftbench(tmp_path):
-    from dstp.cli import main
+    from dstp.lab.cli.main import main
     from dstp.lab.shiftbench import default_checkpoint_dir
 
     tasks = tmp_path / "tasks"

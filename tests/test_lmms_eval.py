@@ -109,7 +109,7 @@ def _outputs(out: Path) -> tuple[dict, dict, list[dict]]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> Path:
     """`dstp shiftbench export` (through dstp's own CLI) plus the multi-round task in a subfolder."""
-    from dstp.cli import main
+    from dstp.lab.cli.main import main
 
     folder = tmp_path_factory.mktemp("shiftbench_tasks")
     assert main(["shiftbench", "export", "--out", str(folder), "--seed", str(SEED), "--n", str(N)]) == 0
@@ -162,7 +162,7 @@ def test_export_writes_the_samples_dstp_bench_evaluates(exported):
 
 
 def test_export_bad_input_is_one_line(tmp_path, capsys):
-    from dstp.cli import main
+    from dstp.lab.cli.main import main
 
     assert main(["shiftbench", "export", "--out", str(tmp_path), "--n", "0"]) == 2
     assert main(["shiftbench", "export", "--out", str(tmp_path), "--tasks", "lookup,jump"]) == 2
@@ -327,7 +327,7 @@ def test_loglikelihood_names_the_task():
 # ---- registration, and `import dstp` without the integration ---------------------------------------------
 REGISTRATION = f"""
 import importlib, sys
-import dstp, dstp.lab.shiftbench.export, dstp.cli
+import dstp, dstp.lab.shiftbench.export, dstp.lab.cli.main
 dstp.load({CKPT!r})
 bad = sorted(m for m in sys.modules if m.split(".")[0] == "lmms_eval" or m.startswith("dstp.integrations"))
 assert not bad, bad  # import dstp (and using it) never imports the integration

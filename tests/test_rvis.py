@@ -7,6 +7,7 @@ import torch
 from dstp.config import GenerationConfig
 from dstp.engine.engine import Engine
 from dstp.models.registry import adapter_for_model
+from dstp.lab.bench.rvis_plots import heatmap_figure
 from dstp.rvis import dips, events, relevance, report, shift_curve
 from dstp.lab.bench import tiny_models as tm
 
@@ -73,8 +74,6 @@ def test_report_shift_curve_starts_at_one_and_masses_are_shares():
 
 
 def test_heatmaps_share_one_colour_scale_with_a_colorbar_and_cell_labels():
-    from dstp.rvis import heatmap_figure
-
     r = torch.zeros(3, 144)
     r[0, 5], r[1, 40], r[2, 100] = 0.75, 0.25, 0.0625  # (exact in float32); one panel alone would scale its own peak to full colour
     fig = heatmap_figure(np.zeros((96, 96, 3), np.uint8), r, [0, 1, 2], titles=["a", "b", "c"])

@@ -12,7 +12,7 @@ import torch
 from dstp.lab.bench.real_config import build_real_batch, real_hf_config, real_image_layout, real_speed_config
 from dstp.lab.bench.speed import HostSyncs, ROWS, build_batch
 from dstp.lab.bench.speed_config import SCENARIOS, SMALL
-from dstp.cli import main
+from dstp.lab.cli.main import main
 
 REAL_CONFIGS = pathlib.Path(__file__).resolve().parent / "real_configs"
 QWEN3_VL_4B = REAL_CONFIGS / "Qwen--Qwen3-VL-4B-Instruct"

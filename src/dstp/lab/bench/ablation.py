@@ -6,6 +6,7 @@ from dataclasses import replace
 from rich.console import Console
 
 from dstp.config import DSTPConfig
+from dstp.lab.bench.sweep import load_pipeline, run_bench
 
 VARIANTS = ("dstp", "random", "hard", "every_step", "all_tokens")
 TAUS = (0.5, 0.65, 0.75, 0.85, 0.95)
@@ -25,8 +26,6 @@ def ablation_runs(dstp: DSTPConfig) -> list[tuple[str, DSTPConfig]]:
 
 def run_ablation(cfg, console: Console, pipe=None, on_record=None) -> list[dict]:
     """Unpruned and vanilla pruners, then every DSTP run; `on_record(records so far)` after each run."""
-    from dstp.lab.bench.sweep import load_pipeline, run_bench
-
     pipe = pipe or load_pipeline(cfg.model)
     records: list[dict] = []
 

@@ -541,19 +541,3 @@ def print_speed(result: dict, console: Console | None = None):
         table.add_row(t["scenario"], t["what"], f"{t['value']:.2f}", f"{sign} {t['target']:.2f}",
                       "yes" if t["met"] else "NO")
     console.print(table)
-
-
-def run_speed_cli(args) -> int:
-    scenario = args.scenario or ("real" if args.model_config is not None else "both")
-    scenarios = tuple(SCENARIOS) if scenario == "both" else (scenario,)
-    result = run_speed(scenarios, device=args.device, dtype=args.dtype, small=args.small, repeats=args.repeats,
-                       new_tokens=args.new_tokens, sync_debug=args.sync_debug,
-                       profile_dir=args.out if args.profile else None, model_config=args.model_config,
-                       image=args.image, layers=args.layers, compile_static=not args.no_compile)
-    print_speed(result)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "speed.json")
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {path}")
-    return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -15,9 +15,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import dstp
 from dstp.api import Pipeline
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig, check_retention
 from dstp.errors import ConfigError
+from dstp.lab.shiftbench import check_answer, default_checkpoint_dir, generate_samples
 from dstp.pruners import PRUNERS, get_pruner
 from dstp.rvis import events, relevance, shift_curve
 
@@ -65,9 +67,6 @@ def _variants(cfg: BenchConfig) -> list[tuple[str, str, DSTPConfig | None]]:
 
 
 def load_pipeline(model: str | None):
-    import dstp
-    from dstp.lab.shiftbench import default_checkpoint_dir
-
     path = model or str(default_checkpoint_dir())
     if model is None and not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"the shipped ShiftBench checkpoint is missing at {path}: run `dstp shiftbench train`")
@@ -75,8 +74,6 @@ def load_pipeline(model: str | None):
 
 
 def prepare_task(pipe: Pipeline, task: str, cfg: BenchConfig) -> TaskData:
-    from dstp.lab.shiftbench import generate_samples
-
     samples = generate_samples(task, cfg.n, seed=cfg.seed)
     longest = max(len(s.target.split()) for s in samples)
     chunks = []
@@ -94,8 +91,6 @@ def prepare_task(pipe: Pipeline, task: str, cfg: BenchConfig) -> TaskData:
 
 def run_config(pipe: Pipeline, data: TaskData, prune: PruneConfig | None, shift: DSTPConfig | None, seed: int):
     """Generate every sample of a task under one configuration; per-sample outcomes and cost totals."""
-    from dstp.lab.shiftbench import check_answer
-
     p = Pipeline(pipe.adapter, prune=prune, shift=shift)
     gen = GenerationConfig(max_new_tokens=data.max_new_tokens, seed=seed)
     correct, texts, vis, shifts_per_answer = [], [], [], []
@@ -282,87 +277,3 @@ def save(records: list[dict], out: str) -> str:
     with open(os.path.join(out, "bench.md"), "w") as f:
         f.write(markdown(records))
     return path
-
-
-QUICK = dict(n=24, methods=("fastv", "divprune"), retentions=(0.333,))
-
-
-def bench_config(args) -> BenchConfig:
-    """The configuration the flags ask for, checked before anything runs."""
-    from dstp.lab.bench.ablation import ablation_config
-    from dstp.lab.shiftbench import TASKS
-
-    check_flags(args)
-    cfg = BenchConfig(model=args.model, seed=args.seed, batch_size=args.batch_size, prune_layer=args.prune_layer)
-    if args.quick:
-        cfg = replace(cfg, **QUICK)
-    if args.ablation:
-        cfg = ablation_config(cfg)
-    if args.tasks is not None:
-        bad = [t for t in args.tasks if t not in TASKS]
-        if bad:
-            raise ConfigError(f"unknown task {bad[0]!r}; known: {', '.join(TASKS)}")
-    explicit = dict(methods=args.methods, tasks=args.tasks, retentions=args.retentions, n=args.n)
-    cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in explicit.items() if v is not None})
-    check_config(cfg)
-    check_flag_combinations(args, cfg)
-    return cfg
-
-
-def check_flags(args) -> None:
-    if args.prune_layer is not None and args.prune_layer < 1:
-        raise ConfigError(f"--prune-layer must be >= 1 (layer 0 is before the LLM), got {args.prune_layer}")
-    if args.n is not None and args.n < 1:
-        raise ConfigError(f"--n must be >= 1, got {args.n}")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.out is not None and os.path.isfile(args.out):
-        raise ConfigError(f"--out {args.out} is a file, not a folder")
-
-
-def check_flag_combinations(args, cfg: BenchConfig) -> None:
-    """A flag that would change nothing in this combination is an error, not silently ignored."""
-    methods = [m for m in cfg.methods if m != "none"]
-    if methods and "none" in cfg.methods:
-        raise ConfigError(f"--methods none means the unpruned runs only, which every bench includes anyway: "
-                          f"--methods {','.join(methods)}")
-    if not methods and args.retentions is not None:
-        raise ConfigError("--retentions has no effect with --methods none (unpruned runs keep every token)")
-    if not methods and args.ablation:
-        raise ConfigError("--ablation compares DSTP variants on pruners: --methods needs at least one pruner")
-    inside = [m for m in methods if PRUNERS[m].default_layer > 0]
-    if args.prune_layer is not None and not inside:
-        within = sorted(m for m, p in PRUNERS.items() if p.default_layer > 0)
-        raise ConfigError(f"--prune-layer sets K of the pruners inside the LLM ({', '.join(within)}); "
-                          f"--methods {','.join(methods) or 'none'} has none of them")
-
-
-def output_dir(args) -> str:
-    """--out, else results/ (results/quick/ for --quick, never over a full run), + ablation/ for --ablation."""
-    if args.out is not None:
-        return args.out
-    base = os.path.join("results", "quick") if args.quick else "results"
-    return os.path.join(base, "ablation") if args.ablation else base
-
-
-def run_bench_cli(args) -> int:
-    from dstp.lab.bench.plots import plot_all
-
-    cfg = bench_config(args)
-    out = output_dir(args)
-    console = Console(width=150)
-    pipe = load_pipeline(cfg.model)
-    check_model(pipe, cfg)
-    console.print(f"writing to {out}/ (bench.json and bench.md after every run, plots at the end)")
-    partial = lambda records: save(records, out)  # noqa: E731
-    if args.ablation:
-        from dstp.lab.bench.ablation import run_ablation
-
-        records = run_ablation(cfg, console, pipe, partial)
-    else:
-        records = run_bench(cfg, console, pipe, partial)
-    print_table(records, console)
-    path = save(records, out)
-    plots = plot_all(records, out)
-    console.print(f"wrote {path}" + "".join(f", {p}" for p in plots))
-    return 0

@@ -1,18 +1,17 @@
-"""Write ``MODEL_CARD.md`` next to trained weights: recipe, seed, time, accuracy, where the model
-reads the image. ``python -m dstp.lab.shiftbench.card DIR [--eval-n N]`` rewrites it from ``DIR/training_record.json`` (after
-re-running the final evaluation on N fresh samples per task, if given; ``--notes-only`` re-renders it from the saved
-analysis and NOTES.md without running the model)."""
+"""Write ``MODEL_CARD.md`` next to trained weights: recipe, seed, time, accuracy, where the model reads the image.
+``python -m dstp.lab.cli.card DIR [--eval-n N]`` rewrites it from ``DIR/training_record.json`` (after re-running the
+final evaluation on N fresh samples per task, if given; ``--notes-only`` re-renders it from the saved analysis and
+NOTES.md without running the model)."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from dstp.pruners import depth_scaled_layer
-from dstp.lab.shiftbench.evaluation import lookup_attention_profile, prefill_recall
+from dstp.lab.shiftbench.evaluation import lookup_attention_profile, prefill_recall, pruned_accuracy
 
 RETENTIONS = (0.666, 0.333, 0.111)
 
@@ -25,10 +24,6 @@ def analysis(model, processor) -> dict:
         task: [prefill_recall(model, processor, task, r, layer=k - 1, n=200) for r in RETENTIONS] for task in ("lookup", "pair", "walk")
     }
     result = {"layers": layers, "fastv_k": k, "profile": profile, "fastv_recall": recall}
-    try:
-        from dstp.lab.shiftbench.evaluation import pruned_accuracy
-    except ImportError:  # an older evaluation module already imported by the training process
-        return result
     result["pruned_accuracy"] = [
         {"method": method, "prune_layer": layer, "retention": r, "task": task,
          "accuracy": pruned_accuracy(model, processor, task, r, layer, method, n=100)}
@@ -57,7 +52,7 @@ def render_card(record: dict, result: dict) -> str:
         "",
         "## Reproduce",
         "",
-        f"`dstp shiftbench train --seed {record['seed']}` (= `python -m dstp.lab.shiftbench.train --seed {record['seed']}`)",
+        f"`dstp shiftbench train --seed {record['seed']}` (= `python -m dstp.lab.cli.train --seed {record['seed']}`)",
         f"on 2 CPU threads, torch {record['torch']}: {record['steps_done']} steps in {record['train_seconds'] / 60:.1f} min",
         "(wall time, on a shared 2-core machine). This directory is that command's output.",
         "",
@@ -144,69 +139,3 @@ def render_files(out_dir: Path, result: dict, notes: str | None = None) -> None:
         notes = notes_file.read_text().strip()
     card = card.replace("NOTES_PLACEHOLDER", notes or "")
     (Path(out_dir) / "MODEL_CARD.md").write_text(card)
-
-
-PROG = "python -m dstp.lab.shiftbench.card"
-
-
-def build_parser():
-    from dstp.cli import OneLineParser
-
-    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("dir", type=Path, help="a trained ShiftBench checkpoint directory")
-    parser.add_argument("--eval-n", type=int, default=None,
-                        help="re-run the final evaluation with this many fresh samples per task / hop count first")
-    parser.add_argument("--notes-only", action="store_true",
-                        help="re-render the card from the saved analysis.json and NOTES.md (no model run)")
-    return parser
-
-
-def check_args(args) -> None:
-    from dstp.errors import ConfigError
-
-    if not args.dir.is_dir():
-        raise ConfigError(f"{args.dir} is not a directory")
-    needed = ["training_record.json"] + (["analysis.json"] if args.notes_only else ["config.json"])
-    missing = [f for f in needed if not (args.dir / f).is_file()]
-    if missing:
-        raise ConfigError(f"{args.dir} has no {', '.join(missing)}: is it a trained ShiftBench checkpoint?")
-    if args.notes_only and args.eval_n is not None:
-        raise ConfigError("--eval-n re-runs the model, which --notes-only does not: pass one of them")
-    if args.eval_n is not None and args.eval_n < 1:
-        raise ConfigError(f"--eval-n must be >= 1, got {args.eval_n}")
-
-
-def main(argv=None) -> int:
-    from dstp.errors import DSTPError
-
-    args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-    except DSTPError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    if args.notes_only:
-        render_files(args.dir, json.loads((args.dir / "analysis.json").read_text()))
-        return 0
-    return rewrite_card(args.dir, args.eval_n)
-
-
-def rewrite_card(out_dir: Path, eval_n: int | None) -> int:
-    from dstp.lab.shiftbench import load_shiftbench
-    from dstp.lab.shiftbench.train import FINAL_EVAL_SEED, final_metrics
-
-    torch.set_num_threads(2)
-    model, processor = load_shiftbench(out_dir)
-    if eval_n is not None:
-        path = out_dir / "training_record.json"
-        record = json.loads(path.read_text())
-        with torch.no_grad():
-            record.update(eval_n=eval_n, eval_seed=FINAL_EVAL_SEED, metrics=final_metrics(model, processor, eval_n))
-        path.write_text(json.dumps(record, indent=2) + "\n")
-        print(json.dumps(record["metrics"]))
-    print(json.dumps(write_card(out_dir, model, processor), indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

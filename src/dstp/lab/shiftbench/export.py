@@ -1,4 +1,5 @@
-"""`dstp shiftbench export`: ShiftBench samples as a local dataset plus lmms-eval task YAMLs.
+"""What `dstp shiftbench export` writes (its command: lab/cli/shiftbench.py): ShiftBench samples as a local dataset
+plus lmms-eval task YAMLs.
 
 The samples are the very ones `dstp bench --seed S --n N` evaluates (`generate_samples(task, N, seed=S)`), the
 generation length is the one it uses (the task's longest target + 2 tokens, greedy), and the tasks score with
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from PIL import Image
 
 from dstp.errors import ConfigError
 from dstp.lab.shiftbench.tasks import IMAGE_TOKEN, TASKS, Sample, check_answer, generate_samples
@@ -84,8 +87,6 @@ def question(sample: Sample) -> str:
 
 def export(out, seed: int = 1234, n: int = 500, tasks=TASKS) -> dict:
     """Write the dataset and task YAMLs into `out`; returns the manifest (also written as manifest.json)."""
-    from PIL import Image
-
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ConfigError(f"n must be an integer >= 1, got {n!r}")
     bad = [t for t in tasks if t not in TASKS]
@@ -119,8 +120,6 @@ def export(out, seed: int = 1234, n: int = 500, tasks=TASKS) -> dict:
 # ---- the hooks the task YAMLs name (lmms-eval calls them with one dataset row, `doc`) ----
 
 def doc_to_visual(doc: dict) -> list:
-    from PIL import Image
-
     with Image.open(doc["image"]) as im:
         return [im.convert("RGB")]
 
@@ -138,11 +137,3 @@ def sample_of(doc: dict) -> Sample:
 def process_results(doc: dict, results: list) -> dict:
     """Exact-answer accuracy of one generated text, scored by `check_answer` as `dstp bench` scores it."""
     return {"accuracy": float(check_answer(sample_of(doc), results[0]))}
-
-
-def run_export_cli(args) -> int:
-    manifest = export(args.out, seed=args.seed, n=args.n, tasks=tuple(args.tasks) if args.tasks else TASKS)
-    names = ", ".join(manifest["tasks"])
-    print(f"wrote {args.out}: {names} (group {GROUP}), {args.n} samples each, seed {args.seed}; "
-          f"run: lmms-eval --model dstp --tasks {GROUP} --include_path {Path(args.out).resolve()} ...")
-    return 0

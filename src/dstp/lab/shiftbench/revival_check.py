@@ -1,4 +1,4 @@
-"""Does DSTP revive the cell the model needs next? ``python -m dstp.lab.shiftbench.revival_check --task pair``.
+"""Does DSTP revive the cell the model needs next? ``python -m dstp.lab.cli.revival_check --task pair``.
 
 For every decoding step at which the cell the next answer token must read (``Sample.token_reads``) was pruned
 at prefill, and the answer so far matches the reference, count: whether DSTP shifted, whether it revived the
@@ -7,17 +7,12 @@ those two cells are the same; in a pair they are not.
 """
 from __future__ import annotations
 
-import json
-import sys
-
 import torch
 from PIL import Image
 
-from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
-from dstp.errors import ConfigError, DSTPError
+from dstp.config import GenerationConfig
 from dstp.lab.shiftbench.symbols import parse_cell_name
-
-PROG = "python -m dstp.lab.shiftbench.revival_check"
+from dstp.lab.shiftbench.tasks import generate_samples
 
 
 def named_cell(word: str, grid_size: int) -> int | None:
@@ -27,8 +22,6 @@ def named_cell(word: str, grid_size: int) -> int | None:
 
 @torch.no_grad()
 def revival_check(pipe, task: str, n: int = 200, seed: int = 1234, batch_size: int = 50) -> dict:
-    from dstp.lab.shiftbench import generate_samples
-
     samples = generate_samples(task, n, seed=seed)
     grid = samples[0].pointers.shape[0]
     counts = dict(missing_reads=0, shifted=0, revived_needed=0, revived_fed_cell=0)
@@ -55,51 +48,3 @@ def revival_check(pipe, task: str, n: int = 200, seed: int = 1234, batch_size: i
                 counts["revived_needed"] += bool(need & revived)
                 counts["revived_fed_cell"] += named_cell(ref[t], grid) in revived
     return {"task": task, "n": n, "seed": seed, **counts}
-
-
-def build_parser():
-    from dstp.cli import OneLineParser
-    from dstp.pruners import PRUNERS
-
-    parser = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="pair", choices=("pair", "walk"),
-                        help="pair or walk (a lookup reads its cell at prefill, before any decoding step)")
-    parser.add_argument("--method", default="fastv", choices=sorted(PRUNERS), help="the pruner DSTP runs on")
-    parser.add_argument("--retention", type=float, default=0.333)
-    parser.add_argument("--n", type=int, default=200, help="samples")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--model", default=None, help="model dir (default: the shipped ShiftBench model)")
-    return parser
-
-
-def check_args(args) -> None:
-    from dstp.config import check_retention
-
-    check_retention(args.retention)
-    if args.retention == 1.0:
-        raise ConfigError("--retention 1 keeps every visual token: nothing is pruned, so there is nothing to revive")
-    if args.n < 1:
-        raise ConfigError(f"--n must be >= 1, got {args.n}")
-
-
-def main(argv=None) -> int:
-    import dstp
-    from dstp.lab.shiftbench import default_checkpoint_dir
-
-    args = build_parser().parse_args(argv)
-    try:
-        check_args(args)
-        pipe = dstp.load(args.model or str(default_checkpoint_dir()), prune=PruneConfig(args.method, args.retention),
-                         shift=DSTPConfig())
-        if pipe.adapter.family != "shiftbench":
-            raise ConfigError(f"revival_check needs a ShiftBench model; {args.model} is a {pipe.adapter.family} model")
-        result = revival_check(pipe, args.task, args.n, args.seed)
-    except DSTPError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"method": args.method, "retention": args.retention, **result}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Train the ShiftBench model from a seed: ``python -m dstp.lab.shiftbench.train --seed 0 [--out DIR]``.
+"""Train the ShiftBench model from a seed: ``dstp shiftbench train --seed 0 [--out DIR]`` (lab/cli/train.py).
 
 Recipe (DESIGN §7, choices explained in checkpoint/NOTES.md): 16-layer d=128 Llama decoder, per-cell patch
 embedder, one token per cell tied to the cell's coordinate embedding. Heads of layer 2 start as a
@@ -10,7 +10,6 @@ and cosine decay, several questions packed per image (dense supervision), curric
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -19,9 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import LlamaConfig
 
 from dstp.errors import ConfigError
+from dstp.lab.shiftbench.card import write_card
 from dstp.lab.shiftbench.evaluation import evaluate
 from dstp.lab.shiftbench.modeling import ShiftBenchConfig, ShiftBenchForConditionalGeneration
 from dstp.lab.shiftbench.processor import ShiftBenchProcessor, images_to_pixels
@@ -283,8 +284,6 @@ def train_step(run: Run, step: int) -> tuple[float, float, int]:
 
 
 def train(cfg: TrainConfig, out_dir: Path, log_path: Path, minutes: float | None = None, eval_n: int = 500) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     torch.set_num_threads(cfg.threads)
     run = start_run(cfg)
     model, processor = run.model, run.processor
@@ -328,40 +327,5 @@ def train(cfg: TrainConfig, out_dir: Path, log_path: Path, minutes: float | None
     log.close()
     (out_dir / "training_record.json").write_text(json.dumps({"config": asdict(cfg), **record}, indent=2) + "\n")
     print(json.dumps(record, indent=2))
-    from dstp.lab.shiftbench.card import write_card
-
     write_card(out_dir, model, processor)
     return record
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="dstp shiftbench train", description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default runs/shiftbench-seed<S>)")
-    parser.add_argument("--log", type=Path, default=None, help="JSON-lines log (default: <out>.train.jsonl beside <out>)")
-    parser.add_argument("--minutes", type=float, default=None, help="stop training after this many minutes")
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--layers", type=int, default=TrainConfig.layers)
-    parser.add_argument("--read-layer", type=int, default=TrainConfig.read_layer, help="first layer initialised as the cell lookup")
-    parser.add_argument("--locate-layers", type=lambda v: tuple(int(x) for x in v.split(",") if x), default=TrainConfig.locate_layers,
-                        help="comma list of layers below --read-layer whose q/k also start as the filter ('' for none)")
-    parser.add_argument("--every-layer", action="store_true", help="initialise every layer from --read-layer up as the lookup")
-    parser.add_argument("--freeze-below-steps", type=int, default=TrainConfig.freeze_below_steps, help="steps the layers below --read-layer stay frozen identities")
-    parser.add_argument("--hide-rows", type=float, default=TrainConfig.hide_rows, help="share of rows with unneeded visual tokens hidden (0 = off)")
-    parser.add_argument("--threads", type=int, default=TrainConfig.threads)
-    parser.add_argument("--eval-n", type=int, default=500, help="fresh samples per task / hop count at the end")
-    args = parser.parse_args(argv)
-    out = args.out or Path("runs") / f"shiftbench-seed{args.seed}"
-    log = args.log or out.parent / f"{out.name}.train.jsonl"
-    try:
-        cfg = TrainConfig(seed=args.seed, steps=args.steps, layers=args.layers, read_layer=args.read_layer,
-                          read_every_layer=args.every_layer, locate_layers=args.locate_layers,
-                          freeze_below_steps=args.freeze_below_steps, hide_rows=args.hide_rows, threads=args.threads)
-    except ConfigError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")  # one line, as every other bad input
-    train(cfg, out, log, args.minutes, args.eval_n)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,33 +4,40 @@ chat template when it has one; a prompt that already holds the model's image pla
 from __future__ import annotations
 
 import json
-import os
 
-from PIL import Image, UnidentifiedImageError
-
+import dstp
 from dstp.config import DSTPConfig, PruneConfig
 from dstp.errors import ConfigError, InputError
+from dstp.lab.cli.common import default_model, open_image
+from dstp.lab.shiftbench.inputs import relevant_mask
+from dstp.pruners import check_method
 
 
-def open_image(path: str) -> Image.Image:
-    if not os.path.isfile(path):
-        raise InputError(f"image not found: {path}")
-    try:
-        return Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise InputError(f"cannot read image {path}: {e}") from None
-
-
-def default_model() -> str:
-    from dstp.lab.shiftbench import default_checkpoint_dir
-
-    return str(default_checkpoint_dir())
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="answer a question about images (or a text-only prompt)")
+    g.add_argument("--model", default=None, help="hub id or local directory (default: the shipped ShiftBench model)")
+    g.add_argument("--image", action="append", default=[], help="image file; repeat for several images")
+    g.add_argument("--prompt", required=True, help="the question; rendered by the model's chat template (images first) "
+                                                   "unless it already holds the image placeholder or --raw is given")
+    g.add_argument("--raw", action="store_true", help="pass --prompt as written, in the model's own format with its "
+                                                      "image placeholders, even if the model has a chat template")
+    g.add_argument("--prune", default=None, help="pruner name (default: none)")
+    g.add_argument("--retention", type=float, default=None, help="fraction of visual tokens kept (needs --prune)")
+    g.add_argument("--layer", type=int, default=None, help="prune layer K (needs --prune; default: the method's)")
+    g.add_argument("--dstp", action="store_true", help="add DSTP on top of the pruner")
+    g.add_argument("--tau", type=float, default=None, help="DSTP shift threshold (needs --dstp; default 0.75)")
+    g.add_argument("--window", type=int, default=None, help="DSTP revival window (needs --dstp; default 20)")
+    g.add_argument("--source", default=None, help="DSTP revived K/V: recompute or store (needs --dstp)")
+    g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--trace", action="store_true", help="print the per-step trace, one line a step")
+    g.add_argument("--trace-json", default=None, help="write the full per-step trace as JSON to this file")
+    g.set_defaults(run=run)
 
 
 def configs(args) -> tuple[PruneConfig | None, DSTPConfig | None]:
     """PruneConfig / DSTPConfig from the flags; a flag without the option it belongs to is an error."""
-    from dstp.pruners import check_method
-
     if args.prune is None:
         for flag, value in (("--retention", args.retention), ("--layer", args.layer)):
             if value is not None:
@@ -57,8 +64,6 @@ def oracle_relevant(pipe, images, prompt: str):
     """`--prune oracle`: the visual tokens the answer needs, which only a ShiftBench question names."""
     if pipe.adapter.family != "shiftbench":
         raise ConfigError("--prune oracle needs the cells the answer needs; only ShiftBench prompts say so")
-    from dstp.lab.shiftbench.inputs import relevant_mask
-
     if len(images) != 1:
         raise InputError("a ShiftBench prompt takes exactly one --image")
     return relevant_mask(images, [prompt])
@@ -80,9 +85,7 @@ def trace_lines(row: dict, fed: list[str]) -> list[str]:
     return lines
 
 
-def run_generate(args) -> int:
-    import dstp
-
+def run(args) -> int:
     prune, shift = configs(args)
     images = [open_image(p) for p in args.image]
     pipe = dstp.load(args.model or default_model(), prune=prune, shift=shift, dtype=args.dtype, device=args.device)
