@@ -54,7 +54,7 @@ import torch
 if not torch.cuda.is_available():
     sys.exit(f"gpu_check: torch {torch.__version__} sees no CUDA device (torch.version.cuda = {torch.version.cuda})")
 try:
-    import dstp.lab.bench.fidelity, dstp.lab.bench.speed, dstp.lab.cli.main  # noqa: E401, F401
+    import dstp.lab.bench.fidelity, dstp.lab.bench.speed.runner, dstp.lab.cli.main  # noqa: E401, F401
 except Exception as e:  # noqa: BLE001
     sys.exit(f"gpu_check: cannot import dstp from src/: {type(e).__name__}: {str(e).strip().splitlines()[0]}")
 PY

@@ -11,23 +11,26 @@ from dataclasses import replace
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dstp.lab.bench import speed
 from dstp.config import GenerationConfig
 from dstp.engine.engine import Engine
+from dstp.lab.bench.speed.baselines import hf_run
+from dstp.lab.bench.speed.config import SCENARIOS
+from dstp.lab.bench.speed.models import build_batch, build_model
+from dstp.lab.bench.speed.runner import engine_run
 from dstp.models.registry import adapter_for_model
 
 
 @torch.no_grad()
 def main(new_tokens: int = 128) -> None:
-    cfg = replace(speed.SCENARIOS["weight-bound"], new_tokens=new_tokens)
+    cfg = replace(SCENARIOS["weight-bound"], new_tokens=new_tokens)
     device = torch.device("cpu")
-    model = speed.build_model(cfg, device, torch.float32)
-    batch = speed.build_batch(cfg, device, torch.float32)
+    model = build_model(cfg, device, torch.float32)
+    batch = build_batch(cfg, device, torch.float32)
     adapter = adapter_for_model(model)
     engine = Engine(adapter)
     gen = GenerationConfig(max_new_tokens=cfg.new_tokens)
-    runs = {"engine": lambda: speed.engine_run(adapter, engine, batch, gen, None, None, cfg.retention, device),
-            "hf_generate": lambda: speed.hf_run(model, batch, cfg.new_tokens, False, device)}
+    runs = {"engine": lambda: engine_run(adapter, engine, batch, gen, None, None, cfg.retention, device),
+            "hf_generate": lambda: hf_run(model, batch, cfg.new_tokens, False, device)}
     for _ in range(2):
         print(", ".join(f"{name} {1000 * r[1] / r[2]:.1f} ms/token" for name, r in
                         ((name, fn()) for name, fn in runs.items())))

@@ -4,7 +4,7 @@ bound without changing the tokens."""
 import pytest
 import torch
 
-from dstp.lab.bench.memory import LiveTensorBytes, PeakMemory, storage_bytes
+from dstp.lab.bench.speed.memory import LiveTensorBytes, PeakMemory, storage_bytes
 from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
 from dstp.errors import ConfigError

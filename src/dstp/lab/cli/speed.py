@@ -1,11 +1,12 @@
-"""`dstp speed`: time and peak memory of generate() and the engine (lab/bench/speed.py); speed.json in --out."""
+"""`dstp speed`: time and peak memory of generate() and the engine (lab/bench/speed/); speed.json in --out."""
 from __future__ import annotations
 
 import json
 import os
 
-from dstp.lab.bench.speed import print_speed, run_speed
-from dstp.lab.bench.speed_config import SCENARIOS
+from dstp.lab.bench.speed.config import SCENARIOS
+from dstp.lab.bench.speed.report import print_speed
+from dstp.lab.bench.speed.runner import run_speed
 
 
 def add_parser(sub) -> None:

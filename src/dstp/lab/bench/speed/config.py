@@ -1,5 +1,5 @@
-"""The shapes `dstp speed` runs: its two synthetic scenarios (module docstring of bench/speed.py) and the fields
-the `real` scenario fills from a published config.json (bench/real_config.py)."""
+"""The shapes `dstp speed` runs: its two synthetic scenarios (the package docstring, lab/bench/speed/__init__.py) and
+the fields the `real` scenario fills from a published config.json (real.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace

@@ -3,16 +3,20 @@ width, and the processed inputs its family's processor would make for one image 
 the real special token ids come from the config)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
 import transformers
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from dstp.api import first_line
-from dstp.lab.bench.speed_config import SpeedConfig
 from dstp.errors import ConfigError, InputError, UnsupportedModelError
+from dstp.lab.bench.speed.config import SpeedConfig
+from dstp.models.registry import ADAPTERS, adapter_for_config
 
 # -- the `real` scenario: a random-weight model built from a published config.json --------------------------------
 # batch 1 (a 4-8B model at batch 1 is weight-bound: a decoding step reads its weights, 8 GB at bf16 for Qwen3-VL-4B);
@@ -79,10 +83,6 @@ def _field(data: dict, path: str):
 
 def real_family(file: str, data: dict) -> tuple[str, str]:
     """(architecture, dstp family) of a published config, or UnsupportedModelError / InputError."""
-    from types import SimpleNamespace
-
-    from dstp.models.registry import adapter_for_config
-
     archs, model_type = data.get("architectures"), data.get("model_type")
     archs = [archs] if isinstance(archs, str) else list(archs) if isinstance(archs, list) else []
     if not archs and not model_type:
@@ -113,22 +113,16 @@ def real_family(file: str, data: dict) -> tuple[str, str]:
 
 
 def _adapter_of_family(family: str):
-    from dstp.models.registry import ADAPTERS
-
     return next(a for a in ADAPTERS.values() if a.family == family)
 
 
 def _family_of(arch: str) -> str:
-    from dstp.models.registry import ADAPTERS
-
     return ADAPTERS[arch].family
 
 
 def real_hf_config(file: str, layers: int | None = None):
     """The transformers config of a published config.json, the LLM cut to `layers` layers if given (nothing else
     changes: widths, heads, vocabulary, rope, vision tower, special token ids as published)."""
-    import copy
-
     data = copy.deepcopy(_read_json(file))
     arch, family = real_family(file, data)
     if layers is not None:
@@ -160,8 +154,6 @@ def _image_size(image: str) -> tuple[int, int]:
 def _smart_resize(h: int, w: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """transformers' Qwen2-VL `smart_resize` (multiples of `factor`, the aspect kept, the area within bounds), its
     refusal (an aspect ratio over 200) as one line."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
     try:
         return smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     except ValueError as e:
