@@ -38,9 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from lmms_eval.api.instance import GenerationResult, TokenCounts
 from lmms_eval.api.model import lmms
 from lmms_eval.protocol import ChatMessages
+from lmms_eval.utils import get_datetime_str, sanitize_model_name, simple_parse_args_string
 
 import dstp
 from dstp.errors import ConfigError, DSTPError
@@ -260,8 +262,6 @@ class DSTPModel(lmms):
 
     def __init__(self, **model_args) -> None:
         super().__init__()
-        from accelerate import Accelerator
-
         self.settings = s = parse_model_args(model_args)
         self.pretrained_arg = str(model_args.get("pretrained", ""))  # lmms-eval names its output folder after it
         self.accelerator = Accelerator()
@@ -283,8 +283,6 @@ class DSTPModel(lmms):
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> DSTPModel:
         """lmms-eval's constructor hook. model_args win over its own --batch_size/--device; bad model_args end
         the run with one line and exit status 2 (lmms-eval would swallow the error and exit 0)."""
-        from lmms_eval.utils import simple_parse_args_string
-
         try:
             try:
                 args = simple_parse_args_string(arg_string or "")
@@ -312,8 +310,6 @@ class DSTPModel(lmms):
 
     def _efficiency_path(self) -> Path | None:
         """`<output_path>/<model, as lmms-eval names its folder>/<time>_dstp_efficiency[_rank<r>].jsonl`."""
-        from lmms_eval.utils import get_datetime_str, sanitize_model_name
-
         cli = lmms_cli_args(sys.argv[1:])
         root = self.settings.efficiency_out or cli.output_path
         if root is None:

@@ -23,6 +23,7 @@ def register() -> None:
     """The `vllm.general_plugins` entry point: dstp's classes for the supported architectures (imported lazily,
     by vLLM, when it builds such a model) and the engine-start checks for every architecture. vLLM calls it once
     per process; calling it again changes nothing."""
+    # vLLM is optional: `import dstp.integrations.vllm` imports none of it (engine_checks does), register() does
     from vllm import ModelRegistry
 
     from dstp.integrations.vllm import engine_checks

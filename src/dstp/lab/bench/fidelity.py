@@ -9,10 +9,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from dstp.lab.bench import tiny_models as tm
+from dstp.api import resolve_device
 from dstp.config import GenerationConfig
 from dstp.engine.engine import Engine
 from dstp.errors import ConfigError
+from dstp.lab.bench import tiny_models as tm
 from dstp.models.registry import adapter_for_model
 
 CASES = {
@@ -47,8 +48,6 @@ def run_fidelity(new_tokens: int = 32, repeats: int = 3, out_path: str | None = 
     unknown = sorted(set(dtypes) - set(DTYPES))
     if unknown:
         raise ConfigError(f"unknown dtype {unknown[0]!r} for --dtypes; known: {', '.join(DTYPES)}")
-    from dstp.api import resolve_device
-
     resolve_device(device)
     rows = []
     cases = [(family, dtype) for family in CASES for dtype in dtypes]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import torch
 from PIL import Image
 
 from dstp.errors import InputError
@@ -200,8 +201,6 @@ def relevant_cells(prompt: str, image, grid_size: int = 12, cell_pixels: int = 8
 
 def relevant_mask(images, prompts, grid_size: int = 12, cell_pixels: int = 8):
     """`relevant=` for `Pipeline.generate` with the oracle pruner: [B, G*G] bool, the cells each answer needs."""
-    import torch
-
     mask = torch.zeros(len(prompts), grid_size * grid_size, dtype=torch.bool)
     for b, (image, prompt) in enumerate(zip(images, prompts)):
         mask[b, relevant_cells(prompt, image, grid_size, cell_pixels)] = True

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BatchFeature, PreTrainedTokenizerFast
 
@@ -132,8 +133,6 @@ class ShiftBenchProcessor:
         ``add_generation_prompt`` adds nothing. ``conversation``: one conversation or a list of them (a batch).
         ``tokenize=False``: the prompt string (a list for a batch); ``tokenize=True``: ``self(images, prompts)``
         left-padded (``processor_kwargs["padding_side"]``), a BatchFeature with ``return_dict`` else its input_ids."""
-        from dstp.errors import InputError
-
         single = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], dict)
         batch = [conversation] if single else conversation
         if not isinstance(batch, (list, tuple)) or not batch:
@@ -156,8 +155,6 @@ class ShiftBenchProcessor:
 
     def _render_conversation(self, conv, where: str):
         """(image, prompt) of one conversation: exactly one user message with exactly one image."""
-        from dstp.errors import InputError
-
         if not isinstance(conv, (list, tuple)) or not conv:
             raise InputError(f"{where} must be a non-empty list of messages")
         for m, message in enumerate(conv):
@@ -224,14 +221,10 @@ def trained_max_hops(path: Path) -> int | None:
 def _load_image(item: dict, where: str):
     """The image of a chat item: a PIL image or HxWx3 array under "image", or a local file path under
     "image", "url" or "path"."""
-    from dstp.errors import InputError
-
     source = next((item[k] for k in ("image", "url", "path") if item.get(k) is not None), None)
     if source is None:
         raise InputError(f"{where}: an image item needs the image under 'image' (or 'url'/'path')")
     if isinstance(source, (str, Path)):
-        from PIL import Image
-
         try:
             with Image.open(source) as im:
                 return im.convert("RGB")
