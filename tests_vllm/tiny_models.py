@@ -9,14 +9,10 @@ head; weights N(0, 0.2) as there.
 from __future__ import annotations
 
 import pathlib
-import sys
+
+import hub_fixtures as hub  # tests/hub_fixtures.py: pytest's `pythonpath` (pyproject.toml) puts tests/ on the path
 
 FAMILIES = ("llava", "qwen2_5_vl", "qwen3_vl")
-
-_TESTS = pathlib.Path(__file__).resolve().parents[1] / "tests"
-if str(_TESTS) not in sys.path:
-    sys.path.insert(0, str(_TESTS))
-import hub_fixtures as hub  # noqa: E402
 
 LAYERS = 2
 # language models: "tiny" for the tests; "small" (about 13M parameters) for throughput runs, where the tiny one
