@@ -62,14 +62,17 @@ test-real: setup
 test-real-floor: setup-floor
 	$(FLOOR_BIN)/python -m pytest -m real_slow tests/test_real_checkpoints.py
 
-# What a user does: a fresh venv, `pip install ".[eval]"` with no lock (pip resolves the newest releases the ranges
-# allow), then the smoke test against the installed package (import, a checkpoint by hub id offline, chat,
-# lmms-eval --model dstp). pytest comes from the test extra.
+# What a user does: a fresh venv, the wheel built from this tree (`pip wheel . --no-deps`) installed with its extras
+# and no lock (pip resolves the newest releases the ranges allow), then the smoke test against the installed package
+# (import, a checkpoint by hub id offline, chat, lmms-eval --model dstp, what the wheel holds, dstp bench --quick).
+# pytest comes from the test extra.
 INSTALL_VENV := .venv-install
+WHEEL_DIR    := $(INSTALL_VENV)/wheel
 test-install:
 	rm -rf $(INSTALL_VENV)
 	$(PYTHON) -m venv $(INSTALL_VENV)
-	$(INSTALL_VENV)/bin/$(PIP) ".[eval,test]"
+	$(INSTALL_VENV)/bin/pip wheel -q --disable-pip-version-check --no-deps -w $(WHEEL_DIR) .
+	$(INSTALL_VENV)/bin/$(PIP) "$$(ls $(WHEEL_DIR)/dstp-*.whl)[eval,test]"
 	$(INSTALL_VENV)/bin/pip list 2>/dev/null | grep -i -E "^(torch|torchvision|transformers|lmms.eval) "
 	$(INSTALL_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_install_smoke.py
 
