@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 from_wheel = pytest.mark.skipif(PACKAGE.is_relative_to(REPO / "src"),
                                 reason="dstp is installed editable from this tree: make test-install checks the wheel")
 # what the wheel ships of the ShiftBench checkpoint (pyproject.toml's package data): the checkpoint and its model card
-CHECKPOINT = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "shiftbench_processor.json",
-              "training_record.json", "MODEL_CARD.md"}
+CHECKPOINT = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+              "shiftbench_processor.json", "training_record.json", "MODEL_CARD.md"}
 
 
 def test_installed_versions_are_in_the_tested_range():

@@ -134,4 +134,5 @@ def test_loading_the_shipped_shiftbench_checkpoint_imports_its_adapter():
     point names the module that registers the model (pyproject.toml), so it loads."""
     out = run_load(str(SRC / "lab" / "shiftbench" / "checkpoint"))
     assert out["after_import"] == [] and out["family"] == "shiftbench"
-    assert "ShiftBenchForConditionalGeneration" in out["adapters"] and "dstp.lab.shiftbench.adapter" in out["after_load"]
+    assert "ShiftBenchForConditionalGeneration" in out["adapters"]
+    assert "dstp.lab.shiftbench.adapter" in out["after_load"]

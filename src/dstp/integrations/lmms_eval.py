@@ -161,7 +161,8 @@ def parse_model_args(args: dict) -> Settings:
             raise ConfigError(f"model_args {key}={a[key]}: must be >= 1")
     engine = dstp.EngineConfig(compile=a.get("compile", False), stop_check_every=a.get("stop_check_every", 8))
     return Settings(pretrained=a.get("pretrained", SHIPPED_MODEL), prune=prune, shift=shift, engine=engine,
-                    dtype=a.get("dtype", "auto"), device=a.get("device"), batch_size=a.get("batch_size", 1), max_new_tokens=a.get("max_new_tokens"),
+                    dtype=a.get("dtype", "auto"), device=a.get("device"), batch_size=a.get("batch_size", 1),
+                    max_new_tokens=a.get("max_new_tokens"),
                     seed=a.get("seed", 0), efficiency_out=a.get("efficiency_out"),
                     system_prompt=a.get("system_prompt") or None)
 
