@@ -1,4 +1,4 @@
-"""`dstp speed` on tiny shapes: both scenarios in one command write every row with its fields, memory measured next
+"""`dstp speed` on tiny shapes: the three synthetic scenarios in one command write every row with its fields, memory measured next
 to memory reported, DSTP's host synchronisations per decoding step; the `real` scenario (a model built from a
 config.json) on a small Qwen3-VL config, its inputs shaped as the family's processor shapes them; bad input is one
 line and exit 2. No timing is checked (the numbers of a shared CI machine are noise)."""
@@ -45,28 +45,40 @@ def run_cli(argv):
 @pytest.fixture(scope="module")
 def speed_json(tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
-    assert run_cli(["speed", "--small", "--scenario", "both", "--new-tokens", "10", "--sync-debug", "--profile",
-                    "--out", str(out)]) == 0
+    assert run_cli(["speed", "--small", "--scenario", "all", "--new-tokens", "10", "--sync-debug", "--profile",
+                    "--compile-backend", "eager", "--out", str(out)]) == 0
     profile = (out / "profile_weight-bound_fastv_dstp_recompute.txt").read_text()
     assert "dstp.step" in profile and "dstp.recompute" in profile and "aten::" in profile
     return json.loads((out / "speed.json").read_text())
 
 
-def test_both_scenarios_write_every_row(speed_json):
+SCENARIO_NAMES = ("overhead-bound", "kv-bound", "weight-bound")
+
+
+def test_every_scenario_writes_every_row(speed_json):
+    """Eager and compiled engine rows (compiled: no measured peak on CPU, where the tracker is a dispatch mode that a
+    compiled graph runs past), generate() with its static cache compiled too."""
     rows = speed_json["rows"]
-    assert [(r["scenario"], r["name"]) for r in rows] == [(s, n) for s in ("kv-bound", "weight-bound") for n in ROWS]
+    assert [(r["scenario"], r["name"]) for r in rows] == [(s, n) for s in SCENARIO_NAMES for n in ROWS]
+    assert sum(r["name"].endswith("_compiled") for r in rows) == 4 * len(SCENARIO_NAMES)
     for r in rows:
-        for field in ("scenario", "name", "tokens_per_s", "prefill_s", "peak_bytes_measured", "peak_bytes_reported"):
+        for field in ("scenario", "name", "tokens_per_s", "prefill_s", "peak_bytes_measured", "peak_bytes_reported",
+                      "compiled"):
             assert field in r, (r["name"], field)
-        assert r["tokens_per_s"] > 0 and r["prefill_s"] > 0 and r["peak_bytes_measured"] > 0
+        assert r["tokens_per_s"] > 0 and r["prefill_s"] > 0
+        assert r["compiled"] == (r["name"].endswith("_compiled") or r["name"] == "hf_generate_static")
+        assert (r["peak_bytes_measured"] is None) if r["compiled"] else r["peak_bytes_measured"] > 0
         if r["name"].startswith("hf_"):
             assert r["ratio_to_ideal"] is None
         else:
             assert r["ratio_to_ideal"] > 0 and r["prefill_ratio_to_ideal"] > 0
-    assert set(speed_json["scenarios"]) == {"kv-bound", "weight-bound"}
+    assert set(speed_json["scenarios"]) == set(SCENARIO_NAMES) and speed_json["compile_backend"] == "eager"
     whats = {(t["scenario"], t["what"]) for t in speed_json["targets"]}
-    assert ("weight-bound", "fastv_dstp_store / fastv tokens/s") in whats
-    assert ("kv-bound", "fastv_dstp_recompute decode / ideal") in whats
+    assert ("overhead-bound", "engine_unpruned_compiled / engine_unpruned tokens/s") in whats
+    assert ("weight-bound", "engine_unpruned_compiled / hf_generate_static tokens/s") in whats
+    assert ("weight-bound", "fastv_dstp_store_compiled / fastv_compiled tokens/s") in whats
+    assert ("kv-bound", "fastv_dstp_recompute_compiled decode / ideal") in whats
+    assert ("kv-bound", "fastv_dstp_store_compiled / engine_unpruned_compiled tokens/s") in whats
     assert all(isinstance(t["met"], bool) for t in speed_json["targets"])
 
 
@@ -74,23 +86,25 @@ def test_measured_peak_covers_what_the_engine_reports(speed_json):
     """The engine's figure is what its state holds at the end of the run; the measured peak adds the transient
     working memory (activations, logits) and lacks only the input ids, made before tracking began."""
     for r in speed_json["rows"]:
-        if r["name"].startswith("hf_"):
+        if r["name"].startswith("hf_") or r["compiled"]:
             continue
         cfg = SMALL[r["scenario"]]
         ids = build_batch(cfg, "cpu", torch.float32)["input_ids"]
         assert r["peak_bytes_reported"] == sum(r["memory_bytes"].values())
         assert r["peak_bytes_measured"] >= r["peak_bytes_reported"] - ids.numel() * ids.element_size()
     by = {(r["scenario"], r["name"]): r for r in speed_json["rows"]}
-    for scenario in ("kv-bound", "weight-bound"):
+    for scenario in SCENARIO_NAMES:
         store, recompute = by[(scenario, "fastv_dstp_store")], by[(scenario, "fastv_dstp_recompute")]
         assert recompute["peak_bytes_reported"] < store["peak_bytes_reported"]
         assert "reserve" in store["memory_bytes"] and "dstp_cache" in recompute["memory_bytes"]
 
 
 def test_no_host_sync_inside_a_decoding_step(speed_json):
-    """None inside the engine's step, DSTP's included; the loop reads one flag every stop_check_every (8) steps."""
+    """None inside the engine's step, DSTP's included; the loop reads one flag every stop_check_every (8) steps.
+    Counted on the eager rows (the counter sees eager ops; the compiled rows run the same step)."""
     for r in speed_json["rows"]:
-        if r["name"].startswith("hf_"):
+        if r["name"].startswith("hf_") or r["compiled"]:
+            assert "loop_syncs_per_step" not in r
             continue
         dstp = r["name"].startswith("fastv_dstp")
         assert r["dstp_syncs_per_step"] == (0.0 if dstp else None)
@@ -174,7 +188,7 @@ def test_real_scenario_writes_every_row(tiny_qwen3_vl, tmp_path):
     """128x96 is below Qwen3-VL's 65,536-pixel floor: the processor scales it up to 320x224 (32 px a token) ->
     10 x 7 = 70 visual tokens; --layers cuts the LLM to 3 of the config's 4 layers."""
     assert run_cli(["speed", "--model-config", str(tiny_qwen3_vl), "--image", "128x96", "--layers", "3",
-                    "--new-tokens", "6", "--sync-debug", "--out", str(tmp_path)]) == 0
+                    "--new-tokens", "6", "--sync-debug", "--compile-backend", "eager", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "speed.json").read_text())
     assert [(r["scenario"], r["name"]) for r in result["rows"]] == [("real", n) for n in ROWS]
     c = result["scenarios"]["real"]
@@ -182,14 +196,15 @@ def test_real_scenario_writes_every_row(tiny_qwen3_vl, tmp_path):
     assert (c["layers"], c["hidden"], c["heads"], c["kv_heads"], c["head_dim"], c["vocab"]) == (3, 64, 4, 2, 32, 256)
     assert (c["visual_tokens"], c["prompt_tokens"], c["batch"], c["image"]) == (70, 96, 1, "128x96")
     for r in result["rows"]:
-        assert r["tokens_per_s"] > 0 and r["prefill_s"] > 0 and r["peak_bytes_measured"] > 0
+        assert r["tokens_per_s"] > 0 and r["prefill_s"] > 0 and (r["compiled"] or r["peak_bytes_measured"] > 0)
         assert r["decode_steps"] == 5
         if not r["name"].startswith("hf_"):
             assert r["ratio_to_ideal"] > 0 and r["peak_bytes_reported"] == sum(r["memory_bytes"].values())
-            assert r["dstp_syncs_per_step"] == (0.0 if r["name"].startswith("fastv_dstp") else None)
+            if not r["compiled"]:
+                assert r["dstp_syncs_per_step"] == (0.0 if r["name"].startswith("fastv_dstp") else None)
     static = next(r for r in result["rows"] if r["name"] == "hf_generate_static")
-    assert static["compiled"] is False and static["compile_error"] is None  # transformers compiles on CUDA only
-    assert {t["what"] for t in result["targets"]} >= {"fastv_dstp_store / fastv tokens/s"}
+    assert static["compiled"] is True and static["compile_error"] is None  # its compile config, on CPU too
+    assert {t["what"] for t in result["targets"]} >= {"fastv_dstp_store_compiled / fastv_compiled tokens/s"}
 
 
 @pytest.mark.parametrize("config,visual", [(TINY_QWEN2_5_VL, 35), (TINY_LLAVA, 16)], ids=["qwen2_5_vl", "llava"])
@@ -197,7 +212,7 @@ def test_real_scenario_of_the_other_families(config, visual, tmp_path):
     """Qwen2.5-VL: 200x150 -> 196x140 (28 px a token) = 7 x 5 tokens; LLaVA: the tower's 56x56 input, 4 x 4."""
     folder = write_config(tmp_path / "model", config)
     assert run_cli(["speed", "--model-config", str(folder / "config.json"), "--image", "200x150",
-                    "--new-tokens", "3", "--out", str(tmp_path)]) == 0
+                    "--new-tokens", "3", "--compile-backend", "eager", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "speed.json").read_text())
     assert [r["name"] for r in result["rows"]] == list(ROWS)
     assert result["scenarios"]["real"]["visual_tokens"] == visual and result["scenarios"]["real"]["layers"] == 4

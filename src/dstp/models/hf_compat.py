@@ -164,12 +164,13 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 # -- transformers' compiled static cache (the speed baseline) -----------------------------------------------------
-def static_cache_compile_config(device: torch.device, mode: str | None = None):
+def static_cache_compile_config(device: torch.device, mode: str | None = None, backend: str = "inductor"):
     """The `compile_config` that makes `generate(..., cache_implementation="static")` compile its decoding forward
     on `device`: transformers does so by itself on CUDA (and a few accelerators); on other devices only when its
     CompileConfig's `_compile_all_devices` is set, a private switch (transformers 5.17-5.25)."""
     from transformers import CompileConfig
 
-    config = CompileConfig(fullgraph=True, mode=mode or ("reduce-overhead" if device.type == "cuda" else "default"))
+    config = CompileConfig(fullgraph=True, backend=backend,
+                           mode=mode or ("reduce-overhead" if device.type == "cuda" else "default"))
     config._compile_all_devices = True
     return config

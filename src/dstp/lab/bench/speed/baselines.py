@@ -8,6 +8,7 @@ import torch
 from transformers import LogitsProcessor
 
 from dstp.lab.bench.speed.config import SpeedConfig
+from dstp.models.hf_compat import static_cache_compile_config
 
 
 def sync(device):
@@ -29,13 +30,15 @@ class FirstLogits(LogitsProcessor):
         return scores
 
 
-def hf_run(model, batch, n: int, static: bool, device, compile: bool = True):
-    """One generate() run (with `static`: `cache_implementation="static"`, which transformers compiles on CUDA
-    unless `compile` is False): (prefill seconds, decode seconds, decoding steps, None)."""
+def hf_run(model, batch, n: int, static: bool, device, compile: bool = True, backend: str = "inductor"):
+    """One generate() run (with `static`: `cache_implementation="static"`, compiled by transformers with its compile
+    config on any device, CUDA graphs on CUDA, unless `compile` is False): (prefill seconds, decode seconds, decoding
+    steps, None)."""
     first = FirstLogits(device)
     kwargs = {"cache_implementation": "static"} if static else {}
-    if static and not compile:
-        kwargs["disable_compile"] = True
+    if static:
+        kwargs.update(compile_config=static_cache_compile_config(device, backend=backend)) if compile else \
+            kwargs.update(disable_compile=True)
     sync(device)
     t0 = time.perf_counter()
     model.generate(**batch, max_new_tokens=n, do_sample=False, logits_processor=[first], **kwargs)

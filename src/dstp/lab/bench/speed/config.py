@@ -46,6 +46,10 @@ class SpeedConfig:
 
 
 SCENARIOS = {
+    # the fidelity models' shapes (tests' tiny LLaVA: 4 layers x 64, 25 visual tokens), batch 1: every kernel is tiny,
+    # so a step costs its launches and Python, which compiling removes
+    "overhead-bound": SpeedConfig("overhead-bound", grid=5, hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128,
+                                  vocab=128, batch=1, new_tokens=256, shift_every=32, prune_layer=1, repeats=3),
     "kv-bound": SpeedConfig("kv-bound", grid=48, hidden=512, layers=8, heads=8, kv_heads=8, intermediate=1024,
                             vocab=1024, batch=4, new_tokens=32, shift_every=8, repeats=5),
     "weight-bound": SpeedConfig("weight-bound", grid=32, hidden=1024, layers=8, heads=8, kv_heads=2,
@@ -53,6 +57,7 @@ SCENARIOS = {
 }
 # a quick look (and the tests): the same rows on shapes that run in seconds
 SMALL = {
+    "overhead-bound": replace(SCENARIOS["overhead-bound"], new_tokens=24, shift_every=8, window=4, repeats=1),
     "kv-bound": replace(SCENARIOS["kv-bound"], grid=16, hidden=128, layers=4, heads=4, kv_heads=4, intermediate=256,
                         vocab=256, batch=2, new_tokens=12, shift_every=4, repeats=1),
     "weight-bound": replace(SCENARIOS["weight-bound"], grid=8, hidden=256, layers=6, heads=4, kv_heads=2,

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dstp.api import first_line, resolve_device, resolve_dtype
-from dstp.config import DSTPConfig, GenerationConfig, PruneConfig
+from dstp.config import DSTPConfig, EngineConfig, GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
 from dstp.errors import ConfigError
 from dstp.lab.bench.speed.baselines import hf_cache_bytes, hf_run, sync
@@ -32,7 +32,9 @@ from dstp.pruners import get_pruner
 from dstp.pruners.base import budget
 from dstp.shift import ShiftPolicy
 
-ROWS = ("hf_generate", "hf_generate_static", "engine_unpruned", "fastv", "fastv_dstp_store", "fastv_dstp_recompute")
+ENGINE_ROWS = ("engine_unpruned", "fastv", "fastv_dstp_store", "fastv_dstp_recompute")
+# transformers' generate() (dynamic cache, eager; static cache, compiled), then the engine's rows eager and compiled
+ROWS = ("hf_generate", "hf_generate_static", *ENGINE_ROWS, *(f"{name}_compiled" for name in ENGINE_ROWS))
 
 
 def engine_run(adapter, engine, batch, gen, pruner, policy, retention, device):
@@ -60,7 +62,7 @@ def engine_variants(cfg: SpeedConfig, n_layers: int) -> dict:
 
 @torch.no_grad()
 def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=False, profile_dir=None,
-                 compile_static: bool = True) -> list[dict]:
+                 compile_static: bool = True, compile_backend: str = "inductor") -> list[dict]:
     if cfg.model_config is not None:
         model = build_real_model(cfg, device, dtype)
         batch = build_real_batch(cfg, model.config, device, dtype)
@@ -68,7 +70,7 @@ def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=Fals
         model = build_model(cfg, device, dtype)
         batch = build_batch(cfg, device, dtype)
     adapter = adapter_for_model(model)
-    engine = Engine(adapter)
+    eager = Engine(adapter)
     gen = GenerationConfig(max_new_tokens=cfg.new_tokens)
     variants = engine_variants(cfg, adapter.n_layers)
     task = progress.add_task(cfg.scenario, total=len(ROWS) * (1 + cfg.repeats)) if progress else None
@@ -80,22 +82,31 @@ def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=Fals
     measured = {}
     for name in ROWS:
         static = name == "hf_generate_static"
-        # transformers compiles a static-cache generate() on CUDA (torch.compile, mode "reduce-overhead")
-        compiled = static and device.type == "cuda" and compile_static
+        # transformers compiles its static-cache generate() (torch.compile, CUDA graphs on CUDA) where it can
+        compiled = static and compile_static or name.endswith("_compiled")
         compile_error = None
+        engine = eager
         if name.startswith("hf_"):
-            once = lambda: hf_run(model, batch, cfg.new_tokens, static, device, compiled)  # noqa: E731
+            once = lambda: hf_run(model, batch, cfg.new_tokens, static, device, compiled, compile_backend)  # noqa: E731
             reported, policy = hf_cache_bytes(cfg, static, dtype), None
         else:
-            pruner, shift = variants[name]
+            pruner, shift = variants[name.removesuffix("_compiled")]
             policy = ShiftPolicy(shift, pruner.layer) if shift is not None else None
+            if compiled:  # a fresh compile per row: its first (tracked) run is the warm-up
+                torch._dynamo.reset()
+                engine = Engine(adapter, EngineConfig(compile=True, compile_backend=compile_backend))
             once = lambda: engine_run(adapter, engine, batch, gen, pruner, policy, cfg.retention, device)  # noqa: E731
         say(name, "peak memory (and warm-up)" + (" (and torch.compile)" if compiled else ""))
+        peak = None  # the CPU tracker is a dispatch mode, which a compiled graph runs past: no figure there
         try:
-            with PeakMemory(device) as mem:
+            if compiled and device.type != "cuda":
                 first = once()
+            else:
+                with PeakMemory(device) as mem:
+                    first = once()
+                peak = mem.peak_bytes
         except Exception as e:  # noqa: BLE001  torch.compile failing here (no C compiler, ...): run uncompiled
-            if not compiled:
+            if not static or not compiled:
                 raise
             compile_error, compiled = first_line(e), False
             if progress:
@@ -105,6 +116,7 @@ def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=Fals
             once = lambda: hf_run(model, batch, cfg.new_tokens, True, device, compile=False)  # noqa: E731
             with PeakMemory(device) as mem:
                 first = once()
+            peak = mem.peak_bytes
         if not name.startswith("hf_"):
             reported = sum(first[3].memory_bytes.values())
         if progress:
@@ -119,52 +131,52 @@ def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=Fals
         decode = statistics.median(r[1] for r in runs)
         steps = runs[0][2]
         row = dict(scenario=cfg.scenario, name=name, tokens_per_s=cfg.batch * steps / decode, prefill_s=prefill,
-                   decode_ms_per_token=1000 * decode / steps, peak_bytes_measured=mem.peak_bytes,
+                   decode_ms_per_token=1000 * decode / steps, peak_bytes_measured=peak,
                    peak_bytes_reported=reported, decode_steps=steps)
+        row.update(compiled=compiled)
         if static:
-            row.update(compiled=compiled, compile_error=compile_error)
+            row.update(compile_error=compile_error)
         trace = runs[-1][3]
         if trace is not None:
             row.update(memory_bytes=trace.memory_bytes, prefill_flops=trace.prefill_flops,
                        decode_flops=trace.decode_flops,
-                       decode_bytes=decode_bytes(cfg, adapter, engine, trace, variants[name][1] and
-                                                 variants[name][1].source),
+                       decode_bytes=decode_bytes(cfg, adapter, engine, trace, shift and shift.source),
                        visual_tokens_per_step=sum(float(s.visual_attended.float().mean()) for s in trace.steps)
                        / max(1, len(trace.steps)))
-            if sync_debug:
+            if sync_debug and not compiled:  # the counter sees eager ops; the compiled step is the same code
                 say(name, "host syncs")
-                pruner, _ = variants[name]
                 row.update(count_host_syncs(adapter, engine, batch, pruner, policy, cfg.retention,
                                             min(cfg.new_tokens, 2 * cfg.shift_every + 1)))
-            if profile_dir is not None and policy is not None:
+            if profile_dir is not None and policy is not None and not compiled:
                 say(name, "profile")
                 short = GenerationConfig(max_new_tokens=min(cfg.new_tokens, 4 * cfg.shift_every + 1))
-                profile_run(lambda: engine_run(adapter, engine, batch, short, variants[name][0], policy, cfg.retention,
+                profile_run(lambda: engine_run(adapter, engine, batch, short, pruner, policy, cfg.retention,
                                             device), os.path.join(profile_dir, f"profile_{cfg.scenario}_{name}.txt"),
                          engine, policy)
         measured[name] = row
         if progress:
             progress.console.print(f"{cfg.scenario} {name}: {row['tokens_per_s']:.1f} tok/s, prefill {prefill:.3f} s, "
-                                   f"peak {mem.peak_bytes / 2**20:.1f} MiB ({reported / 2**20:.1f} reported)")
-    base = measured["engine_unpruned"]
+                                   f"peak {'-' if peak is None else f'{peak / 2**20:.1f}'} MiB ({reported / 2**20:.1f} reported)")
     for row in measured.values():
         if "decode_bytes" not in row:
             row.update(ratio_to_ideal=None, prefill_ratio_to_ideal=None)
             continue
+        base = measured["engine_unpruned_compiled" if row["compiled"] else "engine_unpruned"]
         ideal_decode = base["decode_ms_per_token"] * row["decode_bytes"] / base["decode_bytes"]
         ideal_prefill = base["prefill_s"] * row["prefill_flops"] / base["prefill_flops"]
         row.update(ratio_to_ideal=row["decode_ms_per_token"] / ideal_decode,
                    prefill_ratio_to_ideal=row["prefill_s"] / ideal_prefill)
     if progress:
         progress.update(task, description=f"{cfg.scenario} · done")
-    del model, engine, adapter
+    del model, engine, eager, adapter
+    torch._dynamo.reset()
     return list(measured.values())
 
 
-def run_speed(scenarios=("kv-bound", "weight-bound"), device: str = "cpu", dtype: str = "float32", small=False,
+def run_speed(scenarios=("overhead-bound", "kv-bound", "weight-bound"), device: str = "cpu", dtype: str = "float32", small=False,
               repeats: int | None = None, new_tokens: int | None = None, sync_debug=False, profile_dir=None,
               console: Console | None = None, model_config: str | None = None, image: str | None = None,
-              layers: int | None = None, compile_static: bool = True) -> dict:
+              layers: int | None = None, compile_static: bool = True, compile_backend: str = "inductor") -> dict:
     """The rows of each scenario. `real` (needs `model_config`, a published config.json or its folder): a
     random-weight model built from it at full depth (`layers`: the LLM's depth instead) and width, one image of
     `image` pixels ("WxH", default 1280x960) processed as its family's processor would, batch 1."""
@@ -205,10 +217,12 @@ def run_speed(scenarios=("kv-bound", "weight-bound"), device: str = "cpu", dtype
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as progress:
         for cfg in configs:
-            rows += run_scenario(cfg, dev, torch_dtype, progress, sync_debug, profile_dir, compile_static)
+            rows += run_scenario(cfg, dev, torch_dtype, progress, sync_debug, profile_dir, compile_static,
+                                 compile_backend)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else \
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
     return {"device": device_name, "dtype": str(torch_dtype).replace("torch.", ""), "torch": torch.__version__,
+            "compile_backend": compile_backend,
             "transformers": transformers.__version__,
             "scenarios": {c.scenario: {**asdict(c), "visual_tokens": c.visual_tokens, "prompt_tokens": c.prompt_tokens,
                                        "head_dim": c.kv_head_dim} for c in configs},
