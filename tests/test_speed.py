@@ -1,5 +1,5 @@
-"""`dstp speed` on tiny shapes: the three synthetic scenarios in one command write every row with its fields, memory measured next
-to memory reported, DSTP's host synchronisations per decoding step; the `real` scenario (a model built from a
+"""`dstp speed` on tiny shapes: the three synthetic scenarios in one command write every row with its fields, memory
+measured next to memory reported, DSTP's host synchronisations per decoding step; the `real` scenario (a model built from a
 config.json) on a small Qwen3-VL config, its inputs shaped as the family's processor shapes them; bad input is one
 line and exit 2. No timing is checked (the numbers of a shared CI machine are noise)."""
 import copy
