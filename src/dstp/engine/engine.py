@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 
@@ -79,6 +80,9 @@ class PrefillOutputs:
     """What a decode-time policy may read of the prefill, handed to its `setup` and let go after."""
     probe_input: torch.Tensor | None  # [B, 1, D] the probe layer's input of the last prompt token (P = 0: [B, T, D])
     hidden_at_prune: torch.Tensor | None  # [B, T, D] each token's input to the first stage without it
+
+
+NO_EXTRAS = MappingProxyType({})  # generated tokens take no per-token extras (DeepStack)
 
 
 def prune_points(pruner) -> tuple[int, ...]:
@@ -164,7 +168,7 @@ class Engine:
         policy = shift
         a, L = self.adapter, self.adapter.n_layers
         h = prepared.inputs_embeds
-        B, T, _ = h.shape
+        T = h.shape[1]
         points = prune_points(pruner) if pruner is not None and bool(prepared.visual_mask.any()) else ()
         for p in points:
             if not 0 <= p <= L:
@@ -279,7 +283,7 @@ class Engine:
             return logits, flops, PrefillOutputs(None, None)
         probe = policy.probe_layer(P, L)
         probe_input = first_h_at if P == 0 else captured[probe][:, -1:].clone()
-        ctx = before = captured = None  # noqa: F841  (let the stages' inputs go before the unpruned run)
+        ctx = before = captured = None  # let the stages' inputs go before the unpruned run
         if fills_reserve:
             held = [first_h_at]  # the input at P, every merge of the first stage applied
             h = h_at = first_h_at = None
@@ -366,9 +370,7 @@ class Engine:
         end = None if t_host is None else store.filled + t_host + 1
         view = store.append(store.filled + t, order, end)
         attention = UNMASKED if store.reads_all(end) else Attention(mask=store.decode_mask(end))
-        return run_layers(self.adapter, layers, h, attention, cos, sin, view, None, self._extras, capture)
-
-    _extras: dict = {}  # generated tokens take no per-token extras
+        return run_layers(self.adapter, layers, h, attention, cos, sin, view, None, NO_EXTRAS, capture)
 
     def step(self, state: State, logits, finished, lengths, seen, stop_ids, config: GenerationConfig, uniform,
              policy=None, pstate=None, noise=None, t_host: int | None = None):
