@@ -15,6 +15,8 @@ from dstp.engine.trace import Trace
 from dstp.errors import ConfigError, InputError, UnsupportedModelError
 from dstp.models.base import Adapter
 from dstp.models.registry import adapter_for_config, adapter_for_model, load_plugin
+from dstp.pruners import get_pruner
+from dstp.shift import ShiftPolicy
 
 
 @dataclass
@@ -29,9 +31,6 @@ class Pipeline:
 
     def __init__(self, adapter: Adapter, prune: PruneConfig | None = None, shift: DSTPConfig | None = None,
                  engine: EngineConfig | None = None):
-        from dstp.pruners import get_pruner
-        from dstp.shift import ShiftPolicy
-
         self.adapter, self.engine = adapter, Engine(adapter, engine)
         self.prune, self.shift = prune, shift
         self.pruner = get_pruner(prune, adapter.n_layers) if prune is not None else None
@@ -140,7 +139,7 @@ def load_config(source: str, hub: dict):
     """The checkpoint's config: a local directory as such, anything else resolved by transformers (hub id,
     local cache, `HF_HUB_OFFLINE`). A model type that an adapter outside the library serves (the lab's ShiftBench
     model) has that adapter's module imported first (`load_plugin`), which registers the model with transformers."""
-    import transformers
+    import transformers  # kept off `import dstp`, which imports no transformers until a model is loaded
 
     local = os.path.isdir(source)
     try:
@@ -174,7 +173,7 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
         tower's, while the language model's attention becomes dstp's own: `models/hf_compat.py`).
     Returns a `Pipeline` with `.chat(conversations)` and `.generate(images, prompts)`.
     """
-    import transformers
+    import transformers  # kept off `import dstp`, which imports no transformers until a model is loaded
 
     source = os.fspath(model_id_or_path)
     if not isinstance(source, str) or not source.strip():
@@ -217,7 +216,7 @@ def engine_config(engine: EngineConfig | None, compile: bool) -> EngineConfig:
 
 def check_config_fields(source: str, hub: dict, adapter_cls):
     """The checkpoint's own config.json must hold what the adapter reads (transformers would default it)."""
-    import transformers
+    import transformers  # kept off `import dstp`, which imports no transformers until a model is loaded
 
     raw, _ = transformers.PretrainedConfig.get_config_dict(source, **hub)
     missing = adapter_cls.missing_config_field(raw)
