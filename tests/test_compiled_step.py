@@ -44,8 +44,11 @@ CASES = [(None, None), ("fastv", None), ("fastv", "store"), ("fastv", "recompute
          ("random", "recompute"), ("uniform", None), ("oracle", "store")]
 
 
-@pytest.mark.parametrize("batch", ["padded", "one"])
-@pytest.mark.parametrize("method,source", CASES)
+ONE_ROW = [(None, None), ("fastv", "store"), ("sparsevlm", "recompute"), ("visionzip", "recompute")]
+
+
+@pytest.mark.parametrize("method,source,batch", [(*case, "padded") for case in CASES] +
+                         [(*case, "one") for case in ONE_ROW])
 def test_one_graph_and_eager_tokens(llava, method, source, batch):
     """fullgraph=True fails on any graph break; the compiled step (dynamo's graph, run as traced) gives the eager
     step's tokens and logits; a batch of three rows with left padding, and one row."""
