@@ -149,3 +149,15 @@ def test_compile_refused_where_torch_cannot_compile(llava, monkeypatch):
     engine = Engine(adapter, EngineConfig(compile=True, compile_fallback=True))
     assert not engine.compiled and engine._step == engine.step
     assert step_compiler.check_can_compile(torch.device("cpu"), "eager") is None  # other backends need none
+
+
+def test_qwen3_vl_compiles_with_m_rope_and_deepstack():
+    """Qwen3-VL (3-axis M-RoPE positions, DeepStack features in early layers): FastV + DSTP recompute compiles to one
+    graph and gives the eager step's tokens."""
+    adapter = adapter_for_model(tm.tiny_qwen3_vl())
+    prepared = adapter.prepare(tm.qwen3_vl_batch([(8, 8), (4, 8)], [3, 1]))
+    counter = CompileCounter()
+    eager = run(adapter, prepared, EngineConfig(), "fastv", "recompute", n=8)
+    compiled = run(adapter, prepared, EngineConfig(compile=True, compile_backend=counter), "fastv", "recompute", n=8)
+    assert counter.frame_count == 1
+    assert torch.equal(eager.tokens, compiled.tokens) and (eager.logits - compiled.logits).abs().max() < 1e-5
