@@ -250,8 +250,8 @@ class ShiftPolicy:
         extra = torch.zeros((), device=sim.device)
         if st.cached is not None:
             extra = self._recompute(st, state, new_revived, shift)
-        self._tell_stores(st, state)
-        active = self._active_count(st, state)
+        reserve_read = self._tell_stores(st, state)
+        active = self._active_count(st, state, reserve_read)
         st.remaining.copy_((st.remaining - 1).clamp(min=0))
         trace = StepTrace(visual_attended=active, similarity=sim, shift=shift, active=active,
                           revived_mask=st.revived.clone())
@@ -268,19 +268,20 @@ class ShiftPolicy:
 
     def _tell_stores(self, st: DSTPState, state):
         """Each stage's reserve slots are read iff their token is revived; (`hard`) kept slots outside the window's
-        T_l are not read while the window is open."""
+        T_l are not read while the window is open. Returns the last stage's reserve slots read [B, reserve]."""
         for stage, ranks, base, slot_rank in zip(state.stages, st.reserve_rank, st.base_valid, st.slot_rank):
-            stage.store.activate_reserve((ranks >= 0) & st.revived.gather(1, ranks.clamp(min=0)))
+            read = (ranks >= 0) & st.revived.gather(1, ranks.clamp(min=0))
+            stage.store.activate_reserve(read)
             if self.config.variant == "hard":
                 keep = st.hard_keep.gather(1, slot_rank.clamp(min=0)) | (slot_rank < 0)
                 stage.store.set_prompt_valid(torch.where(st.in_window[:, None], base & keep, base))
+        return read
 
     @staticmethod
-    def _active_count(st: DSTPState, state) -> torch.Tensor:
+    def _active_count(st: DSTPState, state, reserve_read: torch.Tensor) -> torch.Tensor:
         """Visual tokens active at the last stage's layers, per row: kept slots read + revived slots read."""
         s, Tk = state.stages[-1].store, state.stages[-1].Tk
-        kept_slots = ((st.slot_rank[-1] >= 0) & s.prompt_valid(Tk)).sum(-1)
-        return kept_slots + ((st.reserve_rank[-1] >= 0) & st.revived.gather(1, st.reserve_rank[-1].clamp(min=0))).sum(-1)
+        return ((st.slot_rank[-1] >= 0) & s.prompt_valid(Tk)).sum(-1) + reserve_read.sum(-1)
 
     # -- recompute ---------------------------------------------------------------------------------
     @staticmethod

@@ -36,9 +36,10 @@ def hf_run(model, batch, n: int, static: bool, device, compile: bool = True, bac
     steps, None)."""
     first = FirstLogits(device)
     kwargs = {"cache_implementation": "static"} if static else {}
-    if static:
-        kwargs.update(compile_config=static_cache_compile_config(device, backend=backend)) if compile else \
-            kwargs.update(disable_compile=True)
+    if static and compile:
+        kwargs["compile_config"] = static_cache_compile_config(device, backend=backend)
+    elif static:
+        kwargs["disable_compile"] = True
     sync(device)
     t0 = time.perf_counter()
     model.generate(**batch, max_new_tokens=n, do_sample=False, logits_processor=[first], **kwargs)
