@@ -136,6 +136,12 @@ def test_bad_engine_options_are_refused_in_one_line():
         EngineConfig(compile="yes")
 
 
+def test_unknown_compile_backend_is_one_line(llava):
+    _, adapter, _ = llava
+    with pytest.raises(ConfigError, match="unknown torch.compile backend 'inductr'"):
+        Engine(adapter, EngineConfig(compile=True, compile_backend="inductr"))
+
+
 def test_compile_refused_where_torch_cannot_compile(llava, monkeypatch):
     """No C++ compiler for inductor on CPU: one line, unless the user asked to fall back to the eager step."""
     import shutil

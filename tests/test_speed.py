@@ -297,6 +297,7 @@ def _edited(change):
     (TINY_QWEN3_VL, ["--model-config", "{tmp}", "--scenario", "both"], "--model-config runs the real scenario"),
     (TINY_QWEN3_VL, ["--model-config", "{tmp}", "--small"], "--small shrinks the synthetic scenarios"),
     (None, ["--scenario", "real"], "the real scenario needs --model-config PATH"),
+    (None, ["--compile-backend", "nope"], "unknown torch.compile backend 'nope'"),
     (None, ["--layers", "4"], "--image and --layers shape the real scenario"),
 ])
 def test_real_bad_input_is_one_line(config, argv, needle, capsys, tmp_path):

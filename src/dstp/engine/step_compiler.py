@@ -32,9 +32,16 @@ def check_can_compile(device: torch.device, backend: str):
         raise ConfigError(f"compile=True is supported on CPU and CUDA, not on {device.type}; run with compile=False")
 
 
+def check_backend(backend):
+    """A one-line ConfigError for a backend name torch.compile does not know (a callable backend is taken as is)."""
+    if isinstance(backend, str) and backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"unknown torch.compile backend {backend!r}; e.g. inductor (the default) or eager")
+
+
 def compile_step(step, config, device: torch.device):
     """`step` compiled as the engine's config asks, or `step` itself when the user asked to fall back and this
     torch cannot compile on `device`."""
+    check_backend(config.compile_backend)
     try:
         check_can_compile(device, config.compile_backend)
     except ConfigError:

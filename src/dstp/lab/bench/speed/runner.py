@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from dstp.api import first_line, resolve_device, resolve_dtype
 from dstp.config import DSTPConfig, EngineConfig, GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
+from dstp.engine.step_compiler import check_backend
 from dstp.errors import ConfigError
 from dstp.lab.bench.speed.baselines import hf_cache_bytes, hf_run, sync
 from dstp.lab.bench.speed.config import SCENARIOS, SMALL, SpeedConfig
@@ -185,6 +186,7 @@ def run_speed(scenarios=("overhead-bound", "kv-bound", "weight-bound"), device: 
     if not isinstance(torch_dtype, torch.dtype):
         raise ConfigError(f"dstp speed builds random-weight models: give a dtype (float32, bfloat16, float16), "
                           f"not {dtype!r}")
+    check_backend(compile_backend)
     if repeats is not None and repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
     if new_tokens is not None and new_tokens < 2:
