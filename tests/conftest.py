@@ -45,3 +45,20 @@ def hub_models() -> dict[str, str]:
     from hub_fixtures import build_hub_cache
 
     return build_hub_cache(HF_HUB_CACHE)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """tests/test_real_checkpoints.py keeps one real-width stand-in (2-4 GB) on disk at a time: run its tests grouped
+    by the checkpoint they build, in the module's own order within a group, so that each is built once."""
+    def checkpoint(item):
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        return params.get("repo_id") or getattr(item.module, "CHECKPOINT_OF", {}).get(item.originalname)
+
+    idx = [i for i, item in enumerate(items) if item.path.name == "test_real_checkpoints.py"]
+    if not idx:
+        return
+    order = list(dict.fromkeys(c for c in map(checkpoint, (items[i] for i in idx)) if c))
+    group = sorted((items[i] for i in idx), key=lambda item: -1 if checkpoint(item) is None
+                   else order.index(checkpoint(item)))
+    for i, item in zip(idx, group):
+        items[i] = item

@@ -421,6 +421,11 @@ def build(hub_cache: pathlib.Path, repo_id: str) -> dict:
     return json.loads((final / "BUILD.json").read_text())
 
 
+def remove(hub_cache: pathlib.Path, repo_id: str) -> None:
+    """Delete `repo_id`'s stand-in from hub_cache (every snapshot, ref and blob of it)."""
+    shutil.rmtree(H._repo_folder(pathlib.Path(hub_cache), repo_id), ignore_errors=True)
+
+
 def build_all(hub_cache: pathlib.Path) -> dict[str, dict]:
     return {repo_id: build(hub_cache, repo_id) for repo_id in CHECKPOINTS}
 

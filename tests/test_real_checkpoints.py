@@ -75,13 +75,33 @@ def reference_tokens(pipe, convs, **generate_kwargs):
 
 
 _PIPES: dict[str, object] = {}
+_ON_DISK: list[str] = []  # the one real-width stand-in built and not yet removed
+
+
+def built(repo_id: str) -> None:
+    """Build `repo_id` into the test cache, first removing the stand-in built before it: a 7B-class stand-in is 2-4 GB
+    and CI's disk is not ours to fill, so at most one lies on disk (tests/conftest.py runs this module's tests
+    grouped by checkpoint, so each is built once a session; the last is removed when the module ends)."""
+    if _ON_DISK and _ON_DISK[0] != repo_id:
+        _PIPES.clear()
+        R.remove(HF_HUB_CACHE, _ON_DISK.pop())
+    R.build(HF_HUB_CACHE, repo_id)
+    _ON_DISK[:] = [repo_id]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_the_last_stand_in():
+    yield
+    _PIPES.clear()
+    while _ON_DISK:
+        R.remove(HF_HUB_CACHE, _ON_DISK.pop())
 
 
 def pipeline(repo_id: str):
-    """dstp.load(repo_id) of the built checkpoint, one per session (a 7B-class stand-in is 1-5 GB)."""
+    """dstp.load(repo_id) of the built checkpoint, one in memory at a time."""
     if repo_id not in _PIPES:
         _PIPES.clear()  # keep one model in memory at a time
-        R.build(HF_HUB_CACHE, repo_id)
+        built(repo_id)
         _PIPES[repo_id] = dstp.load(repo_id, dtype="bfloat16")
     return _PIPES[repo_id]
 
@@ -202,6 +222,9 @@ def _run(pipe, prepared, config, prune=None, shift=None):
 # on every checkpoint one in-LLM pruner with DSTP. A prefill of 1,200-3,300 tokens at 7B width costs 10-30 s in bf16 on
 # a 2-core CPU, so the set is sized to run in CI (the pruners' rules are tested per family on tiny models).
 EVERY_PRUNER = "llava-hf/llava-1.5-7b-hf"
+# the checkpoint each test without a `repo_id` parameter builds (tests/conftest.py groups this module's tests by it)
+CHECKPOINT_OF = {"test_every_pruner_at_real_width": EVERY_PRUNER,
+                 "test_missing_config_field_is_one_line_naming_field_and_file": "llava-hf/llava-1.5-7b-hf"}
 
 
 def _keeps_k(out, method, n):
@@ -257,8 +280,8 @@ def test_fastv_and_dstp_at_real_width(repo_id):
 # ----------------------------------------------------------------------------------------------------------
 
 def test_missing_config_field_is_one_line_naming_field_and_file(tmp_path):
-    repo_id = "llava-hf/llava-1.5-7b-hf"
-    R.build(HF_HUB_CACHE, repo_id)
+    repo_id = CHECKPOINT_OF["test_missing_config_field_is_one_line_naming_field_and_file"]
+    built(repo_id)
     snapshot = R.snapshot_dir(HF_HUB_CACHE, repo_id)
     for f in snapshot.iterdir():
         (tmp_path / f.name).symlink_to(f.resolve())
