@@ -260,7 +260,7 @@ def test_pruned_generation_attends_k_visual_tokens(family, method):
     assert [len(kept) for kept in out.trace.kept] == k.tolist()
 
 
-@pytest.mark.parametrize("name", ["qwen3_vl", "internvl", "llava_next"])
+@pytest.mark.parametrize("name", ["qwen3_vl", "internvl", "llava_next", "llava_onevision", "qwen3_vl_moe"])
 def test_visionzip_runs_on_the_other_families(name):
     family = build_family(name)
     engine, prepared = Engine(family.adapter), family.prepared
