@@ -126,12 +126,18 @@ def test_onevision_scores_are_siglip_received_attention():
     assert torch.allclose(vision.scores, expect, atol=1e-6)
 
 
-def test_visionzip_refuses_a_downsampled_onevision_image_in_one_line():
-    adapter = adapter_for_model(tm.tiny_llava_onevision())
-    big = tm.llava_onevision_batch([[(70, 70)]], [3])  # 3x3 crops: 12x12 features over anyres_max_4's 4 views
-    assert adapter.prepare(big, vision_scores=False).n_visual.tolist() == [16 + 8 * 9]  # base + downsampled 8x8
+def test_downsampled_onevision_image_equals_generate_and_visionzip_refuses_it_in_one_line():
+    model = tm.tiny_llava_onevision()
+    adapter = adapter_for_model(model)
+    big = tm.llava_onevision_batch([[(70, 70)], [(30, 55)]], [3, 5])  # 3x3 crops: 12x12 features > 4 views' worth
+    prepared = adapter.prepare(big, vision_scores=False)
+    assert prepared.n_visual.tolist()[0] == 16 + 8 * 9  # base view + the crops downsampled to 8x8 + 8 newlines
+    hf = model.generate(**big, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = Engine(adapter).generate(prepared, GenerationConfig(max_new_tokens=16), return_logits=True)
+    assert torch.equal(out.tokens, hf.sequences[:, big["input_ids"].shape[1]:])
+    assert (out.logits - torch.stack(hf.logits, 1)).abs().max() < 1e-5
     with pytest.raises(InputError) as e:
-        adapter.prepare(big)
+        adapter.prepare(big)  # VisionZip's inputs (encoder internals) asked for
     assert str(e.value).startswith("llava_onevision cannot give VisionZip the encoder internals of a 70x70 image")
     assert "\n" not in str(e.value)
 
