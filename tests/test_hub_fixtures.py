@@ -476,11 +476,12 @@ def test_video_processor(loaded, hub_models):
         assert int((ids == _image_id(processor, family)).sum()) == 4 * H.INTERNVL_TILE_TOKENS == _n_features(
             model, inputs)
         assert "Frame4: <img>" in tok.decode(ids[0])
-    elif family == "llava_onevision":  # frames 2x2-pooled, then one newline (in the features)
+    elif family == "llava_onevision":  # frames 2x2-pooled, then one newline
         with torch.no_grad():
             feats = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
         n = int((ids == tok.convert_tokens_to_ids("<video>")).sum())
-        assert n == feats.shape[0] * feats.shape[1] == 4 * 2 * 2 + 1
+        assert n == 4 * 2 * 2 + 1  # the newline: in the features (5.25) or added by the forward (5.17)
+        assert feats.shape[0] * feats.shape[1] in (n, n - 1)
         assert "pixel_values" not in inputs and int((ids == _image_id(processor, family)).sum()) == 0
     else:
         video_id = tok.convert_tokens_to_ids("<|video_pad|>")
