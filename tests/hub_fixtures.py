@@ -19,6 +19,10 @@ Visual tokens per image (tests/test_hub_fixtures.py pins the counts per image si
 - qwen2_5_vl, qwen3_vl: dynamic resolution, patch 4, 2x2 merge: one token per 8x8 pixels, the image resized
   to multiples of 8 within [16, 80] tokens.
 - internvl: 32x32 tiles of 16 tokens, GotOcr2 crop-to-patches with at most 2 tiles (+ a thumbnail when 2).
+- llava_onevision: SigLIP 24x24 views of 16 tokens (no CLS); a row's only image: base view + crops on grids 1x1 to
+  4x4, unpadded, one newline per row, downsampled when over 9 views' worth (anyres_max_9); a row with several
+  images: one view + one newline each.
+- qwen3_vl_moe: as qwen3_vl.
 
 API: FAMILIES, REPO_IDS (family -> id, plus "qwen2_5_vl_sampling": the Qwen2.5-VL repo, same weights, whose
 generation_config.json has Qwen2.5-VL-Instruct's sampling defaults), build_hub_cache(hub_cache),
@@ -34,6 +38,9 @@ are zero. Chat templates: LLaVA-1.5 "USER: <image>\n... ASSISTANT:", LLaVA-NeXT 
 <|vision_end|> (Qwen2.5-VL adds its default system message), InternVL ChatML with "<IMG_CONTEXT>\n" per image
 (InternVLProcessor expands its tokenizer's context_image_token into <img> 16 x n_tiles <IMG_CONTEXT> </img>;
 the real InternVL-HF templates write <IMG_CONTEXT> too, not <image>).
+LLaVA-OneVision (llava-hf style): "<|im_start|>user <image><image>\n<text><|im_end|><|im_start|>assistant\n" (a
+message's images first, no newline after <|im_end|>). Qwen3-VL-MoE: Qwen3-VL's template, processor and tokenizer;
+each LLM layer a mixture of 8 experts, top 2.
 """
 from __future__ import annotations
 

@@ -264,7 +264,8 @@ def test_real_classes_and_config(loaded, hub_models):
         assert list(cfg.vision_config.deepstack_visual_indexes) == [0, 1, 2]
     if family == "qwen3_vl_moe":  # every LLM layer is a mixture of experts
         assert (text.num_experts, text.num_experts_per_tok, text.mlp_only_layers) == (8, 2, [])
-        assert all(type(layer.mlp).__name__ == "Qwen3VLMoeTextSparseMoeBlock" for layer in model.model.language_model.layers)
+        layers = model.model.language_model.layers
+        assert all(type(layer.mlp).__name__ == "Qwen3VLMoeTextSparseMoeBlock" for layer in layers)
     if family == "llava_onevision":
         assert cfg.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints == H.ONEVISION_PINPOINTS
         assert cfg.vision_aspect_ratio == processor.vision_aspect_ratio == "anyres_max_9"
