@@ -48,8 +48,10 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
         cfg = self.model.config
-        counts = [1] * len(image_sizes) if batch_num_images is None else batch_num_images.tolist()
-        patched = [n == 1 for n in counts for _ in range(n)] if batch_num_images is not None else counts
+        if batch_num_images is None:  # as transformers: every image gets its crops
+            patched = [True] * len(image_sizes)
+        else:  # only a row's only image does
+            patched = [n == 1 for n in batch_num_images.tolist() for _ in range(n)]
         per_image = [image_size_to_num_patches(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
                      if crops else 1 for size, crops in zip(image_sizes, patched)]
         ids = torch.arange(1, n_views * n_units + 1, device=self.device, dtype=torch.float64)
