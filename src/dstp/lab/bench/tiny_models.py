@@ -9,6 +9,8 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
 from transformers import (InternVLConfig, InternVLForConditionalGeneration, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration)
+from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, Qwen3VLMoeConfig,
+                          Qwen3VLMoeForConditionalGeneration, SiglipVisionConfig)
 
 VOCAB = 128
 IMAGE_TOKEN = 100
@@ -200,8 +202,6 @@ def internvl_batch(tiles: list[int], prefix: list[int], suffix: int = 5, seed: i
 def tiny_llava_onevision(seed: int = 0, layers: int = 4):
     """LLaVA-OneVision on 24x24 SigLIP views (4x4 patches, all fed to the LLM), Qwen2 LM; crop grids up to 3x3, so
     a 3x3 image's unpadded features (up to 12x12) exceed anyres_max_4's 4 views and are downsampled."""
-    from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
-
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                 image_size=24, patch_size=6, vision_use_head=False)
     text = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
@@ -213,8 +213,6 @@ def tiny_llava_onevision(seed: int = 0, layers: int = 4):
                                vision_aspect_ratio="anyres_max_4",
                                image_grid_pinpoints=[[24 * h, 24 * w] for h in (1, 2, 3) for w in (1, 2, 3)])
     cfg._attn_implementation = "sdpa"
-    from transformers import LlavaOnevisionForConditionalGeneration
-
     return _greedy_ready(LlavaOnevisionForConditionalGeneration(cfg), seed)
 
 
@@ -249,8 +247,6 @@ def llava_onevision_batch(images: list[list[tuple[int, int]]], prefix: list[int]
 def tiny_qwen3_vl_moe(seed: int = 0, layers: int = 4):
     """Qwen3-VL's tiny layout (see tiny_qwen3_vl) with a mixture-of-experts LLM: 8 experts, top 2, in every layer
     but layer 1 (a dense MLP there, as `mlp_only_layers` allows)."""
-    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
-
     cfg = Qwen3VLMoeConfig(
         text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
