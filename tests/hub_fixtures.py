@@ -19,6 +19,10 @@ Visual tokens per image (tests/test_hub_fixtures.py pins the counts per image si
 - qwen2_5_vl, qwen3_vl: dynamic resolution, patch 4, 2x2 merge: one token per 8x8 pixels, the image resized
   to multiples of 8 within [16, 80] tokens.
 - internvl: 32x32 tiles of 16 tokens, GotOcr2 crop-to-patches with at most 2 tiles (+ a thumbnail when 2).
+- llava_onevision: SigLIP 24x24 views of 16 tokens (no CLS); a row's only image: base view + crops on grids 1x1 to
+  4x4, unpadded, one newline per row, downsampled when over 9 views' worth (anyres_max_9); a row with several
+  images: one view + one newline each.
+- qwen3_vl_moe: as qwen3_vl.
 
 API: FAMILIES, REPO_IDS (family -> id, plus "qwen2_5_vl_sampling": the Qwen2.5-VL repo, same weights, whose
 generation_config.json has Qwen2.5-VL-Instruct's sampling defaults), build_hub_cache(hub_cache),
@@ -34,6 +38,9 @@ are zero. Chat templates: LLaVA-1.5 "USER: <image>\n... ASSISTANT:", LLaVA-NeXT 
 <|vision_end|> (Qwen2.5-VL adds its default system message), InternVL ChatML with "<IMG_CONTEXT>\n" per image
 (InternVLProcessor expands its tokenizer's context_image_token into <img> 16 x n_tiles <IMG_CONTEXT> </img>;
 the real InternVL-HF templates write <IMG_CONTEXT> too, not <image>).
+LLaVA-OneVision (llava-hf style): "<|im_start|>user <image><image>\n<text><|im_end|><|im_start|>assistant\n" (a
+message's images first, no newline after <|im_end|>). Qwen3-VL-MoE: Qwen3-VL's template, processor and tokenizer;
+each LLM layer a mixture of 8 experts, top 2.
 """
 from __future__ import annotations
 
@@ -46,7 +53,7 @@ import uuid
 
 import numpy as np
 
-FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "internvl")
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision", "qwen3_vl_moe")
 
 REPO_IDS: dict[str, str] = {
     "llava": "dstp-fixtures/tiny-llava-1.5",
@@ -54,6 +61,8 @@ REPO_IDS: dict[str, str] = {
     "qwen2_5_vl": "dstp-fixtures/tiny-qwen2.5-vl",
     "qwen3_vl": "dstp-fixtures/tiny-qwen3-vl",
     "internvl": "dstp-fixtures/tiny-internvl3.5",
+    "llava_onevision": "dstp-fixtures/tiny-llava-onevision-qwen2",
+    "qwen3_vl_moe": "dstp-fixtures/tiny-qwen3-vl-moe",
     "qwen2_5_vl_sampling": "dstp-fixtures/tiny-qwen2.5-vl-sampling",
 }
 
@@ -62,7 +71,8 @@ QWEN2_5_VL_SAMPLING = {"do_sample": True, "top_k": 1, "top_p": 0.001, "temperatu
                        "repetition_penalty": 1.05}
 
 WEIGHT_STD = 0.2  # HF-FIXTURES: 0.02-0.08 makes a tiny random model answer the same for every image
-SEEDS = {"llava": 11, "llava_next": 12, "qwen2_5_vl": 13, "qwen3_vl": 14, "internvl": 15}
+SEEDS = {"llava": 11, "llava_next": 12, "qwen2_5_vl": 13, "qwen3_vl": 14, "internvl": 15, "llava_onevision": 16,
+         "qwen3_vl_moe": 17}
 LLM_LAYERS = 4
 
 # Special tokens per family (in id order, appended after the trained vocabulary).
@@ -71,13 +81,16 @@ QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_sta
                 "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
 INTERNVL_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>",
                     "<video>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+ONEVISION_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]  # llava-hf's added tokens
 LLAMA_SPECIAL = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2, as in Llama; "<image>" and "<pad>" come after the vocab
 
 # The token that stands for one image in the rendered chat text, which the processor repeats once per visual
 # feature in input_ids (InternVL also wraps each image's run in <img> ... </img>).
 IMAGE_TOKEN = {"llava": "<image>", "llava_next": "<image>", "qwen2_5_vl": "<|image_pad|>",
-               "qwen3_vl": "<|image_pad|>", "internvl": "<IMG_CONTEXT>"}
-VIDEO_TOKEN = {"qwen2_5_vl": "<|video_pad|>", "qwen3_vl": "<|video_pad|>", "internvl": "<video>"}
+               "qwen3_vl": "<|image_pad|>", "internvl": "<IMG_CONTEXT>", "llava_onevision": "<image>",
+               "qwen3_vl_moe": "<|image_pad|>"}
+VIDEO_TOKEN = {"qwen2_5_vl": "<|video_pad|>", "qwen3_vl": "<|video_pad|>", "internvl": "<video>",
+               "llava_onevision": "<video>", "qwen3_vl_moe": "<|video_pad|>"}
 
 _CORPUS = """\
 The picture shows a red square on the left and a blue circle on the right.
@@ -227,8 +240,24 @@ QWEN3_VL_TEMPLATE = _chatml_template("<|vision_start|><|image_pad|><|vision_end|
 # InternVLProcessor expands its tokenizer's context_image_token (<IMG_CONTEXT>) into <img>...</img>.
 INTERNVL_TEMPLATE = _chatml_template("<IMG_CONTEXT>\n", "<video>\n", None)
 
+# LLaVA-OneVision (llava-hf): "<|im_start|>role " + every <image>, then every <video>, then "\n" + each text part,
+# "<|im_end|>" (no newline after it); the generation prompt "<|im_start|>assistant\n"
+LLAVA_ONEVISION_TEMPLATE = _IMAGES_MACRO + (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + ' ' + images_of(message, '<image>') -}}"
+    "{%- if message['content'] is string -%}{{- '\n' + message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'video' -%}{{- '<video>' -}}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{- '\n' + part['text'] -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+
 CHAT_TEMPLATES = {"llava": LLAVA_TEMPLATE, "llava_next": LLAVA_NEXT_TEMPLATE, "qwen2_5_vl": QWEN2_5_VL_TEMPLATE,
-                  "qwen3_vl": QWEN3_VL_TEMPLATE, "internvl": INTERNVL_TEMPLATE}
+                  "qwen3_vl": QWEN3_VL_TEMPLATE, "internvl": INTERNVL_TEMPLATE,
+                  "llava_onevision": LLAVA_ONEVISION_TEMPLATE, "qwen3_vl_moe": QWEN3_VL_TEMPLATE}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,7 +327,7 @@ def _llama_style_tokenizer(chat_template: str, n_pieces: int = 200):
 def _tokenizer(family: str):
     if family == "llava" or family == "llava_next":
         return _llama_style_tokenizer(CHAT_TEMPLATES[family])
-    if family in ("qwen2_5_vl", "qwen3_vl"):
+    if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         return _qwen_style_tokenizer(QWEN_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>",
                                      extra_special=QWEN_SPECIAL[1:], chat_template=CHAT_TEMPLATES[family])
     if family == "internvl":
@@ -306,6 +335,9 @@ def _tokenizer(family: str):
                  "video_token": "<video>"}
         return _qwen_style_tokenizer(INTERNVL_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>",
                                      extra_special=extra, chat_template=CHAT_TEMPLATES[family])
+    if family == "llava_onevision":
+        return _qwen_style_tokenizer(ONEVISION_SPECIAL, eos="<|im_end|>", pad="<|endoftext|>",
+                                     extra_special=ONEVISION_SPECIAL[1:], chat_template=CHAT_TEMPLATES[family])
     raise KeyError(family)
 
 
@@ -321,6 +353,12 @@ QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2      # one token per 8x8 pixels
 QWEN_MIN_TOKENS, QWEN_MAX_TOKENS = 16, 80
 INTERNVL_TILE, INTERNVL_PATCH, INTERNVL_MAX_TILES = 32, 4, 2   # 8x8 patches, pixel shuffle 0.5: 16 a tile
 INTERNVL_TILE_TOKENS = (INTERNVL_TILE // INTERNVL_PATCH) ** 2 // 4
+SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
+ONEVISION_VIEW, ONEVISION_PATCH = 24, 6              # SigLIP 4x4 patches, no CLS: 16 tokens a view
+# crop grids 1x1 to 4x4 of 24-pixel views, as the real 1x1 to 6x6 of 384; anyres_max_9 (the real value) downsamples
+# the unpadded crop features of the largest grids (over 9 views' worth)
+ONEVISION_PINPOINTS = [[ONEVISION_VIEW * h, ONEVISION_VIEW * w] for h in (1, 2, 3, 4) for w in (1, 2, 3, 4)]
+ONEVISION_ASPECT = "anyres_max_9"
 
 
 def _processor(family: str, tokenizer):
@@ -342,7 +380,16 @@ def _processor(family: str, tokenizer):
         return tf.LlavaNextProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=LLAVA_PATCH,
                                      vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                      chat_template=template)
-    if family in ("qwen2_5_vl", "qwen3_vl"):
+    if family == "llava_onevision":
+        view = {"height": ONEVISION_VIEW, "width": ONEVISION_VIEW}
+        ip = tf.LlavaOnevisionImageProcessor(size=view, image_grid_pinpoints=ONEVISION_PINPOINTS, do_pad=True,
+                                             image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+        vp = tf.LlavaOnevisionVideoProcessor(size=view, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+        return tf.LlavaOnevisionProcessor(image_processor=ip, tokenizer=tokenizer, video_processor=vp,
+                                          num_image_tokens=(ONEVISION_VIEW // ONEVISION_PATCH) ** 2,
+                                          vision_feature_select_strategy="full", vision_aspect_ratio=ONEVISION_ASPECT,
+                                          chat_template=template)
+    if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         px = (QWEN_PATCH * QWEN_MERGE) ** 2
         # size=, never min_pixels=/max_pixels= (HF-FIXTURES: those overwrite the class default for everyone)
         geom = dict(patch_size=QWEN_PATCH, merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL)
@@ -410,7 +457,7 @@ def _config(family: str, tok):
                                      image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
                                      image_seq_length=(LLAVA_IMAGE // LLAVA_PATCH) ** 2, **common)
         gen = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    elif family in ("qwen2_5_vl", "qwen3_vl"):
+    elif family in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         eot, im_end, vs, ve, image, video = _ids(tok, ["<|endoftext|>", "<|im_end|>", "<|vision_start|>",
                                                        "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
         ids = dict(image_token_id=image, video_token_id=video, vision_start_token_id=vs, vision_end_token_id=ve)
@@ -431,7 +478,12 @@ def _config(family: str, tok):
             vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
                           patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL,
                           in_channels=3, num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 2])
-            cfg = tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+            if family == "qwen3_vl":
+                cfg = tf.Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
+            else:  # Qwen3-VL-30B-A3B's layout (every layer sparse, 128 experts, top 8), scaled down: 8, top 2
+                text.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                            mlp_only_layers=[])
+                cfg = tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
         gen = dict(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot)
     elif family == "internvl":
         eot, im_end, context = _ids(tok, ["<|endoftext|>", "<|im_end|>", "<IMG_CONTEXT>"])
@@ -446,6 +498,19 @@ def _config(family: str, tok):
                                 vision_feature_layer=-1, vision_feature_select_strategy="default",
                                 tie_word_embeddings=False)
         gen = dict(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot)
+    elif family == "llava_onevision":
+        eot, im_end, image, video = _ids(tok, ["<|endoftext|>", "<|im_end|>", "<image>", "<video>"])
+        vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=ONEVISION_VIEW, patch_size=ONEVISION_PATCH, vision_use_head=False)
+        text = tf.Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=LLM_LAYERS,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                              rope_parameters=rope, tie_word_embeddings=False, bos_token_id=eot, eos_token_id=im_end,
+                              pad_token_id=eot)
+        cfg = tf.LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=image,
+                                      video_token_id=video, vision_feature_layer=-1,
+                                      vision_feature_select_strategy="full", vision_aspect_ratio=ONEVISION_ASPECT,
+                                      image_grid_pinpoints=ONEVISION_PINPOINTS, tie_word_embeddings=False)
+        gen = dict(bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot)
     else:
         raise KeyError(family)
     return cfg, gen
@@ -453,7 +518,9 @@ def _config(family: str, tok):
 
 MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                   "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                  "qwen3_vl": "Qwen3VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration"}
+                  "qwen3_vl": "Qwen3VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
+                  "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+                  "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
 
 
 def _randomize(model, seed: int):

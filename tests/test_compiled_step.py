@@ -167,3 +167,15 @@ def test_qwen3_vl_compiles_with_m_rope_and_deepstack():
     compiled = run(adapter, prepared, EngineConfig(compile=True, compile_backend=counter), "fastv", "recompute", n=8)
     assert counter.frame_count == 1
     assert torch.equal(eager.tokens, compiled.tokens) and (eager.logits - compiled.logits).abs().max() < 1e-5
+
+
+def test_qwen3_vl_moe_compiles_with_routed_experts():
+    """Qwen3-VL-MoE (top-k experts in every LLM layer but one): FastV + DSTP recompute compiles to one graph and gives
+    the eager step's tokens."""
+    adapter = adapter_for_model(tm.tiny_qwen3_vl_moe())
+    prepared = adapter.prepare(tm.qwen3_vl_batch([(8, 8), (4, 8)], [3, 1]))
+    counter = CompileCounter()
+    eager = run(adapter, prepared, EngineConfig(), "fastv", "recompute", n=8)
+    compiled = run(adapter, prepared, EngineConfig(compile=True, compile_backend=counter), "fastv", "recompute", n=8)
+    assert counter.frame_count == 1
+    assert torch.equal(eager.tokens, compiled.tokens) and (eager.logits - compiled.logits).abs().max() < 1e-5

@@ -19,6 +19,11 @@ FAMILIES = {
                    lambda: tm.llava_next_batch([(30, 55), (60, 40), (45, 45)], [3, 7, 1])),
     "internvl": (tm.tiny_internvl, lambda: tm.internvl_batch([2], [3]),
                  lambda: tm.internvl_batch([1, 3, 2], [4, 1, 6])),
+    # a row of one image (crops), one of two images (a view each); a downsampled image: test_onevision_moe.py
+    "llava_onevision": (tm.tiny_llava_onevision, lambda: tm.llava_onevision_batch([[(40, 40)]], [2]),
+                        lambda: tm.llava_onevision_batch([[(30, 55)], [(40, 40), (20, 20)], [(45, 45)]], [3, 7, 1])),
+    "qwen3_vl_moe": (tm.tiny_qwen3_vl_moe, lambda: tm.qwen3_vl_batch([(8, 8)], [3]),
+                     lambda: tm.qwen3_vl_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
 }
 
 

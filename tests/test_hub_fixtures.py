@@ -24,26 +24,32 @@ PROMPT = dict(add_generation_prompt=True, tokenize=True, return_dict=True, retur
 LEFT = {"padding": True, "padding_side": "left"}
 
 PROCESSOR = {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor",
-             "qwen3_vl": "Qwen3VLProcessor", "internvl": "InternVLProcessor"}
+             "qwen3_vl": "Qwen3VLProcessor", "internvl": "InternVLProcessor",
+             "llava_onevision": "LlavaOnevisionProcessor", "qwen3_vl_moe": "Qwen3VLProcessor"}
 IMAGE_PROCESSOR = {"llava": "CLIPImageProcessor", "llava_next": "LlavaNextImageProcessor",
                    "qwen2_5_vl": "Qwen2VLImageProcessor", "qwen3_vl": "Qwen2VLImageProcessor",
-                   "internvl": "GotOcr2ImageProcessor"}
+                   "internvl": "GotOcr2ImageProcessor", "llava_onevision": "LlavaOnevisionImageProcessor",
+                   "qwen3_vl_moe": "Qwen2VLImageProcessor"}
 VIDEO_PROCESSOR = {"llava": None, "llava_next": None, "qwen2_5_vl": "Qwen2VLVideoProcessor",
-                   "qwen3_vl": "Qwen3VLVideoProcessor", "internvl": "InternVLVideoProcessor"}
+                   "qwen3_vl": "Qwen3VLVideoProcessor", "internvl": "InternVLVideoProcessor",
+                   "llava_onevision": "LlavaOnevisionVideoProcessor", "qwen3_vl_moe": "Qwen3VLVideoProcessor"}
 # HF-FIXTURES: AutoTokenizer loads llava / llava_next tokenizers as TokenizersBackend, whatever tokenizer_class says
 TOKENIZER = {"llava": "TokenizersBackend", "llava_next": "TokenizersBackend", "qwen2_5_vl": "Qwen2Tokenizer",
-             "qwen3_vl": "Qwen2Tokenizer", "internvl": "Qwen2Tokenizer"}
+             "qwen3_vl": "Qwen2Tokenizer", "internvl": "Qwen2Tokenizer", "llava_onevision": "Qwen2Tokenizer",
+             "qwen3_vl_moe": "Qwen2Tokenizer"}
 EOS = {"llava": "</s>", "llava_next": "</s>", "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>",
-       "internvl": "<|im_end|>"}
+       "internvl": "<|im_end|>", "llava_onevision": "<|im_end|>", "qwen3_vl_moe": "<|im_end|>"}
 PAD = {"llava": "<pad>", "llava_next": "<pad>", "qwen2_5_vl": "<|endoftext|>", "qwen3_vl": "<|endoftext|>",
-       "internvl": "<|endoftext|>"}
+       "internvl": "<|endoftext|>", "llava_onevision": "<|endoftext|>", "qwen3_vl_moe": "<|endoftext|>"}
 SPECIAL = {"llava": ["<s>", "</s>", "<unk>", "<image>", "<pad>"],
            "qwen2_5_vl": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
                           "<|image_pad|>", "<|video_pad|>"],
            "internvl": ["<img>", "</img>", "<IMG_CONTEXT>", "<video>", "<|im_start|>", "<|im_end|>",
-                        "<|endoftext|>"]}
+                        "<|endoftext|>"],
+           "llava_onevision": ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<image>", "<video>"]}
 SPECIAL["llava_next"] = SPECIAL["llava"]
-SPECIAL["qwen3_vl"] = SPECIAL["qwen2_5_vl"]
+SPECIAL["qwen3_vl"] = SPECIAL["qwen3_vl_moe"] = SPECIAL["qwen2_5_vl"]
+QWEN3 = ("qwen3_vl", "qwen3_vl_moe")  # the same processor, tokenizer and template
 
 # visual tokens of ONE image of each (width, height), as the processor writes them and the model computes them
 SIZES = [(32, 32), (40, 40), (64, 32), (32, 64), (72, 40), (96, 64), (120, 40), (200, 150)]
@@ -53,6 +59,8 @@ TOKENS = {
     "qwen2_5_vl": [16, 25, 32, 32, 45, 70, 75, 70],      # dynamic resolution, 8x8 px a token, 16..80
     "qwen3_vl": [16, 25, 32, 32, 45, 70, 75, 70],
     "internvl": [16, 16, 48, 48, 48, 48, 48, 16],        # 1 tile, or 2 tiles + thumbnail
+    "llava_onevision": [88, 88, 94, 100, 94, 186, 118, 156],  # anyres up to 4x4 crops; 200x150 downsampled
+    "qwen3_vl_moe": [16, 25, 32, 32, 45, 70, 75, 70],
 }
 
 # the same conversation rendered by each family's template
@@ -73,6 +81,10 @@ RENDERED_RICH = {
     "qwen2_5_vl": _QWEN_RICH,
     "qwen3_vl": _QWEN_RICH,
     "internvl": _QWEN_RICH.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n"),
+    "llava_onevision": "<|im_start|>system \nBe brief.<|im_end|><|im_start|>user <image><image>\nWhat is in the image?"
+                       "<|im_end|><|im_start|>assistant \nA cat.<|im_end|><|im_start|>user \nAnd the second?<|im_end|>"
+                       "<|im_start|>assistant\n",
+    "qwen3_vl_moe": _QWEN_RICH,
 }
 # text only, no system message, no generation prompt
 RENDERED_PLAIN = {
@@ -82,6 +94,8 @@ RENDERED_PLAIN = {
                   "<|im_end|>\n",
     "qwen3_vl": "<|im_start|>user\nHello there.<|im_end|>\n",
     "internvl": "<|im_start|>user\nHello there.<|im_end|>\n",
+    "llava_onevision": "<|im_start|>user \nHello there.<|im_end|>",
+    "qwen3_vl_moe": "<|im_start|>user\nHello there.<|im_end|>\n",
 }
 TEXTS = ["Hello world, what is in the picture?", "There are 12 cats and 3 dogs; the sky is clear.",
          "double  spaces, a\ttab and a new\nline ", "café, naïve, Ωμέγα, 東京 and an emoji 🙂",
@@ -111,7 +125,7 @@ def _prompt(processor, convs, **kw):
 
 
 def _visual_inputs(inputs):
-    return {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes") if k in inputs}
+    return {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "image_sizes", "batch_num_images") if k in inputs}
 
 
 def _n_features(model, inputs) -> int:
@@ -246,11 +260,20 @@ def test_real_classes_and_config(loaded, hub_models):
     assert eos in (gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id])
     assert text.eos_token_id == eos  # HF-FIXTURES: Qwen2.5-VL ids live in text_config
     assert not gen.do_sample
-    if family == "qwen3_vl":
+    if family in QWEN3:
         assert list(cfg.vision_config.deepstack_visual_indexes) == [0, 1, 2]
+    if family == "qwen3_vl_moe":  # every LLM layer is a mixture of experts
+        assert (text.num_experts, text.num_experts_per_tok, text.mlp_only_layers) == (8, 2, [])
+        layers = model.model.language_model.layers
+        assert all(type(layer.mlp).__name__ == "Qwen3VLMoeTextSparseMoeBlock" for layer in layers)
+    if family == "llava_onevision":
+        assert cfg.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints == H.ONEVISION_PINPOINTS
+        assert cfg.vision_aspect_ratio == processor.vision_aspect_ratio == "anyres_max_9"
+        assert cfg.vision_feature_select_strategy == processor.vision_feature_select_strategy == "full"
+        assert cfg.video_token_id == tok.convert_tokens_to_ids("<video>")
     if family == "llava_next":
         assert cfg.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints == H.LLAVA_NEXT_PINPOINTS
-    if family in ("qwen2_5_vl", "qwen3_vl"):
+    if family in ("qwen2_5_vl", *QWEN3):
         for name in ("vision_start", "vision_end", "video"):
             assert getattr(cfg, f"{name}_token_id") == tok.convert_tokens_to_ids(
                 {"vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>", "video": "<|video_pad|>"}[name])
@@ -314,7 +337,7 @@ def test_chat_template_renders_family_format(loaded):
     # the tokenizer's copy of the template renders the same
     assert processor.tokenizer.apply_chat_template(copy.deepcopy(RICH), tokenize=False,
                                                    add_generation_prompt=True) == RENDERED_RICH[family]
-    if family in ("qwen2_5_vl", "qwen3_vl"):
+    if family in ("qwen2_5_vl", *QWEN3):
         two = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "x"}]}]
         assert "Picture 1: <|vision_start|><|image_pad|><|vision_end|>Picture 2: <|vision_start|>" in render(
             two, add_vision_id=True)
@@ -348,10 +371,14 @@ def test_zero_one_two_images_in_one_message(loaded):
         if k == 0:
             assert n == 0 and "pixel_values" not in inputs
         else:
-            assert n == _n_features(model, inputs) == sum(TOKENS[family][SIZES.index(s)] for s in [(64, 32),
-                                                                                                   (40, 40)][:k])
+            per_image = [TOKENS[family][SIZES.index(s)] for s in [(64, 32), (40, 40)][:k]]
+            if family == "llava_onevision" and k > 1:  # several images in a row: one view each, no crops
+                per_image = [(H.ONEVISION_VIEW // H.ONEVISION_PATCH) ** 2 + 1] * k  # + a newline
+            assert n == _n_features(model, inputs) == sum(per_image)
         runs = torch.diff(torch.cat([torch.tensor([0]), (ids[0] == image_id).int(), torch.tensor([0])]))
-        assert int((runs == 1).sum()) == k  # one contiguous run of placeholders per image
+        # one contiguous run of placeholders per image (LLaVA-OneVision's template writes a message's images
+        # back to back: one run)
+        assert int((runs == 1).sum()) == (min(k, 1) if family == "llava_onevision" else k)
         if family == "internvl":
             assert int((ids == tok.convert_tokens_to_ids("<img>")).sum()) == k
             assert int((ids == tok.convert_tokens_to_ids("</img>")).sum()) == k
@@ -398,7 +425,11 @@ def test_left_padded_batch_equals_single_rows(loaded, mix):
     if mix == "sizes" and family != "llava":
         assert len(set(per_row)) > 1
     if mix == "text_only_mixed":
-        assert per_row[0] == 0 and per_row[1] > 0 and per_row[2] > per_row[1]
+        assert per_row[0] == 0 and per_row[1] > 0
+        if family == "llava_onevision":  # two images in a row: one view + newline each, fewer than one anyres image
+            assert per_row[2] == 2 * ((H.ONEVISION_VIEW // H.ONEVISION_PATCH) ** 2 + 1) < per_row[1]
+        else:
+            assert per_row[2] > per_row[1]
     for row, single in enumerate(singles):  # unpadded row == the conversation alone
         n = int(single["input_ids"].shape[1])
         assert batch["input_ids"][row, -n:].tolist() == single["input_ids"][0].tolist()
@@ -446,6 +477,13 @@ def test_video_processor(loaded, hub_models):
         assert int((ids == _image_id(processor, family)).sum()) == 4 * H.INTERNVL_TILE_TOKENS == _n_features(
             model, inputs)
         assert "Frame4: <img>" in tok.decode(ids[0])
+    elif family == "llava_onevision":  # frames 2x2-pooled, then one newline
+        with torch.no_grad():
+            feats = model.model.get_video_features(inputs["pixel_values_videos"]).pooler_output
+        n = int((ids == tok.convert_tokens_to_ids("<video>")).sum())
+        assert n == 4 * 2 * 2 + 1  # the newline: in the features (5.25) or added by the forward (5.17)
+        assert feats.shape[0] * feats.shape[1] in (n, n - 1)
+        assert "pixel_values" not in inputs and int((ids == _image_id(processor, family)).sum()) == 0
     else:
         video_id = tok.convert_tokens_to_ids("<|video_pad|>")
         with torch.no_grad():

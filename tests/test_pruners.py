@@ -138,6 +138,9 @@ ALL_FAMILIES = {
     "qwen3_vl": (tm.tiny_qwen3_vl, lambda: tm.qwen3_vl_batch([(8, 8), (4, 8)], [3, 1])),
     "internvl": (tm.tiny_internvl, lambda: tm.internvl_batch([1, 2], [3, 1])),
     "llava_next": (tm.tiny_llava_next, lambda: tm.llava_next_batch([(30, 55), (60, 40)], [3, 1])),
+    "llava_onevision": (tm.tiny_llava_onevision, lambda: tm.llava_onevision_batch([[(30, 55)], [(40, 40), (20, 20)]],
+                                                                                  [3, 1])),
+    "qwen3_vl_moe": (tm.tiny_qwen3_vl_moe, lambda: tm.qwen3_vl_batch([(8, 8), (4, 8)], [3, 1])),
 }
 
 
@@ -257,7 +260,7 @@ def test_pruned_generation_attends_k_visual_tokens(family, method):
     assert [len(kept) for kept in out.trace.kept] == k.tolist()
 
 
-@pytest.mark.parametrize("name", ["qwen3_vl", "internvl", "llava_next"])
+@pytest.mark.parametrize("name", ["qwen3_vl", "internvl", "llava_next", "llava_onevision", "qwen3_vl_moe"])
 def test_visionzip_runs_on_the_other_families(name):
     family = build_family(name)
     engine, prepared = Engine(family.adapter), family.prepared

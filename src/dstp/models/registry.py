@@ -12,8 +12,10 @@ from dstp.models.base import Adapter
 from dstp.models.internvl import InternVLAdapter
 from dstp.models.llava import LlavaAdapter
 from dstp.models.llava_next import LlavaNextAdapter
+from dstp.models.llava_onevision import LlavaOnevisionAdapter
 from dstp.models.qwen2_5_vl import Qwen25VLAdapter
 from dstp.models.qwen3_vl import Qwen3VLAdapter
+from dstp.models.qwen3_vl_moe import Qwen3VLMoeAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -25,6 +27,8 @@ def register(adapter: type[Adapter]) -> type[Adapter]:
 
 
 for _a in (LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter):
+    register(_a)
+for _a in (LlavaOnevisionAdapter, Qwen3VLMoeAdapter):
     register(_a)
 
 

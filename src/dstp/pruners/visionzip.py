@@ -20,6 +20,8 @@ k = ceil(retention * N) counts every token the LLM receives, the CLS token inclu
 - Qwen2.5-VL / Qwen3-VL (no CLS token): a unit is one merged token (2x2 patches): score = the attention its
   patches receive in the last ViT block, key = its patches' mean key (before rotary), merged in the merger's
   input space; no CLS to keep. Qwen3-VL's DeepStack features of a contextual token stay its target's own.
+- LLaVA-OneVision (SigLIP, no CLS token): units as LLaVA-NeXT's, score = the attention a patch receives at the feature
+  layer (head mean, over its view's queries); an image whose crop features the model downsamples is refused.
 - InternVL: a unit is one pixel-shuffled token, scored and keyed by its patches' mean; InternViT's CLS token is
   not kept (the projector reads groups of four patches, a single CLS has no place there).
 - ShiftBench (no encoder attention): score = feature norm, key = features = the visual token, identity projector.

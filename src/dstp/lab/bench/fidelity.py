@@ -22,6 +22,10 @@ CASES = {
     "qwen3_vl": (tm.tiny_qwen3_vl, lambda: tm.qwen3_vl_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
     "internvl": (tm.tiny_internvl, lambda: tm.internvl_batch([1, 3, 2], [4, 1, 6])),
     "llava_next": (tm.tiny_llava_next, lambda: tm.llava_next_batch([(30, 55), (60, 40), (45, 45)], [3, 7, 1])),
+    # anyres crops; two images in one row (a view each); an image downsampled by anyres_max_4
+    "llava_onevision": (tm.tiny_llava_onevision,
+                        lambda: tm.llava_onevision_batch([[(30, 55)], [(40, 40), (20, 20)], [(70, 70)]], [3, 7, 1])),
+    "qwen3_vl_moe": (tm.tiny_qwen3_vl_moe, lambda: tm.qwen3_vl_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
 }
 
 

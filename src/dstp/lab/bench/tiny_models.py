@@ -9,6 +9,8 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
                           Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration)
 from transformers import (InternVLConfig, InternVLForConditionalGeneration, Qwen3VLConfig,
                           Qwen3VLForConditionalGeneration)
+from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, Qwen3VLMoeConfig,
+                          Qwen3VLMoeForConditionalGeneration, SiglipVisionConfig)
 
 VOCAB = 128
 IMAGE_TOKEN = 100
@@ -195,3 +197,69 @@ def internvl_batch(tiles: list[int], prefix: list[int], suffix: int = 5, seed: i
     ids, mask = left_pad(rows)
     pixels = torch.randn(sum(tiles), 3, 32, 32, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def tiny_llava_onevision(seed: int = 0, layers: int = 4):
+    """LLaVA-OneVision on 24x24 SigLIP views (4x4 patches, all fed to the LLM), Qwen2 LM; crop grids up to 3x3, so
+    a 3x3 image's unpadded features (up to 12x12) exceed anyres_max_4's 4 views and are downsampled."""
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=24, patch_size=6, vision_use_head=False)
+    text = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN, video_token_id=101,
+                               vision_feature_layer=-1, vision_feature_select_strategy="full",
+                               vision_aspect_ratio="anyres_max_4",
+                               image_grid_pinpoints=[[24 * h, 24 * w] for h in (1, 2, 3) for w in (1, 2, 3)])
+    cfg._attn_implementation = "sdpa"
+    return _greedy_ready(LlavaOnevisionForConditionalGeneration(cfg), seed)
+
+
+def llava_onevision_batch(images: list[list[tuple[int, int]]], prefix: list[int], suffix: int = 5, seed: int = 0):
+    """Left-padded LLaVA-OneVision inputs: row b = prefix[b] text + its images' tokens + suffix text; images[b] lists
+    the row's image sizes (h, w): none, one (anyres crops) or several (one view each). Token counts are the
+    model's own (weights play no part)."""
+    model = tiny_llava_onevision()
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.tensor([s for row in images for s in row]).view(-1, 2)
+    per_row = torch.tensor([len(row) for row in images])
+    pixels = torch.randn(sizes.shape[0], 10, 3, 24, 24, generator=g)  # base view + up to 9 crops
+    batch_num_images = per_row[per_row > 0]
+    counts = []
+    if sizes.shape[0]:
+        with torch.no_grad():
+            feats = model.model.get_image_features(pixel_values=pixels, image_sizes=sizes,
+                                                   batch_num_images=batch_num_images).pooler_output
+        counts = [f.shape[0] for f in feats]
+    rows, i = [], 0
+    for row, n in zip(images, prefix):
+        count = sum(counts[i:i + len(row)])
+        i += len(row)
+        text1 = torch.randint(3, 90, (n,), generator=g)
+        text2 = torch.randint(3, 90, (suffix,), generator=g)
+        rows.append(torch.cat([text1, torch.full((count,), IMAGE_TOKEN), text2]))
+    ids, mask = left_pad(rows)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes,
+            "batch_num_images": batch_num_images}
+
+
+def tiny_qwen3_vl_moe(seed: int = 0, layers: int = 4):
+    """Qwen3-VL's tiny layout (see tiny_qwen3_vl) with a mixture-of-experts LLM: 8 experts, top 2, in every layer
+    but layer 1 (a dense MLP there, as `mlp_only_layers` allows)."""
+    cfg = Qwen3VLMoeConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                         pad_token_id=0, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                         decoder_sparse_step=1, mlp_only_layers=[1],
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [6, 5, 5], "mrope_interleaved": True}),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2]),
+        image_token_id=IMAGE_TOKEN, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
+    cfg._attn_implementation = "sdpa"
+    model = Qwen3VLMoeForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return _init(model, seed)
