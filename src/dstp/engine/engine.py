@@ -189,7 +189,7 @@ class Engine:
         state, logits, flops, outputs = self.prefill(prepared, max_new_tokens, pruner, shift, relevant)
         pstate = shift.setup(self.adapter, state, outputs) if shift is not None and state.stages else None
         for store in state.stores:
-            mark_static(store.buffers())
+            mark_static(store.buffers() + store.recurrent.buffers())
         return state, pstate, logits, flops
 
     def _prefix(self, state: State, h, max_new_tokens: int, probe: int | None):

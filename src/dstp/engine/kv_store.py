@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from dstp.engine.recurrent_state import LinearStep, RecurrentStates
+
 NEVER = torch.iinfo(torch.long).max  # order tag of an empty slot
 GROW_CHUNK = 256  # slots added per growth step
 
@@ -50,6 +52,7 @@ class KVStore:
         self.reserve = reserve  # slots [0, reserve)
         self.filled = reserve  # prefill: slots [reserve, filled) hold the prompt (decoding writes past it by index)
         self.dense = True  # known on the host: every prompt slot is valid and stays so (no padding, no holes)
+        self.recurrent = RecurrentStates()  # linear-attention layers' state (hybrid LLMs), set by their prefill
 
     @property
     def capacity(self) -> int:
@@ -219,6 +222,15 @@ class RangeView:
             v[:, :, self.start:end] = torch.where(keep, value_states, v[:, :, self.start:end])
         return k[:, :, :end], v[:, :, :end]
 
+    def linear_step(self, layer_idx: int, n: int) -> LinearStep:
+        """A linear-attention layer's prefill over slots [start, start + n): its state starts from zero, its
+        padding is the slots' validity (padding comes first in every layout the engine builds)."""
+        if self.rows is not None or self.start != self.store.reserve:
+            raise NotImplementedError("a linear-attention layer cannot run a partial prefill (its state holds "
+                                      "every token before)")
+        mask = self.store.valid[:, self.start:self.start + n]
+        return LinearStep(self.store.recurrent, layer_idx, prefill=True, mask=mask)
+
     # transformers calls these on some code paths; the store has no notion of a global length.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
@@ -239,6 +251,10 @@ class SlotView:
         s.k[li].index_copy_(2, self.slot, key_states)
         s.v[li].index_copy_(2, self.slot, value_states)
         return s.k[li][:, :, :self.end], s.v[li][:, :, :self.end]
+
+    def linear_step(self, layer_idx: int, n: int) -> LinearStep:
+        """A linear-attention layer's decoding step: one new token per row, the state updated in place."""
+        return LinearStep(self.store.recurrent, layer_idx, prefill=False)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.end
@@ -265,6 +281,10 @@ class ScatterView:
         if self.returns == "all":
             return s.k[li], s.v[li]
         return key_states, value_states
+
+    def linear_step(self, layer_idx: int, n: int) -> LinearStep:
+        raise NotImplementedError("a linear-attention layer cannot take tokens into scattered slots (its state "
+                                  "is a recurrence over the sequence in order)")
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

@@ -13,6 +13,7 @@ from dstp.models.internvl import InternVLAdapter
 from dstp.models.llava import LlavaAdapter
 from dstp.models.llava_next import LlavaNextAdapter
 from dstp.models.qwen2_5_vl import Qwen25VLAdapter
+from dstp.models.qwen3_5 import Qwen35Adapter, Qwen35MoeAdapter
 from dstp.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -24,7 +25,8 @@ def register(adapter: type[Adapter]) -> type[Adapter]:
     return adapter
 
 
-for _a in (LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter):
+for _a in (LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, Qwen35Adapter,
+           Qwen35MoeAdapter):
     register(_a)
 
 
