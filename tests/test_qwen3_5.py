@@ -1,0 +1,166 @@
+"""Qwen3.5 (hybrid LLM: Gated DeltaNet linear attention, full attention every fourth layer) through dstp.
+
+The hub-shaped fixture (tests/hub_fixture_qwen3_5.py) loads by id offline. Unpruned: greedy tokens identical to
+transformers' `generate()` and logits within 1e-5 (float32), tokens identical in bfloat16, on one image, a batch
+of three with different image sizes, two images in one message, and a text-only row beside an image row (left
+padding reaches the linear-attention layers as transformers masks it). Pruned: what docs/hybrid.md offers (the
+token leaves every layer from the prune point on, linear-attention ones included) against the model's own
+layers and transformers' own cache on the physically shortened sequence (tests/hybrid_reference.py). Refused:
+one line naming the method and the family, before any model work."""
+import copy
+
+import pytest
+import torch
+
+import dstp
+import hub_fixture_qwen3_5 as Q
+from dstp import ConfigError, DSTPConfig, PruneConfig
+from hub_fixtures import conversation, sample_images
+from hybrid_reference import shortened_generate
+from test_chat_hub import cases
+
+NEW = 12
+
+pytestmark = pytest.mark.skipif(not Q.available(), reason="transformers before 5.17 has no Qwen3.5 classes")
+
+
+@pytest.fixture(scope="module")
+def repo(hub_models):
+    from conftest import HF_HUB_CACHE
+
+    return Q.build(HF_HUB_CACHE)
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def pipe(request, repo):
+    return dstp.load(repo, dtype=request.param)
+
+
+def hf_generate(pipe, conversations):
+    processor, model = pipe.processor, pipe.adapter.model
+    inputs = processor.apply_chat_template(copy.deepcopy(conversations), add_generation_prompt=True, tokenize=True,
+                                           return_dict=True, return_tensors="pt",
+                                           processor_kwargs={"padding": True, "padding_side": "left"})
+    inputs = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+    out = model.generate(**inputs, max_new_tokens=NEW, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, 1).float()
+
+
+@pytest.mark.parametrize("case", ["single", "batch3", "two_images", "mixed_text_only"])
+def test_equals_transformers_generate(pipe, case):
+    conversations = cases()[case]
+    tokens, logits = hf_generate(pipe, conversations)
+    prepared = pipe.prepare_chat(conversations)
+    out = pipe.engine.generate(prepared, pipe.generation_config(NEW, {"do_sample": False}), return_logits=True)
+    assert torch.equal(out.tokens, tokens)
+    tol = 1e-5 if pipe.adapter.dtype == torch.float32 else 0.0  # bfloat16: the same kernels on the same shapes
+    assert (out.logits - logits).abs().max() <= tol
+
+
+def test_answers_depend_on_the_image(repo):
+    pipe = dstp.load(repo)
+    a, b = sample_images(2, seed=5, sizes=[(40, 40), (40, 40)])
+    out = pipe.chat([conversation([a], "what is this"), conversation([b], "what is this")], max_new_tokens=6,
+                    do_sample=False)
+    assert not torch.equal(out.tokens[0], out.tokens[1])
+
+
+def test_the_adapter_sees_the_hybrid_layout(repo):
+    adapter = dstp.load(repo).adapter
+    assert [i for i in range(adapter.n_layers) if not adapter.is_linear(i)] == [3, 7]
+    assert adapter.family == "qwen3_5" and adapter.processor.tokenizer.__class__.__name__ == "Qwen3_5Tokenizer"
+
+
+# -- pruning ---------------------------------------------------------------------------------------------------
+def _batch():
+    a, b, c = sample_images(3, seed=7, sizes=[(40, 40), (96, 64), (32, 72)])
+    return [conversation([a], "describe it"), conversation([b, c], "compare the two pictures in a few words"),
+            conversation([], "tell me a story about a cat")]
+
+
+def _check_against_shortened_run(pipe, points):
+    prepared = pipe.prepare_chat(_batch())
+    out = pipe.engine.generate(prepared, pipe.generation_config(NEW, {"do_sample": False}), pruner=pipe.pruner,
+                               return_logits=True)
+    n_visual = out.trace.n_visual
+    assert all(len(out.trace.kept[b]) < n for b, n in enumerate(n_visual) if n)  # something was pruned
+    assert [layer for layer, _ in out.trace.stages] == list(points)
+    tokens, logits = shortened_generate(pipe.adapter.model, prepared, out.trace.stages, NEW)
+    assert torch.equal(out.tokens, tokens)
+    assert (out.logits - logits).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", ["random", "uniform", "divprune", "cdpruner"])
+def test_pre_llm_pruners_equal_the_model_on_the_shortened_prompt(repo, method):
+    pipe = dstp.load(repo, prune=PruneConfig(method, 0.3))
+    assert pipe.pruner.layer == 0
+    _check_against_shortened_run(pipe, [0])
+
+
+def test_visionzip_runs_and_keeps_its_budget(repo):
+    # VisionZip merges contextual tokens (new hidden states), so the shortened run of the kept tokens' own
+    # embeddings is not its reference; its rule is tested in test_pruner_rules.py
+    pipe = dstp.load(repo, prune=PruneConfig("visionzip", 0.3))
+    out = pipe.chat(_batch(), max_new_tokens=4, do_sample=False)
+    assert [len(k) for k in out.trace.kept] == [-(-n * 3 // 10) if n else 0 for n in out.trace.n_visual]
+
+
+def test_fastv_after_a_full_attention_layer_equals_the_shortened_run(repo):
+    pipe = dstp.load(repo, prune=PruneConfig("fastv", 0.3, layer=4))  # ranks by layer 3, full attention
+    _check_against_shortened_run(pipe, [4])
+
+
+def test_pyramiddrop_at_full_attention_layers_equals_the_model_on_shortened_stages(repo):
+    from dstp.pruners.pyramiddrop import PyramidDrop
+
+    pipe = dstp.load(repo)
+    pipe.pruner = PyramidDrop(PruneConfig("pyramiddrop", 0.3), pipe.adapter.n_layers, layers=(3, 7))
+    pipe.adapter.check_methods(pipe.adapter.model.config, pipe.pruner)  # ranks by layers 3 and 7: full attention
+    _check_against_shortened_run(pipe, [3, 7])
+
+
+# -- refusals --------------------------------------------------------------------------------------------------
+REFUSED = [
+    (dict(prune=PruneConfig("fastv", 0.3, layer=2)),
+     "fastv at layer(s) [2] is not supported on qwen3_5: it ranks tokens by the attention of layer(s) [1], which "
+     "are linear attention (full attention: layers [3, 7]; docs/hybrid.md)"),
+    (dict(prune=PruneConfig("pyramiddrop", 0.3)),
+     "pyramiddrop at layer(s) [2, 4, 6] is not supported on qwen3_5: it ranks tokens by the attention of "
+     "layer(s) [2, 4, 6], which are linear attention (full attention: layers [3, 7]; docs/hybrid.md)"),
+    (dict(prune=PruneConfig("fastv", 0.3, layer=4), shift=DSTPConfig(source="recompute")),
+     "DSTP (source 'recompute') is not supported on qwen3_5: its linear-attention layers hold no per-token K/V "
+     "to revive (docs/hybrid.md)"),
+    (dict(prune=PruneConfig("random", 0.3), shift=DSTPConfig(source="store")),
+     "DSTP (source 'store') is not supported on qwen3_5: its linear-attention layers hold no per-token K/V to "
+     "revive (docs/hybrid.md)"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", REFUSED, ids=["fastv-K2", "pyramiddrop", "dstp-recompute", "dstp-store"])
+def test_refusals_are_one_line_before_the_weights_load(repo, monkeypatch, kwargs, message):
+    import transformers
+
+    def no_weights(*args, **kw):
+        raise AssertionError("the weights were loaded before the refusal")
+
+    monkeypatch.setattr(transformers.Qwen3_5ForConditionalGeneration, "from_pretrained", no_weights)
+    with pytest.raises(ConfigError) as e:
+        dstp.load(repo, **kwargs)
+    assert str(e.value) == message
+
+
+def test_refusals_hold_for_a_wrapped_model(repo):
+    pipe = dstp.load(repo)
+    with pytest.raises(ConfigError, match="DSTP .* is not supported on qwen3_5"):
+        dstp.from_model(pipe.adapter.model, pipe.processor, prune=PruneConfig("random", 0.3), shift=DSTPConfig())
+
+
+def test_cli_refusal_exits_2(repo, capsys):
+    from dstp.lab.cli.main import main
+
+    code = main(["generate", "--model", repo, "--prompt", "hi", "--prune", "fastv", "--retention", "0.3",
+                 "--layer", "2"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fastv at layer(s) [2] is not supported on qwen3_5" in err[0]
