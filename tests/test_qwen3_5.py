@@ -164,3 +164,27 @@ def test_cli_refusal_exits_2(repo, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fastv at layer(s) [2] is not supported on qwen3_5" in err[0]
+
+
+# -- the compiled step -----------------------------------------------------------------------------------------
+def test_decode_step_compiles_to_one_graph(repo):
+    """The linear-attention state updates in place (convolution window and recurrent state): the step compiles
+    with fullgraph=True, once, and gives the eager step's tokens and logits; FastV at layer 4 runs both an
+    unpruned store (layers 0-3) and a pruned stage (layers 4-7), each with linear-attention layers."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from dstp import EngineConfig
+
+    prune = PruneConfig("fastv", 0.3, layer=4)
+    conversations = _batch()
+    eager = dstp.load(repo, prune=prune)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = dstp.load(repo, prune=prune, engine=EngineConfig(compile=True, compile_backend=counter))
+    config = eager.generation_config(8, {"do_sample": False})
+    a = eager.engine.generate(eager.prepare_chat(conversations), config, pruner=eager.pruner, return_logits=True)
+    b = compiled.engine.generate(compiled.prepare_chat(conversations), config, pruner=compiled.pruner,
+                                 return_logits=True)
+    assert counter.frame_count == 1
+    assert torch.equal(a.tokens, b.tokens) and (a.logits - b.logits).abs().max() < 1e-5
