@@ -188,3 +188,19 @@ def test_decode_step_compiles_to_one_graph(repo):
                                  return_logits=True)
     assert counter.frame_count == 1
     assert torch.equal(a.tokens, b.tokens) and (a.logits - b.logits).abs().max() < 1e-5
+
+
+def test_state_memory_is_full_attention_kv_plus_fixed_recurrent_state(repo):
+    """Only the full-attention layers (3, 7) hold K/V slots; each linear-attention layer holds a convolution window
+    and a recurrent state of fixed size per row, whatever the prompt length (sizes from the config)."""
+    pipe = dstp.load(repo)
+    prepared = pipe.prepare_chat(_batch())
+    out = pipe.engine.generate(prepared, pipe.generation_config(4, {"do_sample": False}))
+    B, T = prepared.attention_mask.shape
+    cfg = pipe.adapter.text_config
+    slots = T + 4
+    kv = 2 * 2 * B * cfg.num_key_value_heads * slots * cfg.head_dim * 4 + B * slots * (8 + 1)
+    conv = B * (2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+                + cfg.linear_num_value_heads * cfg.linear_value_head_dim) * cfg.linear_conv_kernel_dim * 4
+    recurrent = B * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
+    assert out.trace.memory_bytes["kv"] == kv + 6 * (conv + recurrent)

@@ -39,14 +39,16 @@ def allowed_keys(order: torch.Tensor, valid: torch.Tensor, query_order: torch.Te
 
 class KVStore:
     def __init__(self, layers: range, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device, limit: int | None = None, reserve: int = 0):
+                 dtype: torch.dtype, device: torch.device, limit: int | None = None, reserve: int = 0,
+                 no_kv: frozenset = frozenset()):
         """`capacity` front slots (+ `reserve` reserve slots) are allocated now; the front may grow to `limit` slots
-        (None: it never grows)."""
+        (None: it never grows). Layers in `no_kv` (linear attention) keep no K/V: an empty buffer that never grows."""
         self.layers = layers
         self.limit = capacity if limit is None else limit
         shape = (batch, n_kv_heads, reserve + capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        empty = (batch, n_kv_heads, 0, head_dim)
+        self.k = [torch.zeros(empty if i in no_kv else shape, dtype=dtype, device=device) for i in layers]
+        self.v = [torch.zeros(empty if i in no_kv else shape, dtype=dtype, device=device) for i in layers]
         self.order = torch.full((batch, reserve + capacity), NEVER, dtype=torch.long, device=device)
         self.valid = torch.zeros((batch, reserve + capacity), dtype=torch.bool, device=device)
         self.reserve = reserve  # slots [0, reserve)
@@ -131,6 +133,8 @@ class KVStore:
 
         def widen(t: torch.Tensor, fill) -> torch.Tensor:
             axis = 2 if t.dim() == 4 else 1  # slots: axis 2 of a layer's K/V, axis 1 of order/valid
+            if t.shape[axis] == 0:
+                return t  # a layer without K/V
             shape = list(t.shape)
             shape[axis] = cap + extra
             out = torch.full(shape, fill, dtype=t.dtype, device=t.device)

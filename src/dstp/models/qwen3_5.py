@@ -57,6 +57,11 @@ class Qwen35Adapter(Qwen25VLAdapter):
     def layer_types(self) -> list[str]:
         return list(self.text_config.layer_types)
 
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        """Layers whose token mixer is linear attention: the engine keeps no K/V for them."""
+        return tuple(i for i, t in enumerate(self.text_config.layer_types) if t == LINEAR)
+
     def is_linear(self, layer_idx: int) -> bool:
         return self.text_config.layer_types[layer_idx] == LINEAR
 
