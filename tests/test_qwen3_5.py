@@ -204,3 +204,22 @@ def test_state_memory_is_full_attention_kv_plus_fixed_recurrent_state(repo):
                 + cfg.linear_num_value_heads * cfg.linear_value_head_dim) * cfg.linear_conv_kernel_dim * 4
     recurrent = B * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim * 4
     assert out.trace.memory_bytes["kv"] == kv + 6 * (conv + recurrent)
+
+
+# -- the dense and MoE tiny models (dstp fidelity's) --------------------------------------------------------------
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_tiny_dense_and_moe_equal_generate(moe):
+    from dstp.config import GenerationConfig
+    from dstp.engine.engine import Engine
+    from dstp.lab.bench import tiny_models as tm
+    from dstp.models.registry import adapter_for_model
+
+    model = tm.tiny_qwen3_5(moe=moe)
+    batch = tm.qwen_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])
+    hf = model.generate(**batch, max_new_tokens=16, do_sample=False, output_logits=True,
+                        return_dict_in_generate=True)
+    adapter = adapter_for_model(model)
+    assert adapter.family == ("qwen3_5_moe" if moe else "qwen3_5")
+    out = Engine(adapter).generate(adapter.prepare(batch), GenerationConfig(max_new_tokens=16), return_logits=True)
+    assert torch.equal(out.tokens, hf.sequences[:, batch["input_ids"].shape[1]:])
+    assert (out.logits - torch.stack(hf.logits, 1)).abs().max() < 1e-5

@@ -22,6 +22,8 @@ CASES = {
     "qwen3_vl": (tm.tiny_qwen3_vl, lambda: tm.qwen3_vl_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
     "internvl": (tm.tiny_internvl, lambda: tm.internvl_batch([1, 3, 2], [4, 1, 6])),
     "llava_next": (tm.tiny_llava_next, lambda: tm.llava_next_batch([(30, 55), (60, 40), (45, 45)], [3, 7, 1])),
+    "qwen3_5": (tm.tiny_qwen3_5, lambda: tm.qwen_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
+    "qwen3_5_moe": (lambda: tm.tiny_qwen3_5(moe=True), lambda: tm.qwen_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
 }
 
 
