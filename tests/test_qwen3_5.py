@@ -120,6 +120,19 @@ def test_pyramiddrop_at_full_attention_layers_equals_the_model_on_shortened_stag
     _check_against_shortened_run(pipe, [3, 7])
 
 
+def test_sparsevlm_after_a_full_attention_layer_runs(repo):
+    # SparseVLM recycles deleted tokens into cluster tokens (new hidden states): the shortened run of kept tokens
+    # is not its reference; here it runs, ranking by layer 3 (full attention), and keeps fewer than it was given
+    from dstp.pruners.sparsevlm import SparseVLM
+
+    pipe = dstp.load(repo)
+    pipe.pruner = SparseVLM(PruneConfig("sparsevlm", 0.3), pipe.adapter.n_layers, layers=(4,), fractions=(0.3,))
+    pipe.adapter.check_methods(pipe.adapter.model.config, pipe.pruner)
+    out = pipe.generate_prepared(pipe.prepare_chat(_batch()), pipe.generation_config(4, {"do_sample": False}))
+    assert [s[0] for s in out.trace.stages] == [4]
+    assert all(0 < len(k) < n for k, n in zip(out.trace.kept, out.trace.n_visual) if n)
+
+
 # -- refusals --------------------------------------------------------------------------------------------------
 REFUSED = [
     (dict(prune=PruneConfig("fastv", 0.3, layer=2)),
@@ -129,11 +142,11 @@ REFUSED = [
      "pyramiddrop at layer(s) [2, 4, 6] is not supported on qwen3_5: it ranks tokens by the attention of "
      "layer(s) [2, 4, 6], which are linear attention (full attention: layers [3, 7]; docs/hybrid.md)"),
     (dict(prune=PruneConfig("fastv", 0.3, layer=4), shift=DSTPConfig(source="recompute")),
-     "DSTP (source 'recompute') is not supported on qwen3_5: its linear-attention layers hold no per-token K/V "
-     "to revive (docs/hybrid.md)"),
+     "DSTP (source 'recompute') is not supported on qwen3_5: a revived token cannot enter its linear-attention "
+     "layers' recurrent state without rerunning every token after it (docs/hybrid.md)"),
     (dict(prune=PruneConfig("random", 0.3), shift=DSTPConfig(source="store")),
-     "DSTP (source 'store') is not supported on qwen3_5: its linear-attention layers hold no per-token K/V to "
-     "revive (docs/hybrid.md)"),
+     "DSTP (source 'store') is not supported on qwen3_5: its linear-attention layers would keep the unpruned "
+     "prompt's state, so only the full-attention layers would be pruned (not built) (docs/hybrid.md)"),
 ]
 
 
@@ -148,6 +161,12 @@ def test_refusals_are_one_line_before_the_weights_load(repo, monkeypatch, kwargs
     with pytest.raises(ConfigError) as e:
         dstp.load(repo, **kwargs)
     assert str(e.value) == message
+
+
+def test_sparsevlm_at_its_default_points_is_refused(repo):
+    with pytest.raises(ConfigError, match=r"^sparsevlm at layer\(s\) \[2, 3, 5\] is not supported on qwen3_5: it ranks "
+                                          r"tokens by the attention of layer\(s\) \[1, 2, 4\]"):
+        dstp.load(repo, prune=PruneConfig("sparsevlm", 0.3))
 
 
 def test_refusals_hold_for_a_wrapped_model(repo):

@@ -20,6 +20,12 @@ from dstp.models.base import check_image_tokens
 from dstp.models.qwen2_5_vl import Qwen25VLAdapter
 
 LINEAR = "linear_attention"
+DSTP_REFUSED = {
+    "recompute": "a revived token cannot enter its linear-attention layers' recurrent state without rerunning "
+                 "every token after it",
+    "store": "its linear-attention layers would keep the unpruned prompt's state, so only the full-attention "
+             "layers would be pruned (not built)",
+}
 
 
 class Qwen35Adapter(Qwen25VLAdapter):
@@ -38,8 +44,8 @@ class Qwen35Adapter(Qwen25VLAdapter):
         types = list(text.layer_types)
         name = cls.family
         if policy_config is not None:
-            raise ConfigError(f"DSTP (source {policy_config.source!r}) is not supported on {name}: its "
-                              f"linear-attention layers hold no per-token K/V to revive (docs/hybrid.md)")
+            raise ConfigError(f"DSTP (source {policy_config.source!r}) is not supported on {name}: "
+                              f"{DSTP_REFUSED.get(policy_config.source, DSTP_REFUSED['recompute'])} (docs/hybrid.md)")
         if pruner is None:
             return
         points = tuple(getattr(pruner, "stage_layers", None) or (pruner.layer,))
