@@ -242,3 +242,21 @@ def test_tiny_dense_and_moe_equal_generate(moe):
     out = Engine(adapter).generate(adapter.prepare(batch), GenerationConfig(max_new_tokens=16), return_logits=True)
     assert torch.equal(out.tokens, hf.sequences[:, batch["input_ids"].shape[1]:])
     assert (out.logits - torch.stack(hf.logits, 1)).abs().max() < 1e-5
+
+
+# -- the fixture itself ------------------------------------------------------------------------------------------
+def test_fixture_renders_qwen3_5_chat_and_survives_a_reload(repo):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(repo)
+    assert type(processor).__name__ == "Qwen3VLProcessor"
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    opened = processor.apply_chat_template(copy.deepcopy(messages), add_generation_prompt=True, tokenize=False)
+    closed = processor.apply_chat_template(copy.deepcopy(messages), add_generation_prompt=True, tokenize=False,
+                                           enable_thinking=False)
+    head = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n<|im_start|>assistant\n"
+    assert opened == head + "<think>\n" and closed == head + "<think>\n\n</think>\n\n"
+    built = Q._tokenizer()
+    text = "café <think>\nthe sky is clear</think> 12 cats <|im_end|>"
+    assert processor.tokenizer(text).input_ids == built(text).input_ids
+    assert processor.tokenizer.convert_tokens_to_ids("<think>") not in processor.tokenizer.all_special_ids
