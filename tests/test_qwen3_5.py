@@ -260,3 +260,30 @@ def test_fixture_renders_qwen3_5_chat_and_survives_a_reload(repo):
     text = "café <think>\nthe sky is clear</think> 12 cats <|im_end|>"
     assert processor.tokenizer(text).input_ids == built(text).input_ids
     assert processor.tokenizer.convert_tokens_to_ids("<think>") not in processor.tokenizer.all_special_ids
+
+
+# -- attention rows of the gated, partially rotated attention ------------------------------------------------------
+def test_pruners_rank_by_transformers_eager_attention(repo):
+    """FastV at 4 (the last prompt token's attention at layer 3, from the adapter's q and the cached keys) and
+    PyramidDrop's first stage at 3 (layer 3's own q and k) keep the top visual tokens of transformers' own eager
+    attention weights of layer 3 (the first full-attention layer)."""
+    from dstp.engine.engine import Engine
+    from dstp.engine.prune_context import topk_mask, visual_layout
+    from dstp.pruners import get_pruner
+    from dstp.pruners.pyramiddrop import PyramidDrop
+
+    pipe = dstp.load(repo)
+    batch = pipe.adapter.render_chat(copy.deepcopy(_batch()))
+    prepared = pipe.adapter.prepare(batch)
+    eager = copy.deepcopy(pipe.adapter.model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        att = eager(**batch, output_attentions=True).attentions[0][:, :, -1].mean(1)  # layer 3, last token
+    pos, valid, _ = visual_layout(prepared.visual_mask)
+    fastv = get_pruner(PruneConfig("fastv", 0.3, layer=4), pipe.adapter.n_layers)
+    pyramid = PyramidDrop(PruneConfig("pyramiddrop", 0.3), pipe.adapter.n_layers, layers=(3, 7))
+    for pruner in (fastv, pyramid):
+        state, _, _, _ = Engine(pipe.adapter).prefill(prepared, 2, pruner=pruner)
+        kept = state.stages[0].kept
+        assert bool((kept.sum(-1) < valid.sum(-1))[valid.any(-1)].all())
+        assert torch.equal(kept, topk_mask(att.gather(1, pos), valid, kept.sum(-1)))
