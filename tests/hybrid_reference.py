@@ -94,3 +94,43 @@ def shortened_generate(model, prepared, schedule, new_tokens: int):
             x = part.run(x, p, ones)
         step_logits = model.lm_head(lm.norm(x))[:, -1].float()
     return torch.stack(tokens, 1), torch.stack(logits, 1)
+
+
+@torch.no_grad()
+def store_source_generate(model, prepared, P: int, attended, new_tokens: int):
+    """DSTP's `store` source on a hybrid LLM: an unpruned prefill (every layer, every token, transformers' cache),
+    then decoding step t attends, in the full-attention layers >= P, to the prompt positions `attended[t]` [B, T]
+    (text, the kept visual tokens and those revived at that step) and the generated tokens; layers < P attend to
+    everything, and the linear-attention layers carry the unpruned prompt's state. Greedy tokens and logits."""
+    from transformers import DynamicCache
+
+    h, mask, pos = prepared.inputs_embeds, prepared.attention_mask, prepared.position_ids
+    B = h.shape[0]
+    lm = model.model.language_model
+    types = model.config.get_text_config().layer_types
+    cache = DynamicCache(config=model.config.get_text_config())
+
+    def run(x, p, lower_keys, upper_keys, prefill_valid):
+        pe = lm.rotary_emb(x, p)
+        lower, linear = _masks(lower_keys, x.shape[1], prefill_valid)
+        upper, _ = _masks(upper_keys, x.shape[1], prefill_valid)
+        for i, layer in enumerate(lm.layers):
+            m = linear if types[i] == "linear_attention" else (lower if i < P else upper)
+            out = layer(x, position_embeddings=pe, attention_mask=m, use_cache=True, **{_cache_kwarg(layer): cache})
+            x = out[0] if isinstance(out, tuple) else out
+        return model.lm_head(lm.norm(x[:, -1:]))[:, -1].float()
+
+    step_logits = run(h, pos, mask, mask, mask)
+    tokens, logits = [], []
+    generated = torch.zeros(B, 0, dtype=torch.bool)
+    for t in range(new_tokens):
+        logits.append(step_logits)
+        tok = step_logits.argmax(-1)
+        tokens.append(tok)
+        if t == new_tokens - 1:
+            break
+        generated = torch.cat([generated, torch.ones(B, 1, dtype=torch.bool)], 1)
+        p = (prepared.next_position + t)[None, :, None].expand(3, -1, 1)
+        step_logits = run(lm.embed_tokens(tok[:, None]), p, torch.cat([mask, generated], 1),
+                          torch.cat([attended[t], generated], 1), None)
+    return torch.stack(tokens, 1), torch.stack(logits, 1)

@@ -145,12 +145,16 @@ REFUSED = [
      "DSTP (source 'recompute') is not supported on qwen3_5: a revived token cannot enter its linear-attention "
      "layers' recurrent state without rerunning every token after it (docs/hybrid.md)"),
     (dict(prune=PruneConfig("random", 0.3), shift=DSTPConfig(source="store")),
-     "DSTP (source 'store') is not supported on qwen3_5: its linear-attention layers would keep the unpruned "
-     "prompt's state, so only the full-attention layers would be pruned (not built) (docs/hybrid.md)"),
+     "DSTP with random at layer 0 is not supported on qwen3_5: it probes the attention of layer 0, which is linear "
+     "attention (full attention: layers [3, 7]; docs/hybrid.md)"),
+    (dict(prune=PruneConfig("fastv", 0.3, layer=4), shift=DSTPConfig(source="store", probe_layer=1)),
+     "DSTP with fastv at layer 4 is not supported on qwen3_5: it probes the attention of layer 1, which is linear "
+     "attention (full attention: layers [3, 7]; docs/hybrid.md)"),
 ]
 
 
-@pytest.mark.parametrize("kwargs,message", REFUSED, ids=["fastv-K2", "pyramiddrop", "dstp-recompute", "dstp-store"])
+@pytest.mark.parametrize("kwargs,message", REFUSED, ids=["fastv-K2", "pyramiddrop", "dstp-recompute", "dstp-store-pre-llm",
+                                                   "dstp-store-probe"])
 def test_refusals_are_one_line_before_the_weights_load(repo, monkeypatch, kwargs, message):
     import transformers
 
@@ -172,7 +176,8 @@ def test_sparsevlm_at_its_default_points_is_refused(repo):
 def test_refusals_hold_for_a_wrapped_model(repo):
     pipe = dstp.load(repo)
     with pytest.raises(ConfigError, match="DSTP .* is not supported on qwen3_5"):
-        dstp.from_model(pipe.adapter.model, pipe.processor, prune=PruneConfig("random", 0.3), shift=DSTPConfig())
+        dstp.from_model(pipe.adapter.model, pipe.processor, prune=PruneConfig("fastv", 0.3, layer=4),
+                        shift=DSTPConfig())
 
 
 def test_cli_refusal_exits_2(repo, capsys):
@@ -188,23 +193,25 @@ def test_cli_refusal_exits_2(repo, capsys):
 # -- the compiled step -----------------------------------------------------------------------------------------
 def test_decode_step_compiles_to_one_graph(repo):
     """The linear-attention state updates in place (convolution window and recurrent state): the step compiles
-    with fullgraph=True, once, and gives the eager step's tokens and logits; FastV at layer 4 runs both an
-    unpruned store (layers 0-3) and a pruned stage (layers 4-7), each with linear-attention layers."""
+    with fullgraph=True, once, and gives the eager step's tokens and logits; FastV at layer 4 + DSTP `store` runs
+    an unpruned store (layers 0-3) and a pruned stage with a reserve (layers 4-7), each with linear layers."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounter
 
     from dstp import EngineConfig
 
-    prune = PruneConfig("fastv", 0.3, layer=4)
+    prune, shift = PruneConfig("fastv", 0.3, layer=4), DSTPConfig(source="store", force_every=3, window=2)
     conversations = _batch()
-    eager = dstp.load(repo, prune=prune)
+    eager = dstp.load(repo, prune=prune, shift=shift)
     torch._dynamo.reset()
     counter = CompileCounter()
-    compiled = dstp.load(repo, prune=prune, engine=EngineConfig(compile=True, compile_backend=counter))
+    compiled = dstp.load(repo, prune=prune, shift=shift, engine=EngineConfig(compile=True, compile_backend=counter))
     config = eager.generation_config(8, {"do_sample": False})
-    a = eager.engine.generate(eager.prepare_chat(conversations), config, pruner=eager.pruner, return_logits=True)
+    a = eager.engine.generate(eager.prepare_chat(conversations), config, pruner=eager.pruner, shift=eager.policy,
+                              return_logits=True)
     b = compiled.engine.generate(compiled.prepare_chat(conversations), config, pruner=compiled.pruner,
-                                 return_logits=True)
+                                 shift=compiled.policy, return_logits=True)
+    assert any(bool(s.shift.any()) for s in b.trace.steps)
     assert counter.frame_count == 1
     assert torch.equal(a.tokens, b.tokens) and (a.logits - b.logits).abs().max() < 1e-5
 
@@ -287,3 +294,37 @@ def test_pruners_rank_by_transformers_eager_attention(repo):
         kept = state.stages[0].kept
         assert bool((kept.sum(-1) < valid.sum(-1))[valid.any(-1)].all())
         assert torch.equal(kept, topk_mask(att.gather(1, pos), valid, kept.sum(-1)))
+
+
+# -- DSTP, store source ------------------------------------------------------------------------------------------
+def test_dstp_store_equals_an_unpruned_prefill_with_masked_full_attention(repo):
+    """FastV at 4 + DSTP `store` (forced shifts): the engine's tokens and logits equal the model's own layers with
+    transformers' cache on the unpruned prompt, decoding with the full-attention layers >= 4 masked to the text,
+    the kept visual tokens and the ones the engine revived at that step (read from its store), and the
+    linear-attention layers carrying the unpruned prompt's state. Without the revived tokens the logits differ."""
+    from hybrid_reference import store_source_generate
+
+    pipe = dstp.load(repo, prune=PruneConfig("fastv", 0.3, layer=4),
+                     shift=DSTPConfig(source="store", force_every=3, window=2))
+    prepared = pipe.prepare_chat(_batch())
+    text = prepared.attention_mask & ~prepared.visual_mask
+    attended, kept_only, step = [], [], pipe.policy.step
+
+    def recording_step(pstate, state, q_probe, noise):
+        out = step(pstate, state, q_probe, noise)
+        s = state.pruned
+        keys = text.scatter(1, state.visual_pos, (state.kept & state.visual_valid) | text.gather(1, state.visual_pos))
+        tags = s.reserve_tags().clamp(max=keys.shape[1] - 1)  # free slots (NEVER) are not valid
+        attended.append(keys.scatter(1, tags, s.valid[:, :s.reserve] | keys.gather(1, tags)))
+        kept_only.append(keys)
+        return out
+
+    pipe.policy.step = recording_step
+    out = pipe.engine.generate(prepared, pipe.generation_config(NEW, {"do_sample": False}), pruner=pipe.pruner,
+                               shift=pipe.policy, return_logits=True)
+    assert sum(len(r) for s in out.trace.steps for r in s.revived) > 0  # tokens were revived
+    tokens, logits = store_source_generate(pipe.adapter.model, prepared, 4, attended, NEW)
+    assert torch.equal(out.tokens, tokens)
+    assert (out.logits - logits).abs().max() < 1e-5
+    _, without = store_source_generate(pipe.adapter.model, prepared, 4, kept_only, NEW)
+    assert (out.logits - without).abs().max() > 1e-3

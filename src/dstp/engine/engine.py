@@ -307,8 +307,8 @@ class Engine:
             pairs = int((attention.mask[:, 0] & valid[:, :, None]).sum())
         for stage in state.stages:
             slots = self._store_slots(state, stage)
-            h, _ = run_layers(a, stage.layers, h, attention, state.cos, state.sin, stage.store.scatter_view(slots),
-                              order, prepared.extras)
+            h, _ = run_layers(a, stage.layers, h, attention, state.cos, state.sin,
+                              stage.store.scatter_view(slots, prefill_valid=valid), order, prepared.extras)
         flops = self.flops(a.n_layers - state.P, int(valid.sum()), pairs)
         return self._logits(h[:, -1:]), flops
 

@@ -92,8 +92,9 @@ class KVStore:
         """Cache view of a prefill writing slots [start, start + Q), attention reading [0, start + Q)."""
         return RangeView(self, start, rows)
 
-    def scatter_view(self, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own") -> "ScatterView":
-        return ScatterView(self, slots, rows, returns)
+    def scatter_view(self, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own",
+                     prefill_valid: torch.Tensor | None = None) -> "ScatterView":
+        return ScatterView(self, slots, rows, returns, prefill_valid)
 
     def mask_upto(self, end: int, query_order: torch.Tensor) -> torch.Tensor:
         """Mask [B, 1, Tq, end] of queries over slots [0, end)."""
@@ -272,8 +273,10 @@ class ScatterView:
     given). `returns`: "own" hands back this call's K/V as they came (a prefill over the whole sequence in its own
     order while the store receives it in its layout); "all": every slot of the store (queries attending to it)."""
 
-    def __init__(self, store: KVStore, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own"):
+    def __init__(self, store: KVStore, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own",
+                 prefill_valid: torch.Tensor | None = None):
         self.store, self.slots, self.rows, self.returns = store, slots, rows, returns
+        self.prefill_valid = prefill_valid  # [B, Tq]: the queries are a whole prompt in order (its validity)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         s, li = self.store, self.store.local(layer_idx)
@@ -287,8 +290,12 @@ class ScatterView:
         return key_states, value_states
 
     def linear_step(self, layer_idx: int, n: int) -> LinearStep:
-        raise NotImplementedError("a linear-attention layer cannot take tokens into scattered slots (its state "
-                                  "is a recurrence over the sequence in order)")
+        """A linear-attention layer's prefill over a whole prompt in order (the `store` source's unpruned run); its
+        state is the store's. Tokens scattered into some slots cannot enter a recurrence."""
+        if self.prefill_valid is None or self.rows is not None or self.returns != "own":
+            raise NotImplementedError("a linear-attention layer cannot take tokens into scattered slots (its state "
+                                      "is a recurrence over the sequence in order)")
+        return LinearStep(self.store.recurrent, layer_idx, prefill=True, mask=self.prefill_valid)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

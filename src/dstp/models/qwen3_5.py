@@ -20,12 +20,6 @@ from dstp.models.base import check_image_tokens
 from dstp.models.qwen2_5_vl import Qwen25VLAdapter
 
 LINEAR = "linear_attention"
-DSTP_REFUSED = {
-    "recompute": "a revived token cannot enter its linear-attention layers' recurrent state without rerunning "
-                 "every token after it",
-    "store": "its linear-attention layers would keep the unpruned prompt's state, so only the full-attention "
-             "layers would be pruned (not built)",
-}
 
 
 class Qwen35Adapter(Qwen25VLAdapter):
@@ -43,18 +37,26 @@ class Qwen35Adapter(Qwen25VLAdapter):
         text = config.get_text_config()
         types = list(text.layer_types)
         name = cls.family
-        if policy_config is not None:
-            raise ConfigError(f"DSTP (source {policy_config.source!r}) is not supported on {name}: "
-                              f"{DSTP_REFUSED.get(policy_config.source, DSTP_REFUSED['recompute'])} (docs/hybrid.md)")
+        full = [i for i, t in enumerate(types) if t != LINEAR]
+        if policy_config is not None and policy_config.source != "store":
+            raise ConfigError(f"DSTP (source {policy_config.source!r}) is not supported on {name}: a revived token "
+                              f"cannot enter its linear-attention layers' recurrent state without rerunning every "
+                              f"token after it (docs/hybrid.md)")
         if pruner is None:
             return
         points = tuple(getattr(pruner, "stage_layers", None) or (pruner.layer,))
+        if policy_config is not None:
+            # the probe layer as ShiftPolicy.probe_layer chooses it: the configured one, else the layer before P
+            probe = policy_config.probe_layer if policy_config.probe_layer is not None else max(points[0] - 1, 0)
+            if types[probe] == LINEAR:
+                raise ConfigError(f"DSTP with {pruner.name} at layer {points[0]} is not supported on {name}: it "
+                                  f"probes the attention of layer {probe}, which is linear attention (full "
+                                  f"attention: layers {full}; docs/hybrid.md)")
         if points == (0,):
             return  # before the LLM: the model runs on the shorter sequence, as on any family
         needs = pruner_attention_layers(pruner, points)
         bad = [i for i in needs if types[i] == LINEAR]
         if needs and bad:
-            full = [i for i, t in enumerate(types) if t != LINEAR]
             raise ConfigError(f"{pruner.name} at layer(s) {list(points)} is not supported on {name}: it ranks "
                               f"tokens by the attention of layer(s) {bad}, which are linear attention (full "
                               f"attention: layers {full}; docs/hybrid.md)")
