@@ -5,7 +5,8 @@ transformers' `generate()` and logits within 1e-5 (float32), tokens identical in
 of three with different image sizes, two images in one message, and a text-only row beside an image row (left
 padding reaches the linear-attention layers as transformers masks it). Pruned: what docs/hybrid.md offers (the
 token leaves every layer from the prune point on, linear-attention ones included) against the model's own
-layers and transformers' own cache on the physically shortened sequence (tests/hybrid_reference.py). Refused:
+layers and transformers' own cache on the physically shortened sequence (tests/hybrid_reference.py); DSTP
+`store` against an unpruned prefill whose full-attention layers >= P are masked to the attended tokens. Refused:
 one line naming the method and the family, before any model work."""
 import copy
 
