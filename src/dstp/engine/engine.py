@@ -121,7 +121,7 @@ class Engine:
         a = self.adapter
         first = min(max_new_tokens, GROW_CHUNK)
         return KVStore(layers, batch, a.n_kv_heads, a.head_dim, prompt_slots + first, a.dtype, a.device,
-                       prompt_slots + max_new_tokens, reserve, frozenset(getattr(a, "linear_layers", ())))
+                       prompt_slots + max_new_tokens, reserve, frozenset(a.linear_layers))
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.adapter.lm_head(self.adapter.final_norm(h_last))[:, -1].float()

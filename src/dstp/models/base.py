@@ -140,6 +140,11 @@ class Adapter:
         return len(self.layers)
 
     @property
+    def linear_layers(self) -> tuple[int, ...]:
+        """Layers whose token mixer is linear attention (a per-row recurrent state, no K/V): none here."""
+        return ()
+
+    @property
     def n_heads(self) -> int:
         return self.text_config.num_attention_heads
 
