@@ -154,8 +154,8 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,message", REFUSED, ids=["fastv-K2", "pyramiddrop", "dstp-recompute", "dstp-store-pre-llm",
-                                                   "dstp-store-probe"])
+@pytest.mark.parametrize("kwargs,message", REFUSED,
+                         ids=["fastv-K2", "pyramiddrop", "dstp-recompute", "dstp-store-pre-llm", "dstp-store-probe"])
 def test_refusals_are_one_line_before_the_weights_load(repo, monkeypatch, kwargs, message):
     import transformers
 
@@ -329,3 +329,38 @@ def test_dstp_store_equals_an_unpruned_prefill_with_masked_full_attention(repo):
     assert (out.logits - logits).abs().max() < 1e-5
     _, without = store_source_generate(pipe.adapter.model, prepared, 4, kept_only, NEW)
     assert (out.logits - without).abs().max() > 1e-3
+
+
+def test_published_text_config_at_full_width_equals_generate():
+    """The LLM of Qwen/Qwen3.5-0.8B's text_config (as public code mirrors its config.json) at full width: hidden
+    1024, head_dim 256 with 64 rotated, M-RoPE sections [11, 11, 10], 16 linear key/value heads of 128, conv kernel
+    4, tied embeddings, rope theta 1e7; 4 of its 24 layers (3 linear, 1 full), a small vocabulary, a tiny vision
+    tower. Greedy tokens equal `generate()`, logits agree to 1e-4 (float32, random weights N(0, 0.02))."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from dstp.config import GenerationConfig
+    from dstp.engine.engine import Engine
+    from dstp.lab.bench import tiny_models as tm
+    from dstp.models.registry import adapter_for_model
+
+    text = dict(vocab_size=2048, hidden_size=1024, intermediate_size=3584, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=2, head_dim=256, linear_num_key_heads=16, linear_num_value_heads=16,
+                linear_key_head_dim=128, linear_value_head_dim=128, linear_conv_kernel_dim=4, rms_norm_eps=1e-6,
+                max_position_embeddings=262144, tie_word_embeddings=True, pad_token_id=0,
+                layer_types=["linear_attention"] * 3 + ["full_attention"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000000, "mrope_section": [11, 11, 10],
+                                 "mrope_interleaved": True, "partial_rotary_factor": 0.25})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=1024, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16)
+    cfg = Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=tm.IMAGE_TOKEN, video_token_id=101,
+                        vision_start_token_id=102, vision_end_token_id=103, tie_word_embeddings=True)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen3_5ForConditionalGeneration(cfg).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+    batch = tm.qwen_batch([(8, 8), (4, 8)], [3, 1])
+    hf = model.generate(**batch, max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    adapter = adapter_for_model(model)
+    out = Engine(adapter).generate(adapter.prepare(batch), GenerationConfig(max_new_tokens=8), return_logits=True)
+    assert torch.equal(out.tokens, hf.sequences[:, batch["input_ids"].shape[1]:])
+    assert (out.logits - torch.stack(hf.logits, 1)).abs().max() < 1e-4
