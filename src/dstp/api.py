@@ -219,8 +219,10 @@ def engine_config(engine: EngineConfig | None, compile: bool) -> EngineConfig:
 def check_methods(adapter_cls, config, prune: PruneConfig | None, shift: DSTPConfig | None):
     """The family can run the pruner and DSTP asked for (a hybrid LLM cannot run them all): checked from the config,
     before the weights load."""
-    text = config.get_text_config()
-    pruner = get_pruner(prune, text.num_hidden_layers) if prune is not None else None
+    n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    if n_layers is None:
+        return  # a config without a layer count: the Pipeline checks once the model is loaded
+    pruner = get_pruner(prune, n_layers) if prune is not None else None
     adapter_cls.check_methods(config, pruner, shift)
 
 
