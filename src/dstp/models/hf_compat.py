@@ -176,10 +176,8 @@ class LinearAttentionCache:
         """Prefill: keep the last `conv_kernel_size` inputs as the window, return the inputs (left-padded with zeros
         to the kernel when shorter), as transformers' cache does."""
         states = self.step.states
-        if not self.step.prefill:
-            full = torch.cat([states.conv[layer_idx], conv_states], dim=-1)
-            states.conv[layer_idx].copy_(full[..., -states.conv[layer_idx].shape[-1]:])
-            return full
+        if not self.step.prefill:  # transformers continues from a state only through causal_conv1d_update
+            raise RuntimeError("a linear-attention layer continued its state with several tokens at once")
         k = conv_kernel_size or conv_states.shape[-1]
         full = conv_states
         if full.shape[-1] < k:
