@@ -36,6 +36,7 @@ class Pipeline:
         self.pruner = get_pruner(prune, adapter.n_layers) if prune is not None else None
         if shift is not None and self.pruner is None:
             raise ConfigError("DSTP needs a base pruner: pass prune=PruneConfig(...) as well")
+        adapter.check_methods(adapter.model.config, self.pruner, shift)
         self.policy = ShiftPolicy(shift, self.pruner.layer) if shift is not None else None
 
     @property
@@ -189,6 +190,7 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
     config = load_config(source, hub)
     adapter_cls = adapter_for_config(config)
     check_config_fields(source, hub, adapter_cls)
+    check_methods(adapter_cls, config, prune, shift)
     arch = next(a for a in (config.architectures or adapter_cls.architectures) if a in adapter_cls.architectures)
     model_cls = adapter_cls.model_class(arch)
     if model_cls is None:
@@ -212,6 +214,16 @@ def engine_config(engine: EngineConfig | None, compile: bool) -> EngineConfig:
         raise ConfigError(f"compile must be True or False, got {compile!r}")
     engine = engine or EngineConfig()
     return dataclasses.replace(engine, compile=True) if compile else engine
+
+
+def check_methods(adapter_cls, config, prune: PruneConfig | None, shift: DSTPConfig | None):
+    """The family can run the pruner and DSTP asked for (a hybrid LLM cannot run them all): checked from the config,
+    before the weights load."""
+    n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    if n_layers is None:
+        return  # a config without a layer count: the Pipeline checks once the model is loaded
+    pruner = get_pruner(prune, n_layers) if prune is not None else None
+    adapter_cls.check_methods(config, pruner, shift)
 
 
 def check_config_fields(source: str, hub: dict, adapter_cls):

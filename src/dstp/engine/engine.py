@@ -121,7 +121,7 @@ class Engine:
         a = self.adapter
         first = min(max_new_tokens, GROW_CHUNK)
         return KVStore(layers, batch, a.n_kv_heads, a.head_dim, prompt_slots + first, a.dtype, a.device,
-                       prompt_slots + max_new_tokens, reserve)
+                       prompt_slots + max_new_tokens, reserve, frozenset(a.linear_layers))
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.adapter.lm_head(self.adapter.final_norm(h_last))[:, -1].float()
@@ -189,7 +189,7 @@ class Engine:
         state, logits, flops, outputs = self.prefill(prepared, max_new_tokens, pruner, shift, relevant)
         pstate = shift.setup(self.adapter, state, outputs) if shift is not None and state.stages else None
         for store in state.stores:
-            mark_static(store.buffers())
+            mark_static(store.buffers() + store.recurrent.buffers())
         return state, pstate, logits, flops
 
     def _prefix(self, state: State, h, max_new_tokens: int, probe: int | None):
@@ -307,8 +307,8 @@ class Engine:
             pairs = int((attention.mask[:, 0] & valid[:, :, None]).sum())
         for stage in state.stages:
             slots = self._store_slots(state, stage)
-            h, _ = run_layers(a, stage.layers, h, attention, state.cos, state.sin, stage.store.scatter_view(slots),
-                              order, prepared.extras)
+            h, _ = run_layers(a, stage.layers, h, attention, state.cos, state.sin,
+                              stage.store.scatter_view(slots, prefill_valid=valid), order, prepared.extras)
         flops = self.flops(a.n_layers - state.P, int(valid.sum()), pairs)
         return self._logits(h[:, -1:]), flops
 
@@ -411,6 +411,7 @@ class Engine:
                 held.count("kv", front)
                 if store.reserve:
                     held.count(getattr(pstate, "reserve_kind", "reserve"), reserve)
+            held.add("kv", store.recurrent.buffers())  # linear-attention layers' state (hybrid LLMs)
         if pstate is not None:
             pstate.held_bytes(held)
         held.add("other", state)

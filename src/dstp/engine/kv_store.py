@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from dstp.engine.recurrent_state import LinearStep, RecurrentStates
+
 NEVER = torch.iinfo(torch.long).max  # order tag of an empty slot
 GROW_CHUNK = 256  # slots added per growth step
 
@@ -37,19 +39,22 @@ def allowed_keys(order: torch.Tensor, valid: torch.Tensor, query_order: torch.Te
 
 class KVStore:
     def __init__(self, layers: range, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device, limit: int | None = None, reserve: int = 0):
+                 dtype: torch.dtype, device: torch.device, limit: int | None = None, reserve: int = 0,
+                 no_kv: frozenset = frozenset()):
         """`capacity` front slots (+ `reserve` reserve slots) are allocated now; the front may grow to `limit` slots
-        (None: it never grows)."""
+        (None: it never grows). Layers in `no_kv` (linear attention) keep no K/V: an empty buffer that never grows."""
         self.layers = layers
         self.limit = capacity if limit is None else limit
         shape = (batch, n_kv_heads, reserve + capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        empty = (batch, n_kv_heads, 0, head_dim)
+        self.k = [torch.zeros(empty if i in no_kv else shape, dtype=dtype, device=device) for i in layers]
+        self.v = [torch.zeros(empty if i in no_kv else shape, dtype=dtype, device=device) for i in layers]
         self.order = torch.full((batch, reserve + capacity), NEVER, dtype=torch.long, device=device)
         self.valid = torch.zeros((batch, reserve + capacity), dtype=torch.bool, device=device)
         self.reserve = reserve  # slots [0, reserve)
         self.filled = reserve  # prefill: slots [reserve, filled) hold the prompt (decoding writes past it by index)
         self.dense = True  # known on the host: every prompt slot is valid and stays so (no padding, no holes)
+        self.recurrent = RecurrentStates()  # linear-attention layers' state (hybrid LLMs), set by their prefill
 
     @property
     def capacity(self) -> int:
@@ -87,8 +92,9 @@ class KVStore:
         """Cache view of a prefill writing slots [start, start + Q), attention reading [0, start + Q)."""
         return RangeView(self, start, rows)
 
-    def scatter_view(self, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own") -> "ScatterView":
-        return ScatterView(self, slots, rows, returns)
+    def scatter_view(self, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own",
+                     prefill_valid: torch.Tensor | None = None) -> "ScatterView":
+        return ScatterView(self, slots, rows, returns, prefill_valid)
 
     def mask_upto(self, end: int, query_order: torch.Tensor) -> torch.Tensor:
         """Mask [B, 1, Tq, end] of queries over slots [0, end)."""
@@ -128,6 +134,8 @@ class KVStore:
 
         def widen(t: torch.Tensor, fill) -> torch.Tensor:
             axis = 2 if t.dim() == 4 else 1  # slots: axis 2 of a layer's K/V, axis 1 of order/valid
+            if t.shape[axis] == 0:
+                return t  # a layer without K/V
             shape = list(t.shape)
             shape[axis] = cap + extra
             out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
@@ -219,6 +227,15 @@ class RangeView:
             v[:, :, self.start:end] = torch.where(keep, value_states, v[:, :, self.start:end])
         return k[:, :, :end], v[:, :, :end]
 
+    def linear_step(self, layer_idx: int, n: int) -> LinearStep:
+        """A linear-attention layer's prefill over slots [start, start + n): its state starts from zero, its
+        padding is the slots' validity (padding comes first in every layout the engine builds)."""
+        if self.rows is not None or self.start != self.store.reserve:
+            raise NotImplementedError("a linear-attention layer cannot run a partial prefill (its state holds "
+                                      "every token before)")
+        mask = self.store.valid[:, self.start:self.start + n]
+        return LinearStep(self.store.recurrent, layer_idx, prefill=True, mask=mask)
+
     # transformers calls these on some code paths; the store has no notion of a global length.
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.start
@@ -240,6 +257,10 @@ class SlotView:
         s.v[li].index_copy_(2, self.slot, value_states)
         return s.k[li][:, :, :self.end], s.v[li][:, :, :self.end]
 
+    def linear_step(self, layer_idx: int, n: int) -> LinearStep:
+        """A linear-attention layer's decoding step: one new token per row, the state updated in place."""
+        return LinearStep(self.store.recurrent, layer_idx, prefill=False)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.end
 
@@ -252,8 +273,10 @@ class ScatterView:
     given). `returns`: "own" hands back this call's K/V as they came (a prefill over the whole sequence in its own
     order while the store receives it in its layout); "all": every slot of the store (queries attending to it)."""
 
-    def __init__(self, store: KVStore, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own"):
+    def __init__(self, store: KVStore, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own",
+                 prefill_valid: torch.Tensor | None = None):
         self.store, self.slots, self.rows, self.returns = store, slots, rows, returns
+        self.prefill_valid = prefill_valid  # [B, Tq]: the queries are a whole prompt in order (its validity)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         s, li = self.store, self.store.local(layer_idx)
@@ -265,6 +288,14 @@ class ScatterView:
         if self.returns == "all":
             return s.k[li], s.v[li]
         return key_states, value_states
+
+    def linear_step(self, layer_idx: int, n: int) -> LinearStep:
+        """A linear-attention layer's prefill over a whole prompt in order (the `store` source's unpruned run); its
+        state is the store's. Tokens scattered into some slots cannot enter a recurrence."""
+        if self.prefill_valid is None or self.rows is not None or self.returns != "own":
+            raise NotImplementedError("a linear-attention layer cannot take tokens into scattered slots (its state "
+                                      "is a recurrence over the sequence in order)")
+        return LinearStep(self.store.recurrent, layer_idx, prefill=True, mask=self.prefill_valid)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

@@ -63,6 +63,11 @@ class Adapter:
         return getattr(transformers, architecture, None)
 
     @classmethod
+    def check_methods(cls, config, pruner=None, policy_config=None):
+        """A one-line ConfigError for a pruner or DSTP configuration this family cannot run (before any model work);
+        every method runs on a family whose every layer is attention."""
+
+    @classmethod
     def missing_config_field(cls, config: dict) -> str | None:
         """The first of `config_fields` that the raw config dict lacks, as written in messages, or None."""
         for entry in cls.config_fields:
@@ -133,6 +138,11 @@ class Adapter:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def linear_layers(self) -> tuple[int, ...]:
+        """Layers whose token mixer is linear attention (a per-row recurrent state, no K/V): none here."""
+        return ()
 
     @property
     def n_heads(self) -> int:

@@ -124,6 +124,84 @@ def call_decoder_layer(layer, hidden, attention, position_embeddings, cache):
     return out[0] if isinstance(out, tuple) else out
 
 
+# -- linear-attention layers (hybrid LLMs: Qwen3.5's Gated DeltaNet) --------------------------------------------
+class _LinearLayerView:
+    """What transformers 5.17's Gated DeltaNet reads of `cache.layers[layer_idx]`."""
+    record_past = False
+
+    def __init__(self, step):
+        self._step = step
+
+    @property
+    def conv_states(self):
+        return [self._step.states.conv.get(self._step.layer_idx)]
+
+    @property
+    def recurrent_states(self):
+        return [self._step.states.recurrent.get(self._step.layer_idx)]
+
+
+class LinearAttentionCache:
+    """The cache object a transformers linear-attention layer is called with inside the engine; the state it reads
+    and writes is the engine's (`engine/recurrent_state.py`, one `LinearStep`). Transformers' cache API for these
+    layers changed within the tested range, so this answers both: 5.17's (`has_previous_state`,
+    `layers[i].conv_states`) and 5.25's (`get_conv_state`, `get_recurrent_state`, `increase_count`, ...). A prefill
+    starts from zero state, as transformers' first forward does; a decoding step updates the state in place
+    (transformers' `causal_conv1d_update` writes the convolution window itself)."""
+
+    def __init__(self, step):
+        self.step = step
+        self.layers = {step.layer_idx: _LinearLayerView(step)}
+
+    def has_previous_state(self, layer_idx=None, state_idx=None) -> bool:
+        return not self.step.prefill
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        return None if self.step.prefill else self.step.states.conv[layer_idx]
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        return None if self.step.prefill else self.step.states.recurrent[layer_idx]
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return False
+
+    def increase_count(self, layer_idx: int, state_idx: int = 0):
+        pass
+
+    def get_recurrent_states_to_keep(self, layer_idx=None) -> int:
+        return 0
+
+    def update_conv_state(self, conv_states: torch.Tensor, layer_idx: int, state_idx: int = 0,
+                          conv_kernel_size: int | None = None, **kwargs) -> torch.Tensor:
+        """Prefill: keep the last `conv_kernel_size` inputs as the window, return the inputs (left-padded with zeros
+        to the kernel when shorter), as transformers' cache does."""
+        states = self.step.states
+        if not self.step.prefill:  # transformers continues from a state only through causal_conv1d_update
+            raise RuntimeError("a linear-attention layer continued its state with several tokens at once")
+        k = conv_kernel_size or conv_states.shape[-1]
+        full = conv_states
+        if full.shape[-1] < k:
+            full = torch.nn.functional.pad(full, (k - full.shape[-1], 0), value=0)
+        states.conv[layer_idx] = full[..., -k:].contiguous().clone()
+        return full
+
+    def update_recurrent_state(self, recurrent_states: torch.Tensor, layer_idx: int, state_idx: int = 0, **kwargs):
+        states = self.step.states
+        if self.step.prefill:
+            states.recurrent[layer_idx] = recurrent_states.contiguous().clone()
+        else:
+            states.recurrent[layer_idx].copy_(recurrent_states)
+        return states.recurrent[layer_idx]
+
+
+def call_linear_decoder_layer(layer, hidden, position_embeddings, step):
+    """Run one transformers decoder layer whose token mixer is linear attention, on the engine's state `step`
+    (a `LinearStep`); a prefill's padding goes in as the 2-D mask transformers gives these layers."""
+    out = layer(hidden, attention_mask=step.mask if step.prefill else None, position_embeddings=position_embeddings,
+                use_cache=True, **{_cache_kwarg(layer): LinearAttentionCache(step)})
+    return out[0] if isinstance(out, tuple) else out
+
+
 # -- vision towers -------------------------------------------------------------------------------------------------
 def pooled_features(out) -> torch.Tensor:
     """[n_tokens, D] from an image-feature call's output: its `pooler_output` (or the output itself), one tensor
@@ -158,8 +236,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Standard (non-interleaved) RoPE, as every supported family applies it after its cos/sin layout."""
+    """Standard (non-interleaved) RoPE, as every supported family applies it after its cos/sin layout; cos/sin
+    narrower than x rotate its first dims only and pass the rest (partial rotary: Qwen3.5)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    d = cos.shape[-1]
+    if d < x.shape[-1]:
+        return torch.cat((rotate(x[..., :d], cos[:, 0], sin[:, 0]), x[..., d:]), dim=-1)
     return x * cos + rotate_half(x) * sin
 
 

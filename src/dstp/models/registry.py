@@ -14,6 +14,7 @@ from dstp.models.llava import LlavaAdapter
 from dstp.models.llava_next import LlavaNextAdapter
 from dstp.models.llava_onevision import LlavaOnevisionAdapter
 from dstp.models.qwen2_5_vl import Qwen25VLAdapter
+from dstp.models.qwen3_5 import Qwen35Adapter, Qwen35MoeAdapter
 from dstp.models.qwen3_vl import Qwen3VLAdapter
 from dstp.models.qwen3_vl_moe import Qwen3VLMoeAdapter
 
@@ -26,7 +27,8 @@ def register(adapter: type[Adapter]) -> type[Adapter]:
     return adapter
 
 
-for _a in (LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter):
+for _a in (LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, Qwen35Adapter,
+           Qwen35MoeAdapter):
     register(_a)
 for _a in (LlavaOnevisionAdapter, Qwen3VLMoeAdapter):
     register(_a)

@@ -32,6 +32,7 @@ class PyramidDrop(Pruner):
     name = "pyramiddrop"
     default_layer = 8
     needs = ("attention",)
+    own_attention = True  # ranks by its prune layer's own attention, not the layer before (hybrid LLMs check it)
     multi_stage = True
 
     def __init__(self, config, n_layers: int, layers: tuple[int, ...] | None = None,

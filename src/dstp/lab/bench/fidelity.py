@@ -26,6 +26,8 @@ CASES = {
     "llava_onevision": (tm.tiny_llava_onevision,
                         lambda: tm.llava_onevision_batch([[(30, 55)], [(40, 40), (20, 20)], [(70, 70)]], [3, 7, 1])),
     "qwen3_vl_moe": (tm.tiny_qwen3_vl_moe, lambda: tm.qwen3_vl_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
+    "qwen3_5": (tm.tiny_qwen3_5, lambda: tm.qwen_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
+    "qwen3_5_moe": (lambda: tm.tiny_qwen3_5(moe=True), lambda: tm.qwen_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
 }
 
 

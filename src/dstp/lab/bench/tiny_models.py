@@ -12,6 +12,9 @@ from transformers import (InternVLConfig, InternVLForConditionalGeneration, Qwen
 from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, Qwen3VLMoeConfig,
                           Qwen3VLMoeForConditionalGeneration, SiglipVisionConfig)
 
+from transformers import (Qwen3_5Config, Qwen3_5ForConditionalGeneration, Qwen3_5MoeConfig,
+                          Qwen3_5MoeForConditionalGeneration)
+
 VOCAB = 128
 IMAGE_TOKEN = 100
 
@@ -260,6 +263,26 @@ def tiny_qwen3_vl_moe(seed: int = 0, layers: int = 4):
         image_token_id=IMAGE_TOKEN, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
     cfg._attn_implementation = "sdpa"
     model = Qwen3VLMoeForConditionalGeneration(cfg)
+def tiny_qwen3_5(seed: int = 0, layers: int = 4, moe: bool = False):
+    """Hybrid LLM: Gated DeltaNet linear attention with full attention every fourth layer (layer 3 of 4); gated
+    attention output, head_dim 64 with a quarter rotated (interleaved M-RoPE sections [3, 3, 2]); no DeepStack.
+    `moe`: Qwen3.5-MoE's sparse MLP (4 experts, 2 a token, a shared expert)."""
+    text = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=64, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                max_position_embeddings=512, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2],
+                                 "mrope_interleaved": True, "partial_rotary_factor": 0.25})
+    text.update(dict(moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=4,
+                     num_experts_per_tok=2) if moe else dict(intermediate_size=128))
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16)
+    config_cls, model_cls = ((Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration) if moe else
+                             (Qwen3_5Config, Qwen3_5ForConditionalGeneration))
+    cfg = config_cls(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN, video_token_id=101,
+                     vision_start_token_id=102, vision_end_token_id=103)
+    cfg._attn_implementation = "sdpa"
+    model = model_cls(cfg)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return _init(model, seed)
