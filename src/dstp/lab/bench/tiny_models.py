@@ -263,6 +263,11 @@ def tiny_qwen3_vl_moe(seed: int = 0, layers: int = 4):
         image_token_id=IMAGE_TOKEN, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
     cfg._attn_implementation = "sdpa"
     model = Qwen3VLMoeForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return _init(model, seed)
+
+
 def tiny_qwen3_5(seed: int = 0, layers: int = 4, moe: bool = False):
     """Hybrid LLM: Gated DeltaNet linear attention with full attention every fourth layer (layer 3 of 4); gated
     attention output, head_dim 64 with a quarter rotated (interleaved M-RoPE sections [3, 3, 2]); no DeepStack.
