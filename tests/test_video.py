@@ -145,6 +145,12 @@ def test_bad_videos_are_one_line(pipe, video, words):
     assert words in one_line(e)
 
 
+def test_a_clip_time_range_is_refused_not_ignored(pipe):
+    with pytest.raises(InputError) as e:
+        pipe.chat([user({"type": "video", "video": moving_square(4, seed=0), "video_start": 1.0})])
+    assert "video_start / video_end" in one_line(e)
+
+
 def test_corrupt_file_and_mixed_sources_are_one_line(pipe, tmp_path):
     bad = tmp_path / "corrupt.mp4"
     bad.write_bytes(b"\x00\x00\x00\x18ftypmp42 this is not a video" * 20)

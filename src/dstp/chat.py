@@ -60,6 +60,9 @@ def check_message(message, where: str, placeholder: str | None, video_family: st
             if video_family is not None:
                 raise InputError(f"{where}, item {i}: dstp's {video_family} adapter takes no video input (video "
                                  f"families: Qwen2.5-VL, Qwen3-VL)")
+            if any(key in item for key in ("video_start", "video_end")):
+                raise InputError(f"{where}, item {i}: video_start / video_end (a time range of the clip) are not "
+                                 f"supported: pass the clip's frames or a trimmed file")
             check_video(next((item[k] for k in VIDEO_KEYS if item.get(k) is not None), None), f"{where}, item {i}")
         else:
             raise InputError(f"{where}, item {i}: unknown item type {kind!r}; known: text, image, video")
