@@ -110,9 +110,14 @@ def test_evs_on_a_fixture_video_equals_vllms_rule_on_its_embeddings(pipe):
     assert int(expected.sum()) == max(h * w // merge ** 2, int(t * h * w // merge ** 2 * 0.25)) < on_video.sum()
 
 
-def test_evs_refuses_inputs_without_video_and_a_layer_inside_the_llm(pipe):
+def test_evs_refuses_inputs_without_video_and_a_layer_inside_the_llm(pipe, monkeypatch):
     pruned = dstp.from_model(pipe.adapter.model, pipe.processor, prune=PruneConfig("evs", 0.5))
-    with pytest.raises(ConfigError, match="evs prunes video tokens only"):
-        pruned.chat([conversation(sample_images(1, seed=0), "what is this")], max_new_tokens=2)
+    convs = [conversation(sample_images(1, seed=0), "what is this")]
+    prepared = pipe.prepare_chat(convs)  # the unpruned pipeline prepares them
+    monkeypatch.setattr(pruned.adapter, "prepare", lambda *a, **k: pytest.fail("the vision tower ran"))
+    with pytest.raises(ConfigError, match="evs prunes video tokens only"):  # the Pipeline, before any model work
+        pruned.chat(convs, max_new_tokens=2)
+    with pytest.raises(ConfigError, match="evs prunes video tokens only"):  # the pruner, on prepared inputs
+        pruned.generate_prepared(prepared, pruned.generation_config(2, {}))
     with pytest.raises(ConfigError, match="before the LLM"):
         get_pruner(PruneConfig("evs", 0.5, layer=2), 4)

@@ -12,7 +12,8 @@ Faster VLM Inference", arXiv 2510.14624), before the LLM, as vLLM ships it (`com
 Departures and what dstp adds, one line each:
 - the budget is EVS's own per video (floor, at least the first frame), not dstp's k = ceil(retention * N) per row.
 - images (and rows without a video) are kept whole, as vLLM's EVS prunes videos only; a batch with no video token
-  at all is refused with a one-line ConfigError (EVS would prune nothing: an ignored setting, not a pruner).
+  at all is refused with a one-line ConfigError (EVS would prune nothing: an ignored setting), by the Pipeline
+  before any model work (and here, for inputs prepared elsewhere).
 - kept tokens keep their original positions (vLLM recomputes the M-RoPE positions of the kept ones: the same).
 - cosine in float32 (vLLM: in the embeddings' dtype); Qwen3-VL: the main merger output, DeepStack features unused.
 """
@@ -61,6 +62,7 @@ class EVS(Pruner):
     name = "evs"
     default_layer = 0
     needs = ("embeddings",)
+    video_only = True  # Pipeline refuses a batch without video before any model work
 
     def __init__(self, config, n_layers: int):
         super().__init__(config, n_layers)
