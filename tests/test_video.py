@@ -34,7 +34,9 @@ def reference_tokens(pipe, conversations, metadata=None):
     inputs = pipe.processor.apply_chat_template(copy.deepcopy(conversations), add_generation_prompt=True,
                                                 tokenize=True, return_dict=True, return_tensors="pt",
                                                 processor_kwargs=kwargs)
-    out = pipe.adapter.model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+    model = pipe.adapter.model
+    inputs = {k: v.to(model.dtype) if k.startswith("pixel_values") else v for k, v in inputs.items()}
+    out = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
     return out[:, inputs["input_ids"].shape[1]:]
 
 
@@ -61,6 +63,14 @@ def test_video_frames_equal_transformers_generate(pipe):
     video = prepared.input_ids == pipe.adapter.model.config.video_token_id
     assert bool((prepared.visual_mask & video).any()) and torch.equal(prepared.visual_mask & video, video)
     assert int(prepared.video.frame.max()) >= 1  # several frames on the time axis
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_in_bfloat16_equals_transformers_generate(hub_models, family):
+    pipe = dstp.load(hub_models[family], dtype="bfloat16")
+    conversations = frames_batch()
+    out = pipe.chat(conversations, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(out.tokens, reference_tokens(pipe, conversations))
 
 
 def test_video_file_equals_generate_on_its_decoded_frames(pipe, tmp_path):
