@@ -128,8 +128,9 @@ class Qwen25VLAdapter(Adapter):
                 raise InputError(f"{self.family} inputs have {pixels} but no {grid_key}: pass the processor's "
                                  f"whole output")
             grid = grids[kind] = batch[grid_key].to(self.device)
+            as_video = {"video": True} if kind == "video" else {}  # a subclass's image-only override keeps working
             feats, vision, more = self.visual_inputs(batch[pixels].to(self.device, self.dtype), grid, where, embeds,
-                                                     vision_scores, video=kind == "video")
+                                                     vision_scores, **as_video)
             check_image_tokens(input_ids, token_id, feats.shape[0], kind)
             embeds = embeds.masked_scatter(where[..., None], feats.to(self.dtype))
             # this kind's visual tokens, by rank among all the batch's visual tokens (placeholder order)
