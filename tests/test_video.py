@@ -119,6 +119,12 @@ def test_dstp_revives_video_tokens(pipe, method, source):
                              shift=DSTPConfig(force_every=2, source=source))
     out = pruned.chat(conversations, max_new_tokens=5, do_sample=False)
     assert any(step["shift"] for step in out.trace.row(0)["steps"])
+    # row 2, a 48-frame clip: what DSTP revives are video tokens the pruner dropped (evs: from frames after the
+    # first, which it keeps whole)
+    frame = pipe.prepare_chat(conversations[2:]).video.frame[0]
+    revived = {r for step in out.trace.row(2)["steps"] for r in step["revived"]}
+    assert revived and not revived & set(out.trace.kept[2])
+    assert all(int(frame[r]) >= (1 if method == "evs" else 0) for r in revived)
     if source == "store":  # its kept tokens' K/V come from the unpruned prefill: not the pruner's alone
         return
     never = dstp.from_model(pipe.adapter.model, pipe.processor, prune=PruneConfig(method, 0.3),
