@@ -154,6 +154,7 @@ def test_video_to_a_family_without_video_is_refused(hub_models):
     (sample_images(3, seed=0, sizes=[(48, 32), (48, 32), (40, 40)]), "frame 2 is 40x40"),
     (np.zeros((32, 48, 3), np.uint8), "array [T, H, W, C]"),
     ("/nonexistent/clip.mp4", "video file not found"),
+    ("https://example.com/clip.mp4", "video URLs are not fetched"),
 ])
 def test_bad_videos_are_one_line(pipe, video, words):
     with pytest.raises(InputError) as e:

@@ -77,6 +77,8 @@ def decode_video(path: str):
     if backend is None:
         raise InputError(f"cannot decode the video file {path!r}: no video decoder is installed (pip install av); "
                          f"pass its frames instead (a list of PIL images or an array [T, H, W, C])")
+    if path.startswith(("http://", "https://")):
+        raise InputError(f"video URLs are not fetched: {path!r}; download the file and pass its path")
     if not os.path.isfile(path):
         raise InputError(f"video file not found: {path!r}")
     try:
