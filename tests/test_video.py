@@ -95,7 +95,12 @@ def test_video_tokens_keep_their_temporal_positions(pipe):
     frame = prepared.video.frame[0]
     t = prepared.position_ids[0, 0, prepared.visual_mask[0]]  # the time axis, in placeholder order
     assert int(frame.max()) >= 1 and bool((t[1:] >= t[:-1]).all())
-    assert int(t[frame == frame.max()].min()) > int(t[frame == 0].max())
+    for f in range(int(frame.max()) + 1):  # one time position per frame
+        assert t[frame == f].unique().numel() == 1
+    if pipe.adapter.family == "qwen3_vl":  # each frame after its timestamp text: strictly later
+        assert int(t[frame == frame.max()].min()) > int(t[frame == 0].max())
+    # Qwen2.5-VL spaces frames by tokens_per_second x second_per_grid_ts, which transformers 5.17 truncates to an
+    # int first: under 1 s per temporal patch, every frame there shares one time position (as generate() sees it)
 
 
 @pytest.mark.parametrize("method", sorted(m for m in PRUNERS if m != "oracle"))
