@@ -61,10 +61,15 @@ class Pipeline:
 
     def prepare_chat(self, conversations, vision_scores: bool | None = None):
         """Render conversations with the processor's chat template (generation prompt added) and embed them."""
-        conversations = check_conversations(conversations, self.adapter.image_placeholder)
+        a = self.adapter
+        conversations = check_conversations(conversations, a.image_placeholder, None if a.takes_video else a.family)
         return self.embed(self.adapter.render_chat(conversations), vision_scores)
 
     def embed(self, batch, vision_scores: bool | None = None):
+        check_prompt_length(batch, self.adapter)
+        if getattr(self.pruner, "video_only", False) and video_tokens(batch, self.adapter) == 0:
+            raise ConfigError(f"{self.pruner.name} prunes video tokens only (frame against frame) and these inputs "
+                              f"hold no video; use another method for images")
         wanted = self.needs_vision_scores if vision_scores is None else vision_scores
         return self.adapter.prepare(batch, vision_scores=wanted)
 
@@ -99,6 +104,25 @@ class Pipeline:
         if tok is None:
             return ["" for _ in lengths]
         return [tok.decode(tokens[b, :n].tolist(), skip_special_tokens=True) for b, n in enumerate(lengths)]
+
+
+def video_tokens(batch, adapter: Adapter) -> int:
+    """How many video placeholder tokens a processed batch holds (0 for a family without video)."""
+    video_id = getattr(adapter.model.config, "video_token_id", None)
+    ids = batch.get("input_ids") if hasattr(batch, "get") else None
+    return 0 if video_id is None or ids is None or not adapter.takes_video else int((ids == video_id).sum())
+
+
+def check_prompt_length(batch, adapter: Adapter):
+    """A processed prompt longer than the model's context (a long video's frames) is refused before the vision
+    tower runs."""
+    context = getattr(adapter.text_config, "max_position_embeddings", None)
+    ids = batch.get("input_ids") if hasattr(batch, "get") else None
+    if context is None or ids is None or ids.shape[-1] <= context:
+        return
+    raise InputError(f"the prompt holds {ids.shape[-1]} tokens ({video_tokens(batch, adapter)} video tokens in the "
+                     f"batch), more than the model's context of {context} positions (max_position_embeddings): "
+                     f"pass fewer or smaller frames")
 
 
 DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,

@@ -141,3 +141,13 @@ def most_focused_layer(r: torch.Tensor) -> int:
     """The layer whose relevance peaks highest on one visual token (mean over steps of the max): where the model
     reads a cell. (Entropy would favour layers that park their attention on a few sink tokens.)"""
     return int(r.float().amax(-1).mean(-1).argmax())
+
+
+def frame_relevance(r: torch.Tensor, frame: torch.Tensor) -> torch.Tensor:
+    """Relevance summed over each frame's video tokens: r [..., S, N], frame [N] (each visual token's frame within
+    its video, -1 off video: models/video.py) -> [..., S, F], F = the number of frames. Which frame the model reads
+    at each step; a row's sum is the attention mass on the video (the rest of the visual mass is on images)."""
+    frame = frame[: r.shape[-1]].to(r.device)
+    n_frames = int(frame.max()) + 1 if frame.numel() else 0
+    onehot = (frame[:, None] == torch.arange(max(n_frames, 0), device=r.device)[None]).to(r.dtype)  # [N, F]
+    return r @ onehot

@@ -10,6 +10,7 @@ Families with extra per-layer inputs (Qwen3-VL's DeepStack) override `after_laye
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from dstp.errors import InputError
 from dstp.models import hf_compat
+from dstp.models.video import VideoLayout, decode_video
 from dstp.models.vision import VisionInternals  # noqa: F401 (the type of PreparedInputs.vision)
 
 
@@ -31,6 +33,7 @@ class PreparedInputs:
     extras: dict = field(default_factory=dict)  # family-specific per-token inputs (e.g. DeepStack)
     input_ids: torch.Tensor | None = None  # [B, T] the prompt's token ids (repetition penalty)
     vision: "VisionInternals | None" = None  # encoder internals before the projector (VisionZip), if asked for
+    video: "VideoLayout | None" = None  # where each video token sits in its clip (None: no video in the batch)
 
     @property
     def n_visual(self) -> torch.Tensor:
@@ -45,6 +48,7 @@ class Adapter:
     model_type: str = ""  # config.model_type that selects this adapter
     example_id: str = ""
     vision_internals: bool = False  # prepare(vision_scores=True) fills PreparedInputs.vision (VisionZip)
+    takes_video: bool = False  # chat accepts video items; prepare fills PreparedInputs.video
     # keys a checkpoint's config.json must hold for this adapter (a tuple: any one of those names); transformers
     # would fill a missing one with its class default, which is not the checkpoint's
     config_fields: tuple = ()
@@ -196,10 +200,13 @@ class Adapter:
         if getattr(processor, "chat_template", None) is None:
             raise InputError("this model's processor has no chat template: use generate(images, prompts) with "
                              "prompts in the model's own format")
+        conversations, metadata = decode_video_files(conversations)
+        kwargs = {"padding": True, "padding_side": "left"}
+        if metadata:
+            kwargs["video_metadata"] = metadata
         try:
             return processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
-                                                 return_dict=True, return_tensors="pt",
-                                                 processor_kwargs={"padding": True, "padding_side": "left"})
+                                                 return_dict=True, return_tensors="pt", processor_kwargs=kwargs)
         except (ValueError, TypeError, OSError) as e:
             raise InputError(f"the chat template or processor rejected the conversations: "
                              f"{str(e).strip().splitlines()[0]}") from None
@@ -258,12 +265,33 @@ class Adapter:
         return n
 
 
+def decode_video_files(conversations: list[list[dict]]):
+    """(conversations with every video file replaced by its frames, the files' VideoMetadata in video order, or
+    [] when no video is a file). The metadata carries each file's fps, which the processor samples frames and
+    spaces time positions with; frames given directly carry none, so one batch cannot mix both."""
+    items = [item for conv in conversations for message in conv if not isinstance(message["content"], str)
+             for item in message["content"] if item.get("type") == "video"]
+    key = lambda item: next(k for k in ("video", "url", "path") if item.get(k) is not None)  # noqa: E731
+    files = [item for item in items if isinstance(item[key(item)], (str, os.PathLike))]
+    if not files:
+        return conversations, []
+    if len(files) != len(items):
+        raise InputError("a batch mixes video files and videos given as frames: the processor takes the files' fps "
+                         "for every video or for none; give all videos as files, or all as frames")
+    metadata = []
+    for item in files:
+        frames, meta = decode_video(os.fspath(item.pop(key(item))))
+        item["video"] = frames
+        metadata.append(meta)
+    return conversations, metadata
+
+
 def check_image_tokens(input_ids: torch.Tensor, image_token_id: int, expected: int, what: str = "image"):
     found = int((input_ids == image_token_id).sum())
     if found != expected:
         raise InputError(
-            f"{what}-token count mismatch: the prompts hold {found} image placeholder tokens but the "
-            f"images give {expected} visual features; let the processor expand the image token"
+            f"{what}-token count mismatch: the prompts hold {found} {what} placeholder tokens but the "
+            f"{what}s give {expected} visual features; let the processor expand the {what} token"
         )
 
 

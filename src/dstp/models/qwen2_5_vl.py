@@ -14,7 +14,15 @@ import torch
 from dstp.errors import InputError
 from dstp.models import hf_compat
 from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, scores_by_row
-from dstp.models.vision import VisionInternals, consecutive_slots, pad_views, received_attention
+from dstp.models.video import video_layout
+from dstp.models.vision import VisionInternals, consecutive_slots, join_views, pad_views, received_attention
+
+
+def frame_grids(grid: torch.Tensor) -> torch.Tensor:
+    """[n, 3] (t, h, w) grids -> one (1, h, w) row per frame (temporal patch): the views VisionZip zips one by one."""
+    frames = grid.repeat_interleave(grid[:, 0], dim=0)
+    frames[:, 0] = 1
+    return frames
 
 
 class Qwen25VLAdapter(Adapter):
@@ -23,17 +31,24 @@ class Qwen25VLAdapter(Adapter):
     model_type = "qwen2_5_vl"
     example_id = "Qwen/Qwen2.5-VL-3B-Instruct"
     vision_internals = True
+    takes_video = True
     config_fields = ("vision_config", "image_token_id")
 
-    def image_features(self, pixel_values, image_grid_thw) -> torch.Tensor:
-        out = self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-        return hf_compat.pooled_features(out)
+    def image_features(self, pixel_values, image_grid_thw, video: bool = False) -> torch.Tensor:
+        return hf_compat.pooled_features(self.vision_call(pixel_values, image_grid_thw, video)())
 
-    def features_and_internals(self, pixel_values, image_grid_thw, internals: bool = True):
+    def vision_call(self, pixel_values, grid, video: bool = False):
+        """The model's own image- (or video-) feature call, to run later."""
+        model = self.model.model
+        if video:
+            return lambda: model.get_video_features(pixel_values_videos=pixel_values, video_grid_thw=grid)
+        return lambda: model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid)
+
+    def features_and_internals(self, pixel_values, image_grid_thw, internals: bool = True, video: bool = False):
         """(features [n_tokens, D], VisionInternals or None), in placeholder order (the ViT runs in window order)."""
-        call = lambda: self.image_features(pixel_values, image_grid_thw)  # noqa: E731
         if not internals:
-            return call(), None
+            return self.image_features(pixel_values, image_grid_thw, video), None
+        call = lambda: self.image_features(pixel_values, image_grid_thw, video)  # noqa: E731
         return self.with_internals(call, image_grid_thw, torch.argsort(self.window_index(image_grid_thw)))
 
     def with_internals(self, vision_call, grid, order=None):
@@ -61,7 +76,7 @@ class Qwen25VLAdapter(Adapter):
         keys, scores = keys.view(-1, m, keys.shape[-1]).mean(1), received.view(-1, m).mean(-1)
         if order is not None:
             units, keys, scores = units[order], keys[order], scores[order]
-        counts = (grid.prod(-1) // m).tolist()  # merged tokens per image, in placeholder order
+        counts = (frame_grids(grid).prod(-1) // m).tolist()  # merged tokens per view (image, video frame), in order
         split = lambda t: pad_views(list(torch.split(t, counts)))  # noqa: E731
         vision = VisionInternals(hidden=split(units), keys=split(keys), scores=split(scores),
                                  slot=consecutive_slots(counts, units.device),
@@ -85,33 +100,50 @@ class Qwen25VLAdapter(Adapter):
         """The ViT's merged-token order (window order), as its forward computes it."""
         return hf_compat.vision_window_index(self.model.model.visual, grid)
 
-    def visual_inputs(self, pixel_values, grid, visual, embeds, internals: bool = True):
-        """(features [n_tokens, D], VisionInternals or None, extras) for `prepare`."""
-        feats, vision = self.features_and_internals(pixel_values, grid, internals)
+    def visual_inputs(self, pixel_values, grid, visual, embeds, internals: bool = True, video: bool = False):
+        """(features [n_tokens, D], VisionInternals or None, extras) for `prepare`, of a batch's images (or
+        videos) whose placeholders are `visual`."""
+        feats, vision = self.features_and_internals(pixel_values, grid, internals, video)
         return feats, vision, {}
 
     @torch.no_grad()
     def prepare(self, batch, vision_scores: bool = True) -> PreparedInputs:
-        """Rows may hold any number of images (their features fill the placeholders in order), zero included."""
+        """Rows may hold any number of images and videos (their features fill the placeholders in order), zero
+        included. Both kinds are visual tokens; a video's keep their temporal M-RoPE positions."""
         cfg = self.model.config
         input_ids = batch["input_ids"].to(self.device)
         mask = batch["attention_mask"].to(self.device).bool()
-        visual = input_ids == cfg.image_token_id
+        image = input_ids == cfg.image_token_id
+        video = input_ids == getattr(cfg, "video_token_id", -1)
+        visual = image | video
         embeds = self.embed_tokens(input_ids)
-        grid, scores, vision, extras = None, None, None, {}
-        if batch.get("pixel_values") is not None:
-            if batch.get("image_grid_thw") is None:
-                raise InputError(f"{self.family} inputs have pixel_values but no image_grid_thw: pass the "
-                                 f"processor's whole output")
-            grid = batch["image_grid_thw"].to(self.device)
-            feats, vision, extras = self.visual_inputs(batch["pixel_values"].to(self.device, self.dtype), grid,
-                                                       visual, embeds, vision_scores)
-            check_image_tokens(input_ids, cfg.image_token_id, feats.shape[0])
-            scores = None if vision is None else vision.token_scores(feats.shape[0])
-            embeds = embeds.masked_scatter(visual[..., None], feats.to(self.dtype))
-        else:
-            check_image_tokens(input_ids, cfg.image_token_id, 0)
-        position_ids, deltas = self.rope_index(input_ids, visual, grid, mask)
+        grids, parts, extras = {}, [], {}
+        for kind, where, pixels, grid_key in (("image", image, "pixel_values", "image_grid_thw"),
+                                              ("video", video, "pixel_values_videos", "video_grid_thw")):
+            token_id = cfg.image_token_id if kind == "image" else cfg.video_token_id
+            if batch.get(pixels) is None:
+                check_image_tokens(input_ids, token_id, 0, kind)
+                continue
+            if batch.get(grid_key) is None:
+                raise InputError(f"{self.family} inputs have {pixels} but no {grid_key}: pass the processor's "
+                                 f"whole output")
+            grid = grids[kind] = batch[grid_key].to(self.device)
+            as_video = {"video": True} if kind == "video" else {}  # a subclass's image-only override keeps working
+            feats, vision, more = self.visual_inputs(batch[pixels].to(self.device, self.dtype), grid, where, embeds,
+                                                     vision_scores, **as_video)
+            check_image_tokens(input_ids, token_id, feats.shape[0], kind)
+            embeds = embeds.masked_scatter(where[..., None], feats.to(self.dtype))
+            # this kind's visual tokens, by rank among all the batch's visual tokens (placeholder order)
+            parts.append((vision, torch.nonzero(where[visual]).flatten()))
+            extras = {k: extras[k] + v if k in extras else v for k, v in more.items()}
+        vision = join_views(parts) if parts and all(v is not None for v, _ in parts) else None
+        scores = None if vision is None else vision.token_scores(int(visual.sum()))
+        position_ids, deltas = self.rope_index(input_ids, image, video, grids, batch.get("second_per_grid_ts"), mask)
+        layout = None
+        if "video" in grids:
+            merge = self.model.config.vision_config.spatial_merge_size
+            thw = [(t, h // merge, w // merge) for t, h, w in grids["video"].tolist()]
+            layout = video_layout(visual, video, thw)
         return PreparedInputs(
             inputs_embeds=embeds,
             attention_mask=mask,
@@ -122,12 +154,15 @@ class Qwen25VLAdapter(Adapter):
             extras=extras,
             input_ids=input_ids,
             vision=vision,
+            video=layout,
         )
 
-    def rope_index(self, input_ids, visual, grid, mask):
+    def rope_index(self, input_ids, image, video, grids, second_per_grid_ts, mask):
+        """transformers' own M-RoPE positions: text 0, image 1, video 2 (as the processor's mm_token_type_ids)."""
+        extra = {} if second_per_grid_ts is None else {"second_per_grid_ts": second_per_grid_ts.to(self.device)}
         return self.model.model.get_rope_index(
-            input_ids, mm_token_type_ids=visual.int(), image_grid_thw=grid, attention_mask=mask.long()
-        )
+            input_ids, mm_token_type_ids=image.int() + 2 * video.int(), image_grid_thw=grids.get("image"),
+            video_grid_thw=grids.get("video"), attention_mask=mask.long(), **extra)
 
     def decode_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
         return positions[None, :, None].expand(3, -1, 1)

@@ -28,6 +28,7 @@ class Qwen35Adapter(Qwen25VLAdapter):
     model_type = "qwen3_5"
     example_id = "Qwen/Qwen3.5-2B"
     config_fields = ("vision_config", "text_config", "image_token_id")
+    takes_video = False  # its image path only (visual_inputs below); chat refuses a video item in one line
 
     # -- what a hybrid LLM can run (docs/hybrid.md) --------------------------------------------------------------
     @classmethod

@@ -22,10 +22,10 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
     example_id = "Qwen/Qwen3-VL-4B-Instruct"
     config_fields = ("vision_config", "text_config", "image_token_id")
 
-    def visual_inputs(self, pixel_values, grid, visual, embeds, internals: bool = True):
+    def visual_inputs(self, pixel_values, grid, visual, embeds, internals: bool = True, video: bool = False):
         # vision internals as for Qwen2.5-VL (no window reordering: every Qwen3-VL ViT block attends over the whole
         # image); the DeepStack mergers read other blocks and are left as they are
-        call = lambda: self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid)  # noqa: E731
+        call = self.vision_call(pixel_values, grid, video)
         out, vision = self.with_internals(call, grid) if internals else (call(), None)
         feats = hf_compat.pooled_features(out)
         check_image_tokens(visual.long(), 1, feats.shape[0])

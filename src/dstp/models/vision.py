@@ -81,3 +81,17 @@ def cls_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tenso
     """[n, S] float32: head-mean softmax attention of the CLS query q [n, H, hd] on every token k [n, S, H, hd]."""
     scores = torch.einsum("nhd,nshd->nhs", q.float(), k.float()) * scale
     return torch.softmax(scores, dim=-1).mean(1)
+
+
+def join_views(parts: list[tuple[VisionInternals, torch.Tensor]]) -> VisionInternals:
+    """One VisionInternals from several calls of the same encoder (a batch's images, then its videos): each part's
+    units name their token by `slot_map[slot]` (`slot_map`: the part's own visual token order -> the batch's)."""
+    first = parts[0][0]
+    S = max(v.slot.shape[1] for v, _ in parts)
+    pad = lambda t, fill=0: torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, S - t.shape[1]), value=fill)  # noqa: E731
+    slots = [pad(torch.where(v.valid, m[v.slot.clamp(min=0)], -1), -1) for v, m in parts]
+    return VisionInternals(hidden=torch.cat([pad(v.hidden) for v, _ in parts]),
+                           keys=torch.cat([pad(v.keys) for v, _ in parts]),
+                           scores=torch.cat([pad(v.scores) for v, _ in parts]), slot=torch.cat(slots),
+                           project=first.project,
+                           cls=None if first.cls is None else torch.cat([v.cls for v, _ in parts]))

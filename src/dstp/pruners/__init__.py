@@ -6,6 +6,7 @@ from dstp.errors import ConfigError
 from dstp.pruners.base import Pruner, depth_scaled_layer
 from dstp.pruners.cdpruner import CDPruner
 from dstp.pruners.divprune import DivPrune
+from dstp.pruners.evs import EVS
 from dstp.pruners.fastv import FastV
 from dstp.pruners.oracle import Oracle
 from dstp.pruners.pyramiddrop import PyramidDrop
@@ -15,7 +16,7 @@ from dstp.pruners.uniform import Uniform
 from dstp.pruners.visionzip import VisionZip
 
 PRUNERS: dict[str, type[Pruner]] = {p.name: p for p in (FastV, DivPrune, VisionZip, SparseVLM, CDPruner, Random,
-                                                        Uniform, Oracle, PyramidDrop)}
+                                                        Uniform, Oracle, PyramidDrop, EVS)}
 
 
 def check_method(method: str) -> str:

@@ -35,6 +35,7 @@ NOT_RUNNABLE = {
                    "attention), but vLLM fixes every request's placeholder count before the LLM runs and has no "
                    "per-request KV re-selection",
     "oracle": "it needs ShiftBench's answer annotations, which a serving request does not carry",
+    "evs": "it prunes videos, which the plugin passes through; vLLM ships EVS itself (--video-pruning-rate)",
 }
 
 ALLOWED_KEYS = ("method", "retention", "seed", "contextual_fraction")

@@ -103,3 +103,26 @@ def heatmap_figure(image: np.ndarray, r: torch.Tensor, steps: list[int], grid: t
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
     return fig
+
+
+def plot_frame_heatmap(frames: torch.Tensor, path: str, labels: list[str] | None = None, layer: int | None = None,
+                       events: list[int] | None = None):
+    """The frame-by-step heatmap of a video: frames [S, F] relevance summed per frame (`dstp.rvis.frame_relevance`),
+    one column per decoding step (the token fed), one row per frame; RVIS events marked on the step axis."""
+    m = frames.float().T.numpy()  # [F, S]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.3 * m.shape[1] + 2.5), max(2.5, 0.3 * m.shape[0] + 1.5)))
+    im = ax.imshow(m, aspect="auto", cmap="magma", interpolation="nearest", vmin=0.0)
+    ax.set_yticks(range(m.shape[0]))
+    ax.set_ylabel("frame (temporal patch)")
+    if labels and len(labels) <= 64:
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_xlabel("decoding step (token fed)")
+    for e in events or []:
+        ax.axvline(e, color="cyan", lw=1, alpha=0.7)
+    where = "" if layer is None else f", layer {layer}"
+    ax.set_title(f"attention on each frame per step{where}" + (" (cyan: RVIS events)" if events else ""))
+    fig.colorbar(im, ax=ax, label="attention mass on the frame")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
