@@ -95,6 +95,10 @@ class ShiftPolicy:
         self.config, self.P = config, prune_layer
 
     # -- what the engine asks before and during prefill ---------------------------------------
+    def prefill_pruner(self, pruner, n_layers: int):
+        """DSTP runs on the base pruner's schedule."""
+        return pruner
+
     def probe_layer(self, P: int, L: int) -> int:
         p = self.config.probe_layer
         if p is None:
@@ -224,7 +228,8 @@ class ShiftPolicy:
             return None
         return torch.rand(st.revived.shape, generator=st.generator).to(st.revived.device)
 
-    def step(self, st: DSTPState, state, q_probe, noise) -> tuple[StepTrace, torch.Tensor]:
+    def step(self, st: DSTPState, state, q_probe, noise, hidden=None, cos=None, sin=None) \
+            -> tuple[StepTrace, torch.Tensor]:
         """Detection, CPTS and the window bookkeeping for every row; (`recompute`) K/V of the tokens revived now that
         no reserve holds; the stores told what to read. Returns the step's trace and its extra FLOPs."""
         cfg = self.config

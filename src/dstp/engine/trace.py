@@ -16,6 +16,7 @@ class StepTrace:
     active: torch.Tensor | None = None  # DSTP: size of the active visual set
     revived: list[list[int]] | None = None  # DSTP: visual-token indices revived at this step, per row
     revived_mask: torch.Tensor | None = None  # DSTP, while decoding: [B, Nmax] the window's revived set
+    selected_mask: torch.Tensor | None = None  # VisionPulse: [B, Nmax] the visual tokens read at layers >= anchor
 
 
 @dataclass
