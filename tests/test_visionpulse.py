@@ -200,3 +200,55 @@ def test_lmms_eval_model_args():
         parse_model_args({"policy": "visionpulse", "budget_max": 2.0})
     with pytest.raises(ConfigError, match="is a VisionPulse setting: add policy=visionpulse"):
         parse_model_args({"budget_max": 0.5})
+
+
+# -- ShiftBench: dstp bench --policies ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shiftbench_dir(tmp_path_factory):
+    from dstp.lab.shiftbench.processor import ShiftBenchProcessor
+    from dstp.lab.shiftbench.train import TrainConfig, build_model
+
+    path = tmp_path_factory.mktemp("sb")
+    processor = ShiftBenchProcessor.build()
+    build_model(TrainConfig(seed=0), processor).save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def run_cli(argv):
+    from dstp.lab.cli.main import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def test_bench_compares_dstp_and_visionpulse(shiftbench_dir, tmp_path):
+    import json
+
+    out = tmp_path / "res"
+    code = run_cli(["bench", "--model", shiftbench_dir, "--n", "2", "--methods", "fastv", "--tasks", "walk",
+                    "--retentions", "0.333", "--policies", "dstp,visionpulse", "--out", str(out), "--batch-size", "2"])
+    assert code == 0
+    records = json.loads((out / "bench.json").read_text())
+    combos = sorted((r["method"], r["shift"], r.get("setting")) for r in records)
+    assert combos == [("fastv", "dstp", None), ("fastv", "none", None), ("none", "none", None),
+                      ("none", "visionpulse", "10pct"), ("none", "visionpulse", "5pct")]
+    vp = {r["setting"]: r for r in records if r["shift"] == "visionpulse"}
+    # 144 visual tokens: the 10% setting reads floor(5%..10% of 144) = 7..14 per step, the 5% one 1..7
+    assert 7 <= vp["10pct"]["visual_tokens_per_step"] <= 14 and 1 <= vp["5pct"]["visual_tokens_per_step"] <= 7
+    assert vp["10pct"]["anchor_layer"] == 8 and vp["10pct"]["visionpulse"]["visual_mass_tau"] == 0.4
+    assert "visionpulse 5pct" in (out / "bench.md").read_text()
+    assert (out / "accuracy_vs_visual_tokens.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--policies", "pulse"], "unknown decode-time policy 'pulse'"),
+    (["--policies", "dstp", "--methods", "none"], "--policies dstp runs DSTP on top of pruners"),
+    (["--policies", "visionpulse", "--ablation"], "--policies has no effect there"),
+])
+def test_bench_bad_policies_exit_2(flags, needle, capsys):
+    assert run_cli(["bench", "--model", "M", *flags]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
