@@ -252,3 +252,25 @@ def test_bench_bad_policies_exit_2(flags, needle, capsys):
     assert run_cli(["bench", "--model", "M", *flags]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_step_gathers_only_the_read_set(monkeypatch):
+    """At layers >= anchor attention gets the K/V of the text, the k_max best visual slots (k_max = the budget's
+    upper bound: floor(10% of 25) = 2 here) and the generated slots, not every prompt slot."""
+    from dstp.engine import kv_store
+
+    model, batch = family("llava")
+    adapter = adapter_for_model(model)
+    prepared = adapter.prepare(batch)
+    widths, update = [], kv_store.GatherView.update
+
+    def spy(self, *args, **kwargs):
+        k, v = update(self, *args, **kwargs)
+        widths.append(k.shape[2])
+        return k, v
+
+    monkeypatch.setattr(kv_store.GatherView, "update", spy)
+    policy = make_policy(VisionPulseConfig.setting("10pct", anchor_layer=2), None, adapter.n_layers)
+    Engine(adapter).generate(prepared, GenerationConfig(max_new_tokens=4, stop_token_ids=()), shift=policy)
+    text = int((prepared.attention_mask & ~prepared.visual_mask).sum(-1).max())
+    assert widths == [text + 2 + t + 1 for t in range(3) for _ in range(2)]  # 3 steps x layers 2, 3

@@ -15,14 +15,16 @@ every token: layers [0, A) in the `full` store, layers [A, L) in the stage's sto
 on (selected) or off each step; the step stays tensor-only and compiles to one graph.
 
 Memory and reads: it holds every visual token's K/V at every layer (the unpruned model's KV, reported as `kv`) plus
-its small per-row state (`visionpulse`); a step reads every slot at layers < A and, at layers >= A, the text, the
-generated tokens and the k selected visual tokens (plus, to select, the anchor keys of every slot once).
+its small per-row state (`visionpulse`); a step reads every slot at layers < A and, at layers >= A, gathers the K/V
+of the text, the k selected visual tokens and the generated tokens (KVStore.read_prompt: the text slots and the
+k_max best visual slots, k_max the budget's upper bound so that the shapes stay fixed, those past k masked), plus,
+to select, the anchor keys of every slot once.
 
 Departures (docs/visionpulse.md):
 - dstp keeps original positions everywhere (theirs do too: nothing is re-indexed), so there is none there.
-- A dense masked step instead of their Triton block-sparse kernel: their Triton path (`visionpulse_triton`) selects
-  whole 64-token blocks (k = ceil(budget * N / block) blocks, mixed text/visual blocks always kept); dstp implements
-  their eager token-level rule, and a masked key costs a dense step as much as a read one (`dstp speed` gathers).
+- A gathered step instead of their Triton block-sparse kernel: their Triton path (`visionpulse_triton`) selects
+  whole blocks (k = ceil(budget * N / block) blocks, mixed text/visual blocks always kept); dstp implements their
+  eager token-level rule and gathers the selected tokens' K/V (their eager path masks a dense read).
 - The anchor query and key are projected once more from the layer's input to select before the layer runs (their
   anchor layer reuses its own); the extra FLOPs are counted.
 - Their rule has no prefill pruner: combining VisionPulse with one is refused (dstp.policy.make_policy).
@@ -37,7 +39,7 @@ import torch
 
 from dstp.config import VisionPulseConfig
 from dstp.engine.held_bytes import HeldBytes
-from dstp.engine.prune_context import PruneResult, topk_mask
+from dstp.engine.prune_context import PruneResult, first_true
 from dstp.engine.step_compiler import mark_static
 from dstp.engine.trace import StepTrace
 from dstp.errors import ConfigError
@@ -96,9 +98,17 @@ class VisionPulseState:
     slot_visual: torch.Tensor  # [B, Tk] the slot holds a visual token
     slot_rank: torch.Tensor  # [B, Tk] its visual rank (-1: text or padding)
     n_visual: torch.Tensor  # [B]
+    # what a step reads at layers >= anchor (KVStore.read_prompt): the text slots, then the k_max best visual slots,
+    # of which the first k count
+    text_index: torch.Tensor  # [B, n_text] the prompt's text slots (padded with slots that do not count)
+    text_ok: torch.Tensor  # [B, n_text]
+    k_max: int  # the most visual tokens one step may select (the budget's upper bound)
+    read_index: torch.Tensor  # [B, n_text + k_max]
+    read_mask: torch.Tensor
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.base_valid, self.slot_visual, self.slot_rank, self.n_visual]
+        return [self.base_valid, self.slot_visual, self.slot_rank, self.n_visual, self.text_index, self.text_ok,
+                self.read_index, self.read_mask]
 
     def held_bytes(self, held: HeldBytes):
         held.add("visionpulse", self.tensors())
@@ -134,8 +144,18 @@ class VisionPulsePolicy:
                              torch.arange(N, device=tags.device).expand(B, N).masked_fill(~state.visual_valid, -1))
         base = s.prompt_valid(Tk).clone()
         rank = torch.where(inside & base, rank_of_pos.gather(1, tags.clamp(0, T - 1)), -1)
-        st = VisionPulseState(adapter=adapter, anchor=stage.layers.start, base_valid=base, slot_visual=rank >= 0,
-                              slot_rank=rank, n_visual=state.visual_valid.sum(-1))
+        visual, n_visual = rank >= 0, state.visual_valid.sum(-1)
+        text = base & ~visual
+        text_index, text_ok = first_true(text, int(text.sum(-1).max()))
+        upper = self.config.fixed_budget if self.config.fixed_budget is not None else self.config.budget_max
+        k_max = int(step_budget(torch.full(n_visual.shape, float(upper), device=tags.device), n_visual,
+                                VisionPulseConfig(fixed_budget=upper)).max())
+        read_index = torch.cat([text_index, text_index[:, :1].expand(B, k_max)], 1).contiguous()
+        read_mask = torch.cat([text_ok, torch.zeros(B, k_max, dtype=torch.bool, device=tags.device)], 1)
+        st = VisionPulseState(adapter=adapter, anchor=stage.layers.start, base_valid=base, slot_visual=visual,
+                              slot_rank=rank, n_visual=n_visual, text_index=text_index, text_ok=text_ok, k_max=k_max,
+                              read_index=read_index, read_mask=read_mask)
+        s.read_prompt(st.read_index, st.read_mask)
         mark_static(st.tensors())
         return st
 
@@ -162,8 +182,14 @@ class VisionPulsePolicy:
         Tk = st.base_valid.shape[1]
         logits, allowed, visual = self.scores(st, state, hidden, cos, sin)
         k = step_budget(visual_mass(logits, allowed, visual, cfg.visual_mass_tau), st.n_visual, cfg)
-        selected = topk_mask(logits[..., :Tk].mean(1), st.slot_visual, k)
+        scores = logits[..., :Tk].mean(1).float().masked_fill(~st.slot_visual, float("-inf"))
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # ties: the lower slot first
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(Tk, device=k.device).expand_as(order))
+        selected = (rank < k[:, None]) & st.slot_visual
         s.set_prompt_valid(st.base_valid & (~st.slot_visual | selected))
+        best = order[:, :st.k_max]
+        st.read_index[:, st.text_index.shape[1]:].copy_(best)
+        st.read_mask[:, st.text_index.shape[1]:].copy_(selected.gather(1, best))
         B, N = state.visual_valid.shape
         mask = torch.zeros(B, N + 1, dtype=torch.bool, device=k.device)
         mask = mask.scatter(1, torch.where(selected, st.slot_rank, N), True)[:, :N]
