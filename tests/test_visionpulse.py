@@ -46,6 +46,12 @@ def family(name):
     if name == "qwen3_vl":
         model = tm.tiny_qwen3_vl(layers=4)
         batch = tm.qwen3_vl_batch([(4, 6), (6, 6), (4, 4)], [2, 5, 1])
+    elif name == "qwen2_5_vl":
+        model = tm.tiny_qwen2_5_vl(layers=4)
+        batch = tm.qwen_batch([(4, 6), (6, 6), (4, 4)], [2, 5, 1])
+    elif name == "llava_next":
+        model = tm.tiny_llava_next(layers=4)
+        batch = tm.llava_next_batch([(30, 60), (60, 60), (60, 30)], [3, 1, 4])
     elif name == "internvl":
         model = tm.tiny_internvl(layers=4)
         batch = tm.internvl_batch([1, 2, 1], [3, 1, 4])
@@ -59,7 +65,7 @@ CONFIGS = [VisionPulseConfig.setting("10pct", anchor_layer=2), VisionPulseConfig
            VisionPulseConfig(anchor_layer=1, visual_mass_tau=1.0, budget_min=0.02, budget_max=0.98)]
 
 
-@pytest.mark.parametrize("name", ["qwen3_vl", "internvl", "llava"])
+@pytest.mark.parametrize("name", ["qwen3_vl", "internvl", "llava", "qwen2_5_vl", "llava_next"])
 def test_selection_is_the_authors_rule(name):
     model, batch = family(name)
     adapter = adapter_for_model(model)
