@@ -280,3 +280,23 @@ def test_a_step_gathers_only_the_read_set(monkeypatch):
     Engine(adapter).generate(prepared, GenerationConfig(max_new_tokens=4, stop_token_ids=()), shift=policy)
     text = int((prepared.attention_mask & ~prepared.visual_mask).sum(-1).max())
     assert widths == [text + 2 + t + 1 for t in range(3) for _ in range(2)]  # 3 steps x layers 2, 3
+
+
+def test_cli_generate_with_visionpulse(shiftbench_dir, tmp_path):
+    """`dstp generate --policy visionpulse`: each step's selection in the trace, at most the 5% setting's budget
+    (floor(5% of 144) = 7) and at least 1."""
+    import json
+
+    from PIL import Image
+
+    from dstp.lab.shiftbench import generate_samples
+
+    sample = generate_samples("lookup", 1, seed=0)[0]
+    image = tmp_path / "grid.png"
+    Image.fromarray(sample.image).save(image)
+    trace = tmp_path / "trace.json"
+    assert run_cli(["generate", "--model", shiftbench_dir, "--image", str(image), "--prompt", sample.prompt,
+                    "--policy", "visionpulse", "--visionpulse-setting", "5pct", "--max-new-tokens", "4",
+                    "--trace-json", str(trace)]) == 0
+    steps = json.loads(trace.read_text())["steps"]
+    assert steps and all(1 <= s["visual_attended"] == len(s["selected"]) <= 7 for s in steps)

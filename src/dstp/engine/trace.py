@@ -43,6 +43,8 @@ class Trace:
             if s.similarity is not None:
                 rec.update(similarity=float(s.similarity[b]), shift=bool(s.shift[b]), active=int(s.active[b]),
                            revived=s.revived[b] if s.revived else [])
+            if s.selected_mask is not None:
+                rec["selected"] = torch.nonzero(s.selected_mask[b]).flatten().tolist()
             out.append(rec)
         rec = {"n_visual": self.n_visual[b], "kept": self.kept[b], "prune_layer": self.prune_layer, "steps": out}
         if len(self.stages) > 1:
