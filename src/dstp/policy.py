@@ -8,8 +8,9 @@ A policy is one small protocol the engine drives (docs/design.md §5, docs/visio
   visual tokens it dropped;
 - after the prefill: `setup(adapter, state, PrefillOutputs)` -> its own state (tensors only);
 - each step (tensor work only, compiled into the step's graph): `noise(pstate)` drawn outside the step, then
-  `step(pstate, state, q_probe, noise, hidden, cos, sin)`, which sees the probe layer's query, the new token's input
-  to the first pruned stage (`hidden` [B, 1, D]) and its rotary tables, and returns (StepTrace, extra FLOPs). What it
+  `step(pstate, state, q_probe, noise)`, which sees the probe layer's query and the noise, and, for a policy with
+  `reads_stage_input`, also the new token's input to the first pruned stage and its rotary tables (`step(pstate,
+  state, q_probe, noise, hidden [B, 1, D], cos, sin)`); it returns (StepTrace, extra FLOPs). What it
   returns to the engine it writes into the stores: per row, the active visual set of each pruned stage's layer
   range, as the validity of their slots (`activate_reserve`, `set_prompt_valid`) and K/V written through a store's
   cache view when a slot must be filled;

@@ -91,6 +91,8 @@ class DSTPState:
 
 
 class ShiftPolicy:
+    reads_stage_input = False  # its step reads the probe query, not the first pruned stage's input
+
     def __init__(self, config: DSTPConfig, prune_layer: int):
         self.config, self.P = config, prune_layer
 
@@ -228,8 +230,7 @@ class ShiftPolicy:
             return None
         return torch.rand(st.revived.shape, generator=st.generator).to(st.revived.device)
 
-    def step(self, st: DSTPState, state, q_probe, noise, hidden=None, cos=None, sin=None) \
-            -> tuple[StepTrace, torch.Tensor]:
+    def step(self, st: DSTPState, state, q_probe, noise) -> tuple[StepTrace, torch.Tensor]:
         """Detection, CPTS and the window bookkeeping for every row; (`recompute`) K/V of the tokens revived now that
         no reserve holds; the stores told what to read. Returns the step's trace and its extra FLOPs."""
         cfg = self.config

@@ -117,6 +117,7 @@ class VisionPulseState:
 class VisionPulsePolicy:
     reserve_kind = "reserve"  # never used: VisionPulse's stage has no reserve
     fills_reserve = False
+    reads_stage_input = True  # its step projects the anchor's query and key from the anchor layer's input
 
     def __init__(self, config: VisionPulseConfig):
         self.config = config
@@ -177,7 +178,7 @@ class VisionPulsePolicy:
         visual = torch.cat([st.slot_visual, torch.zeros_like(s.valid[:, Tk:]), ~own], 1)
         return logits, allowed, visual
 
-    def step(self, st: VisionPulseState, state, q_probe, noise, hidden=None, cos=None, sin=None):
+    def step(self, st: VisionPulseState, state, q_probe, noise, hidden, cos, sin):
         cfg, s = self.config, state.stages[0].store
         Tk = st.base_valid.shape[1]
         logits, allowed, visual = self.scores(st, state, hidden, cos, sin)

@@ -356,7 +356,8 @@ class Engine:
         if state.stages:
             # the attended visual set changes only through the policy, which reports it; otherwise it is S0
             if policy is not None:
-                step_trace, extra = policy.step(pstate, state, q_probe, noise, h, cos, sin)
+                stage_input = (h, cos, sin) if policy.reads_stage_input else ()
+                step_trace, extra = policy.step(pstate, state, q_probe, noise, *stage_input)
                 flops = flops + extra
             else:
                 step_trace = StepTrace(visual_attended=state.kept.sum(-1))
