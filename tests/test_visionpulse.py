@@ -81,7 +81,8 @@ def test_selection_is_the_authors_rule(name):
         T = ids.shape[1]
         gen = out.tokens[:, :N_NEW - 1]
         assert not bool((gen == getattr(model.config, "image_token_id", tm.IMAGE_TOKEN)).any())
-        full = {**batch, "input_ids": torch.cat([ids, gen], 1), "attention_mask": torch.cat([mask, torch.ones_like(gen)], 1)}
+        full = {**batch, "input_ids": torch.cat([ids, gen], 1),
+                "attention_mask": torch.cat([mask, torch.ones_like(gen)], 1)}
         if "mm_token_type_ids" in batch:  # Qwen3-VL: generated tokens are text
             full["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(gen)], 1)
         with torch.no_grad():

@@ -5,6 +5,6 @@ from dstp.errors import ConfigError, DSTPError, InputError, UnsupportedModelErro
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "from_model", "Pipeline", "GenerateResult", "PruneConfig", "DSTPConfig", "VisionPulseConfig", "GenerationConfig",
-           "EngineConfig",
+__all__ = ["load", "from_model", "Pipeline", "GenerateResult", "PruneConfig", "DSTPConfig", "VisionPulseConfig",
+           "GenerationConfig", "EngineConfig",
            "DSTPError", "ConfigError", "InputError", "UnsupportedModelError"]

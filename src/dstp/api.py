@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from dstp.chat import check_conversations, check_image_lists
-from dstp.config import DSTPConfig, EngineConfig, GenerationConfig, PruneConfig, VisionPulseConfig, generation_config
+from dstp.config import EngineConfig, GenerationConfig, PruneConfig, generation_config
 from dstp.engine.engine import Engine, GenerationOutput
 from dstp.engine.trace import Trace
 from dstp.errors import ConfigError, InputError, UnsupportedModelError
 from dstp.models.base import Adapter
 from dstp.models.registry import adapter_for_config, adapter_for_model, load_plugin
 from dstp.pruners import get_pruner
-from dstp.policy import make_policy
+from dstp.policy import PolicyConfig, make_policy
 
 
 @dataclass
@@ -29,7 +29,7 @@ class GenerateResult:
 class Pipeline:
     """A model + its processor + an optional pruner and DSTP policy, driven by the dstp engine."""
 
-    def __init__(self, adapter: Adapter, prune: PruneConfig | None = None, shift: DSTPConfig | VisionPulseConfig | None = None,
+    def __init__(self, adapter: Adapter, prune: PruneConfig | None = None, shift: PolicyConfig | None = None,
                  engine: EngineConfig | None = None):
         self.adapter, self.engine = adapter, Engine(adapter, engine)
         self.prune, self.shift = prune, shift
@@ -150,7 +150,7 @@ def load_config(source: str, hub: dict):
                          f"resolve it as a model id ({first_line(e)})") from None
 
 
-def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, shift: DSTPConfig | VisionPulseConfig | None = None,
+def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, shift: PolicyConfig | None = None,
          dtype: torch.dtype | str = "auto", device: str | torch.device | None = None,
          processor_kwargs: dict | None = None, compile: bool = False, engine: EngineConfig | None = None,
          **from_pretrained_kwargs) -> Pipeline:
@@ -231,7 +231,7 @@ def check_one_device(placements):
                           f"runs a model on one device: pass device= or a device_map onto one device")
 
 
-def from_model(model, processor=None, prune: PruneConfig | None = None, shift: DSTPConfig | VisionPulseConfig | None = None,
+def from_model(model, processor=None, prune: PruneConfig | None = None, shift: PolicyConfig | None = None,
                compile: bool = False, engine: EngineConfig | None = None) -> Pipeline:
     """Wrap an already loaded transformers model (a supported class or a subclass of one) and its processor.
 

@@ -24,6 +24,7 @@ from dstp.config import DSTPConfig, VisionPulseConfig
 from dstp.errors import ConfigError
 
 POLICY_CONFIGS: dict[str, type] = {"dstp": DSTPConfig, "visionpulse": VisionPulseConfig}
+PolicyConfig = DSTPConfig | VisionPulseConfig
 
 
 def check_policy(name: str) -> str:
@@ -37,8 +38,8 @@ def policy_name(config) -> str:
     for name, cls in POLICY_CONFIGS.items():
         if isinstance(config, cls):
             return name
-    raise ConfigError(f"shift= takes a decode-time policy config ({', '.join(c.__name__ for c in POLICY_CONFIGS.values())}"
-                      f"), got {type(config).__name__}")
+    known = ", ".join(c.__name__ for c in POLICY_CONFIGS.values())
+    raise ConfigError(f"shift= takes a decode-time policy config ({known}), got {type(config).__name__}")
 
 
 def policy_config(name: str, **fields):
@@ -65,4 +66,4 @@ def make_policy(config, pruner, n_layers: int):
     return VisionPulsePolicy(config)
 
 
-__all__ = ["POLICY_CONFIGS", "check_policy", "policy_name", "policy_config", "make_policy"]
+__all__ = ["POLICY_CONFIGS", "PolicyConfig", "check_policy", "policy_name", "policy_config", "make_policy"]

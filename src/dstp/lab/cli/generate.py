@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
     g.add_argument("--source", default=None, help="DSTP revived K/V: recompute or store (needs --dstp)")
     g.add_argument("--policy", default=None, help="decode-time policy: dstp (as --dstp) or visionpulse (no --prune)")
     g.add_argument("--visionpulse-setting", default=None, help="VisionPulse's authors' setting: 10pct (default), 5pct")
-    g.add_argument("--anchor-layer", type=int, default=None, help="VisionPulse anchor layer (default: 17 of 36, depth-scaled)")
+    g.add_argument("--anchor-layer", type=int, default=None,
+                   help="VisionPulse anchor layer (default: 17 of 36, depth-scaled)")
     g.add_argument("--fixed-budget", type=float, default=None, help="VisionPulse constant budget in (0, 1]")
     g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
     g.add_argument("--device", default="cpu")

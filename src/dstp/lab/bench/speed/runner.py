@@ -1,6 +1,7 @@
 """The rows of `dstp speed` (ROWS), every row of a scenario (`run_scenario`) and the whole command's result
 (`run_speed`): the transformers baselines (baselines.py) and the engine unpruned, FastV, FastV + DSTP with each
-source and VisionPulse (its authors' 10% setting, reading the selected tokens' K/V gathered), each timed, its peak memory measured and its decode time set against the byte-proportional ideal."""
+source and VisionPulse (its authors' 10% setting, reading the selected tokens' K/V gathered), each timed, its peak
+memory measured and its decode time set against the byte-proportional ideal."""
 from __future__ import annotations
 
 import os
