@@ -11,7 +11,8 @@
 #    sync-debug mode next to dstp's own count).
 #
 # Engine v2 (2026-12-05): the speed run now also has the engine's four compiled rows (torch.compile, CUDA graphs via
-# mode="reduce-overhead"), each compiled in its first run; the estimate below predates them and was not redone: it
+# mode="reduce-overhead"), each compiled in its first run, and VisionPulse's two rows (eager and compiled, issue 28);
+# the estimate below predates them and was not redone: it
 # has still never run on a GPU. Issue 24's own GPU check (batch 1 and 8, 1,024 visual tokens, 512 new tokens, against
 # the bandwidth limit) is not built: the real scenario runs batch 1 only.
 # Time on one H100, estimated (not yet run on one): about 7 minutes at most, 3-5 likely. Basis, conservative:

@@ -179,3 +179,33 @@ def test_qwen3_vl_moe_compiles_with_routed_experts():
     compiled = run(adapter, prepared, EngineConfig(compile=True, compile_backend=counter), "fastv", "recompute", n=8)
     assert counter.frame_count == 1
     assert torch.equal(eager.tokens, compiled.tokens) and (eager.logits - compiled.logits).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen3_vl"])
+def test_visionpulse_compiles_to_one_graph(llava, family):
+    """VisionPulse (a fresh selection at the anchor layer every step, a wide budget so that it varies): one graph,
+    the eager step's tokens, logits and per-step selections; a padded batch (LLaVA) and M-RoPE + DeepStack."""
+    from dstp import VisionPulseConfig
+    from dstp.policy import make_policy
+
+    if family == "llava":
+        _, adapter, prepared = llava
+    else:
+        adapter = adapter_for_model(tm.tiny_qwen3_vl())
+        prepared = adapter.prepare(tm.qwen3_vl_batch([(8, 8), (4, 8)], [3, 1]))
+    config = VisionPulseConfig(anchor_layer=2, visual_mass_tau=1.0, budget_min=0.05, budget_max=0.9)
+
+    def go(engine_config):
+        torch._dynamo.reset()
+        policy = make_policy(config, None, adapter.n_layers)
+        return Engine(adapter, engine_config).generate(prepared, GenerationConfig(max_new_tokens=10), shift=policy,
+                                                       return_logits=True)
+
+    counter = CompileCounter()
+    eager = go(EngineConfig())
+    compiled = go(EngineConfig(compile=True, compile_backend=counter))
+    assert counter.frame_count == 1
+    assert torch.equal(eager.tokens, compiled.tokens) and (eager.logits - compiled.logits).abs().max() < 1e-5
+    for e, c in zip(eager.trace.steps, compiled.trace.steps):
+        assert torch.equal(e.selected_mask, c.selected_mask) and torch.equal(e.visual_attended, c.visual_attended)
+    assert len({tuple(s.visual_attended.tolist()) for s in eager.trace.steps}) > 1  # the budget moved

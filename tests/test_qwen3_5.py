@@ -15,7 +15,7 @@ import torch
 
 import dstp
 import hub_fixture_qwen3_5 as Q
-from dstp import ConfigError, DSTPConfig, PruneConfig
+from dstp import ConfigError, DSTPConfig, PruneConfig, VisionPulseConfig
 from hub_fixtures import conversation, sample_images
 from hybrid_reference import shortened_generate
 from test_chat_hub import cases
@@ -152,11 +152,15 @@ REFUSED = [
     (dict(prune=PruneConfig("fastv", 0.3, layer=4), shift=DSTPConfig(source="store", probe_layer=1)),
      "DSTP with fastv at layer 4 is not supported on qwen3_5: it probes the attention of layer 1, which is linear "
      "attention (full attention: layers [3, 7]; docs/hybrid.md)"),
+    (dict(shift=VisionPulseConfig()),
+     "VisionPulse is not supported on qwen3_5: its step reads a subset of every later layer's visual K/V, and its "
+     "linear-attention layers keep a recurrent state instead (docs/hybrid.md)"),
 ]
 
 
 @pytest.mark.parametrize("kwargs,message", REFUSED,
-                         ids=["fastv-K2", "pyramiddrop", "dstp-recompute", "dstp-store-pre-llm", "dstp-store-probe"])
+                         ids=["fastv-K2", "pyramiddrop", "dstp-recompute", "dstp-store-pre-llm", "dstp-store-probe",
+                              "visionpulse"])
 def test_refusals_are_one_line_before_the_weights_load(repo, monkeypatch, kwargs, message):
     import transformers
 

@@ -60,7 +60,7 @@ def test_every_scenario_writes_every_row(speed_json):
     compiled graph runs past), generate() with its static cache compiled too."""
     rows = speed_json["rows"]
     assert [(r["scenario"], r["name"]) for r in rows] == [(s, n) for s in SCENARIO_NAMES for n in ROWS]
-    assert sum(r["name"].endswith("_compiled") for r in rows) == 4 * len(SCENARIO_NAMES)
+    assert sum(r["name"].endswith("_compiled") for r in rows) == 5 * len(SCENARIO_NAMES)
     for r in rows:
         for field in ("scenario", "name", "tokens_per_s", "prefill_s", "peak_bytes_measured", "peak_bytes_reported",
                       "compiled"):
@@ -106,10 +106,25 @@ def test_no_host_sync_inside_a_decoding_step(speed_json):
         if r["name"].startswith("hf_") or r["compiled"]:
             assert "loop_syncs_per_step" not in r
             continue
-        dstp = r["name"].startswith("fastv_dstp")
-        assert r["dstp_syncs_per_step"] == (0.0 if dstp else None)
+        policy = r["name"].startswith("fastv_dstp") or r["name"] == "visionpulse"  # DSTP's step or VisionPulse's
+        assert r["dstp_syncs_per_step"] == (0.0 if policy else None)
         assert r["decode_step_syncs_per_step"] == 0.0
         assert r["loop_syncs_per_step"] <= 1 / 8
+
+
+def test_visionpulse_row_reads_its_selection(speed_json):
+    """VisionPulse (the authors' 10% setting): at most 10% of the visual tokens per step, every visual token's K/V
+    held (the unpruned row's K/V, one more slot layout for the layers from the anchor on), fewer bytes read per step
+    than unpruned, decode/ideal reported like every engine row."""
+    by = {(r["scenario"], r["name"]): r for r in speed_json["rows"]}
+    for scenario in SCENARIO_NAMES:
+        cfg = SMALL[scenario]
+        vp, dense = by[(scenario, "visionpulse")], by[(scenario, "engine_unpruned")]
+        assert 1 <= vp["visual_tokens_per_step"] <= int(0.10 * cfg.visual_tokens)
+        assert vp["memory_bytes"]["kv"] > dense["memory_bytes"]["kv"] and vp["memory_bytes"]["visionpulse"] > 0
+        assert vp["memory_bytes"]["kv"] - dense["memory_bytes"]["kv"] < dense["memory_bytes"]["kv"] // 10
+        assert vp["decode_bytes"] < dense["decode_bytes"] and vp["ratio_to_ideal"] > 0
+        assert by[(scenario, "visionpulse_compiled")]["visual_tokens_per_step"] == vp["visual_tokens_per_step"]
 
 
 def test_host_sync_counter():
@@ -201,7 +216,8 @@ def test_real_scenario_writes_every_row(tiny_qwen3_vl, tmp_path):
         if not r["name"].startswith("hf_"):
             assert r["ratio_to_ideal"] > 0 and r["peak_bytes_reported"] == sum(r["memory_bytes"].values())
             if not r["compiled"]:
-                assert r["dstp_syncs_per_step"] == (0.0 if r["name"].startswith("fastv_dstp") else None)
+                policy = r["name"].startswith("fastv_dstp") or r["name"] == "visionpulse"
+                assert r["dstp_syncs_per_step"] == (0.0 if policy else None)
     static = next(r for r in result["rows"] if r["name"] == "hf_generate_static")
     assert static["compiled"] is True and static["compile_error"] is None  # its compile config, on CPU too
     assert {t["what"] for t in result["targets"]} >= {"fastv_dstp_store_compiled / fastv_compiled tokens/s"}

@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import torch
 
 from dstp.chat import check_conversations, check_image_lists
-from dstp.config import DSTPConfig, EngineConfig, GenerationConfig, PruneConfig, generation_config
+from dstp.config import EngineConfig, GenerationConfig, PruneConfig, generation_config
 from dstp.engine.engine import Engine, GenerationOutput
 from dstp.engine.trace import Trace
 from dstp.errors import ConfigError, InputError, UnsupportedModelError
 from dstp.models.base import Adapter
 from dstp.models.registry import adapter_for_config, adapter_for_model, load_plugin
 from dstp.pruners import get_pruner
-from dstp.shift import ShiftPolicy
+from dstp.policy import PolicyConfig, make_policy
 
 
 @dataclass
@@ -29,15 +29,13 @@ class GenerateResult:
 class Pipeline:
     """A model + its processor + an optional pruner and DSTP policy, driven by the dstp engine."""
 
-    def __init__(self, adapter: Adapter, prune: PruneConfig | None = None, shift: DSTPConfig | None = None,
+    def __init__(self, adapter: Adapter, prune: PruneConfig | None = None, shift: PolicyConfig | None = None,
                  engine: EngineConfig | None = None):
         self.adapter, self.engine = adapter, Engine(adapter, engine)
         self.prune, self.shift = prune, shift
         self.pruner = get_pruner(prune, adapter.n_layers) if prune is not None else None
-        if shift is not None and self.pruner is None:
-            raise ConfigError("DSTP needs a base pruner: pass prune=PruneConfig(...) as well")
+        self.policy = make_policy(shift, self.pruner, adapter.n_layers) if shift is not None else None
         adapter.check_methods(adapter.model.config, self.pruner, shift)
-        self.policy = ShiftPolicy(shift, self.pruner.layer) if shift is not None else None
 
     @property
     def processor(self):
@@ -177,7 +175,7 @@ def load_config(source: str, hub: dict):
                          f"resolve it as a model id ({first_line(e)})") from None
 
 
-def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, shift: DSTPConfig | None = None,
+def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, shift: PolicyConfig | None = None,
          dtype: torch.dtype | str = "auto", device: str | torch.device | None = None,
          processor_kwargs: dict | None = None, compile: bool = False, engine: EngineConfig | None = None,
          **from_pretrained_kwargs) -> Pipeline:
@@ -186,7 +184,8 @@ def load(model_id_or_path: str | os.PathLike, prune: PruneConfig | None = None, 
     model_id_or_path: a local directory, or a hub id resolved as transformers resolves it (the hub, the local
         cache, offline with `HF_HUB_OFFLINE=1`), e.g. "Qwen/Qwen2.5-VL-3B-Instruct".
     prune: the prefill pruner (`PruneConfig(method, retention, ...)`); None: no pruning.
-    shift: DSTP on top of the pruner (`DSTPConfig(tau, window, source, ...)`); None: the pruner alone.
+    shift: the decode-time policy: DSTP on top of the pruner (`DSTPConfig(tau, window, source, ...)`), or VisionPulse
+        on the unpruned prefill (`VisionPulseConfig(...)`, no pruner); None: the pruner alone.
     dtype: a torch dtype, "bfloat16"/"bf16", "float16"/"fp16", "float32"/"fp32", or "auto" (the checkpoint's).
     device: where the model runs ("cpu", "cuda", "cuda:1"; default cpu); leave it unset with `device_map`.
     processor_kwargs: passed to the processor's `from_pretrained`, e.g. `{"max_pixels": 1280 * 28 * 28}`.
@@ -268,7 +267,7 @@ def check_one_device(placements):
                           f"runs a model on one device: pass device= or a device_map onto one device")
 
 
-def from_model(model, processor=None, prune: PruneConfig | None = None, shift: DSTPConfig | None = None,
+def from_model(model, processor=None, prune: PruneConfig | None = None, shift: PolicyConfig | None = None,
                compile: bool = False, engine: EngineConfig | None = None) -> Pipeline:
     """Wrap an already loaded transformers model (a supported class or a subclass of one) and its processor.
 

@@ -145,3 +145,40 @@ class DSTPConfig:
                               f"shift's revived tokens must fit in the cache")
         if self.probe_layer is not None and self.probe_layer < 0:
             raise ConfigError(f"probe_layer must be >= 0, got {self.probe_layer}")
+
+
+@dataclass(frozen=True)
+class VisionPulseConfig:
+    """VisionPulse (arXiv 2605.31457): step-wise visual token selection while decoding (docs/visionpulse.md).
+    Defaults: the authors' 10% setting (Qwen3-VL-4B/8B-Thinking-VisionPulse-10pct); `setting("5pct")` gives their
+    5% one. `fixed_budget`: a constant retention ratio instead of the attention-mass budget (their `budget`)."""
+
+    # zero-based, the layer that selects; None: theirs (17 of their models' 36 layers) at the same fraction of depth
+    anchor_layer: int | None = None
+    visual_mass_tau: float = 0.4
+    budget_min: float = 0.05
+    budget_max: float = 0.10
+    fixed_budget: float | None = None
+
+    SETTINGS = {"10pct": dict(visual_mass_tau=0.4, budget_min=0.05, budget_max=0.10),
+                "5pct": dict(visual_mass_tau=0.1, budget_min=0.01, budget_max=0.05)}
+
+    @classmethod
+    def setting(cls, name: str, **overrides) -> "VisionPulseConfig":
+        if name not in cls.SETTINGS:
+            raise ConfigError(f"unknown VisionPulse setting {name!r}; known: {', '.join(cls.SETTINGS)}")
+        return cls(**{**cls.SETTINGS[name], **overrides})
+
+    def __post_init__(self):
+        if self.anchor_layer is not None and (isinstance(self.anchor_layer, bool)
+                                              or not isinstance(self.anchor_layer, int) or self.anchor_layer < 1):
+            raise ConfigError(f"VisionPulse anchor_layer must be an integer >= 1, got {self.anchor_layer!r}")
+        if not self.visual_mass_tau > 0:
+            raise ConfigError(f"VisionPulse visual_mass_tau must be > 0, got {self.visual_mass_tau}")
+        for name in ("budget_min", "budget_max", "fixed_budget"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0.0 < float(value) <= 1.0):
+                raise ConfigError(f"VisionPulse {name} must be in (0, 1], got {value!r}")
+        if self.budget_min > self.budget_max:
+            raise ConfigError(f"VisionPulse budget_min={self.budget_min} is above budget_max={self.budget_max}")

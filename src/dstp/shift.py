@@ -91,10 +91,16 @@ class DSTPState:
 
 
 class ShiftPolicy:
+    reads_stage_input = False  # its step reads the probe query, not the first pruned stage's input
+
     def __init__(self, config: DSTPConfig, prune_layer: int):
         self.config, self.P = config, prune_layer
 
     # -- what the engine asks before and during prefill ---------------------------------------
+    def prefill_pruner(self, pruner, n_layers: int):
+        """DSTP runs on the base pruner's schedule."""
+        return pruner
+
     def probe_layer(self, P: int, L: int) -> int:
         p = self.config.probe_layer
         if p is None:

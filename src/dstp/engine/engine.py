@@ -167,6 +167,8 @@ class Engine:
         `shift`)."""
         policy = shift
         a, L = self.adapter, self.adapter.n_layers
+        if policy is not None:
+            pruner = policy.prefill_pruner(pruner, L)  # the schedule the policy runs on (VisionPulse: its own)
         h = prepared.inputs_embeds
         T = h.shape[1]
         points = prune_points(pruner) if pruner is not None and bool(prepared.visual_mask.any()) else ()
@@ -282,7 +284,7 @@ class Engine:
         if policy is None:
             return logits, flops, PrefillOutputs(None, None)
         probe = policy.probe_layer(P, L)
-        probe_input = first_h_at if P == 0 else captured[probe][:, -1:].clone()
+        probe_input = first_h_at if P == 0 else captured[probe][:, -1:].clone() if probe is not None else None
         ctx = before = captured = None  # let the stages' inputs go before the unpruned run
         if fills_reserve:
             held = [first_h_at]  # the input at P, every merge of the first stage applied
@@ -354,7 +356,8 @@ class Engine:
         if state.stages:
             # the attended visual set changes only through the policy, which reports it; otherwise it is S0
             if policy is not None:
-                step_trace, extra = policy.step(pstate, state, q_probe, noise)
+                stage_input = (h, cos, sin) if policy.reads_stage_input else ()
+                step_trace, extra = policy.step(pstate, state, q_probe, noise, *stage_input)
                 flops = flops + extra
             else:
                 step_trace = StepTrace(visual_attended=state.kept.sum(-1))

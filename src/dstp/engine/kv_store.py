@@ -55,6 +55,10 @@ class KVStore:
         self.filled = reserve  # prefill: slots [reserve, filled) hold the prompt (decoding writes past it by index)
         self.dense = True  # known on the host: every prompt slot is valid and stays so (no padding, no holes)
         self.recurrent = RecurrentStates()  # linear-attention layers' state (hybrid LLMs), set by their prefill
+        # a decode-time policy that reads a subset (VisionPulse): the prompt slots a step gathers [B, W] and which of
+        # them count [B, W]; the generated slots follow them. None: attention reads every slot, masked by `valid`
+        self.read_index: torch.Tensor | None = None
+        self.read_mask: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -154,18 +158,31 @@ class KVStore:
         and return the cache view that writes their K/V there and reads slots [0, end) (None: every slot)."""
         self.order.index_copy_(1, slot, order)
         self.valid.index_fill_(1, slot, True)
+        if self.read_index is not None:
+            return GatherView(self, slot, self.capacity if end is None else end)
         return SlotView(self, slot, self.capacity if end is None else end)
 
     def decode_mask(self, end: int | None = None) -> torch.Tensor:
         """[B, 1, 1, end]: what one new token per row attends to among slots [0, end), every valid one (all of
-        them come before it)."""
+        them come before it). With a read set: over the gathered prompt slots, then the generated ones."""
+        if self.read_index is not None:
+            end = self.capacity if end is None else end
+            gathered = self.valid.gather(1, self.read_index) & self.read_mask
+            return torch.cat([gathered, self.valid[:, self.filled:end]], 1)[:, None, None]
         return self.valid[:, None, None, :end]
+
+    def read_prompt(self, index: torch.Tensor, mask: torch.Tensor):
+        """From now on a decoding step reads only the prompt slots `index` [B, W] (those in `mask` [B, W] count) and
+        the generated slots: its attention gathers their K/V, W + generated slots wide, instead of reading every
+        slot masked. The policy owns both tensors (and counts them) and rewrites them in place each step (fixed
+        shapes: the step stays one graph)."""
+        self.read_index, self.read_mask = index, mask
 
     def reads_all(self, end: int | None) -> bool:
         """True when a decoding step reading slots [0, end) may attend to every one of them without a mask: the end
         is the new token's slot + 1, no reserve, and every prompt slot valid. Then SDPA runs its unmasked kernel, as
         transformers' decoding step does (and on CPU a mask costs as much as the attention)."""
-        return end is not None and self.reserve == 0 and self.dense
+        return end is not None and self.reserve == 0 and self.dense and self.read_index is None
 
     # -- the reserve (DSTP is its client) --------------------------------------------------------------------------
     def reserve_tags(self) -> torch.Tensor:
@@ -266,6 +283,19 @@ class SlotView:
 
     def get_mask_sizes(self, *args, **kwargs):
         return self.end, 0
+
+
+class GatherView(SlotView):
+    """A decoding step's cache view over a read set (`KVStore.read_prompt`): writes the new token's K/V into slot
+    `slot` and returns the K/V of the gathered prompt slots, then of the generated slots up to `end`."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        s, li = self.store, self.store.local(layer_idx)
+        s.k[li].index_copy_(2, self.slot, key_states)
+        s.v[li].index_copy_(2, self.slot, value_states)
+        B, H, _, hd = key_states.shape
+        index = s.read_index[:, None, :, None].expand(B, H, -1, hd)
+        return tuple(torch.cat([buf.gather(2, index), buf[:, :, s.filled:self.end]], 2) for buf in (s.k[li], s.v[li]))
 
 
 class ScatterView:

@@ -16,6 +16,7 @@ class StepTrace:
     active: torch.Tensor | None = None  # DSTP: size of the active visual set
     revived: list[list[int]] | None = None  # DSTP: visual-token indices revived at this step, per row
     revived_mask: torch.Tensor | None = None  # DSTP, while decoding: [B, Nmax] the window's revived set
+    selected_mask: torch.Tensor | None = None  # VisionPulse: [B, Nmax] the visual tokens read at layers >= anchor
 
 
 @dataclass
@@ -42,6 +43,8 @@ class Trace:
             if s.similarity is not None:
                 rec.update(similarity=float(s.similarity[b]), shift=bool(s.shift[b]), active=int(s.active[b]),
                            revived=s.revived[b] if s.revived else [])
+            if s.selected_mask is not None:
+                rec["selected"] = torch.nonzero(s.selected_mask[b]).flatten().tolist()
             out.append(rec)
         rec = {"n_visual": self.n_visual[b], "kept": self.kept[b], "prune_layer": self.prune_layer, "steps": out}
         if len(self.stages) > 1:

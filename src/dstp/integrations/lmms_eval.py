@@ -69,6 +69,13 @@ MODEL_ARGS = {
     "probe_layer": ("int", "DSTPConfig.probe_layer"),
     "max_revived": ("int", "DSTPConfig.max_revived"),
     "variant": ("str", "DSTPConfig.variant"),
+    "policy": ("str", "decode-time policy: none, dstp (as dstp=true) or visionpulse (no pruner)"),
+    "visionpulse_setting": ("str", "VisionPulse's authors' setting: 10pct (default) or 5pct"),
+    "anchor_layer": ("int", "VisionPulseConfig.anchor_layer"),
+    "visual_mass_tau": ("float", "VisionPulseConfig.visual_mass_tau"),
+    "budget_min": ("float", "VisionPulseConfig.budget_min, in (0, 1]"),
+    "budget_max": ("float", "VisionPulseConfig.budget_max, in (0, 1]"),
+    "fixed_budget": ("float", "VisionPulseConfig.fixed_budget, in (0, 1]"),
     "dtype": ("str", "dstp.load(dtype=): auto, bfloat16, float16, float32"),
     "device": ("str", "dstp.load(device=) (default: cuda if present, else cpu; each process's own under accelerate)"),
     "compile": ("bool", "dstp.load(compile=): the decoding step under torch.compile (CUDA graphs on CUDA)"),
@@ -81,6 +88,7 @@ MODEL_ARGS = {
 }
 PRUNE_FIELDS = {"prune_layer": "layer", "contextual_fraction": "contextual_fraction"}
 DSTP_FIELDS = ("tau", "window", "source", "probe_layer", "max_revived", "variant")
+VISIONPULSE_FIELDS = ("anchor_layer", "visual_mass_tau", "budget_min", "budget_max", "fixed_budget")
 
 
 # ---- model_args ----------------------------------------------------------------------------------------------
@@ -88,7 +96,7 @@ DSTP_FIELDS = ("tau", "window", "source", "probe_layer", "max_revived", "variant
 class Settings:
     pretrained: str
     prune: dstp.PruneConfig | None
-    shift: dstp.DSTPConfig | None
+    shift: dstp.DSTPConfig | dstp.VisionPulseConfig | None
     dtype: str
     device: str | None
     batch_size: int
@@ -148,7 +156,25 @@ def parse_model_args(args: dict) -> Settings:
         if "seed" in a:
             fields["seed"] = a["seed"]
         prune = dstp.PruneConfig(method=method, retention=a["retention"], **fields)
-    if a.get("dstp", False):
+    policy = a.get("policy", "dstp" if a.get("dstp", False) else "none").strip().lower()
+    if policy not in ("none", "dstp", "visionpulse"):
+        raise ConfigError(f"unknown decode-time policy {policy!r}; known: none, dstp, visionpulse")
+    if a.get("dstp", False) and policy != "dstp":
+        raise ConfigError(f"dstp=true and policy={policy} disagree: pick one")
+    vp_stray = [k for k in ("visionpulse_setting", *VISIONPULSE_FIELDS) if k in a]
+    if policy == "visionpulse":
+        if prune is not None:
+            raise ConfigError(f"policy=visionpulse selects among every visual token the unpruned prefill keeps; its "
+                              f"rule has no prefill pruner: drop prune={method}")
+        fields = {k: a[k] for k in VISIONPULSE_FIELDS if k in a}
+        shift = dstp.VisionPulseConfig.setting(a.get("visionpulse_setting", "10pct"), **fields)
+    elif vp_stray:
+        raise ConfigError(f"{vp_stray[0]}={a[vp_stray[0]]} is a VisionPulse setting: add policy=visionpulse")
+    if policy == "visionpulse":
+        stray = [k for k in DSTP_FIELDS if k in a]
+        if stray:
+            raise ConfigError(f"{stray[0]}={a[stray[0]]} is a DSTP setting, not VisionPulse's")
+    elif policy == "dstp":
         if prune is None:
             raise ConfigError("dstp=true needs a base pruner: add prune=METHOD,retention=R")
         shift = dstp.DSTPConfig(**{k: a[k] for k in DSTP_FIELDS if k in a})

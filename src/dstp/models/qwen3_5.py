@@ -39,6 +39,10 @@ class Qwen35Adapter(Qwen25VLAdapter):
         types = list(text.layer_types)
         name = cls.family
         full = [i for i, t in enumerate(types) if t != LINEAR]
+        if policy_config is not None and not hasattr(policy_config, "source"):  # VisionPulse (docs/hybrid.md)
+            raise ConfigError(f"VisionPulse is not supported on {name}: its step reads a subset of every later "
+                              f"layer's visual K/V, and its linear-attention layers keep a recurrent state instead "
+                              f"(docs/hybrid.md)")
         if policy_config is not None and policy_config.source != "store":
             raise ConfigError(f"DSTP (source {policy_config.source!r}) is not supported on {name}: a revived token "
                               f"cannot enter its linear-attention layers' recurrent state without rerunning every "

@@ -155,8 +155,45 @@ def plot_success_by_events(records, path, retention=0.333):
     return path
 
 
+def plot_accuracy_vs_visual_tokens(records, path):
+    """Accuracy against the visual tokens attended per decoding step, per task: the unpruned model, each pruner
+    (vanilla and + DSTP) over its retentions, and VisionPulse at each setting (on the unpruned prefill)."""
+    vp = [r for r in records if r["shift"] == "visionpulse"]
+    if not vp:
+        return None
+    tasks = sorted({r["task"] for r in records})
+    styles = _styles({r["method"] for r in records if r["method"] != "none"})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in records:
+            if r["task"] == task and r["method"] == "none" and r["shift"] == "none":
+                ax.scatter([r["visual_tokens_per_step"]], [r["accuracy"]], color="black", marker="*", s=140,
+                           zorder=3, label="unpruned")
+        for (m, s), rs in _pruned_groups(records, task).items():
+            color, marker = styles[m]
+            ax.plot([r["visual_tokens_per_step"] for r in rs], [r["accuracy"] for r in rs], color=color,
+                    marker=marker, ms=5, lw=1.3, label=_label(m, s), **_series_style(s))
+        mine = sorted((r for r in vp if r["task"] == task), key=lambda r: r["visual_tokens_per_step"])
+        ax.plot([r["visual_tokens_per_step"] for r in mine], [r["accuracy"] for r in mine], color="crimson",
+                marker="P", ms=8, lw=1.3, ls="-.", label="VisionPulse (" + ", ".join(r["setting"] for r in mine) + ")")
+        ax.set_xscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("visual tokens attended per decoding step")
+        ax.set_ylabel("exact-answer accuracy")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    _legend_outside(fig, axes[0])
+    fig.suptitle("ShiftBench: accuracy vs visual tokens per step (DSTP on pruners, VisionPulse on the full prefill)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def plot_all(records, out) -> list[str]:
-    paths = [plot_accuracy_vs_retention(records, os.path.join(out, "accuracy_vs_retention.png")),
-             plot_accuracy_vs_flops(records, os.path.join(out, "accuracy_vs_gflops.png")),
-             plot_success_by_events(records, os.path.join(out, "success_by_rvis_events.png"))]
+    pruned = [r for r in records if r["shift"] != "visionpulse"]  # the retention plots: pruners and unpruned
+    paths = [plot_accuracy_vs_retention(pruned, os.path.join(out, "accuracy_vs_retention.png")),
+             plot_accuracy_vs_flops(pruned, os.path.join(out, "accuracy_vs_gflops.png")),
+             plot_success_by_events(pruned, os.path.join(out, "success_by_rvis_events.png")),
+             plot_accuracy_vs_visual_tokens(records, os.path.join(out, "accuracy_vs_visual_tokens.png"))]
     return [p for p in paths if p]

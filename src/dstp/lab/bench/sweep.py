@@ -17,10 +17,12 @@ from rich.table import Table
 
 import dstp
 from dstp.api import Pipeline
-from dstp.config import DSTPConfig, GenerationConfig, PruneConfig, check_retention
+from dstp.config import DSTPConfig, GenerationConfig, PruneConfig, VisionPulseConfig, check_retention
 from dstp.errors import ConfigError
 from dstp.lab.shiftbench import check_answer, default_checkpoint_dir, generate_samples
+from dstp.policy import check_policy, make_policy
 from dstp.pruners import PRUNERS, get_pruner
+from dstp.visionpulse import check_anchor
 from dstp.rvis import events, relevance, shift_curve
 
 DEFAULT_METHODS = ("fastv", "divprune", "visionzip", "cdpruner", "sparsevlm", "pyramiddrop", "random", "oracle")
@@ -38,6 +40,10 @@ class BenchConfig:
     batch_size: int = 32
     dstp: DSTPConfig = field(default_factory=DSTPConfig)
     shifts: tuple[str, ...] = ("none", "dstp")  # what to run on top of each pruner
+    # decode-time policies compared: dstp runs on top of each pruner; visionpulse on the unpruned prefill (its rule
+    # has no prefill pruner), at each of its authors' settings
+    policies: tuple[str, ...] = ("dstp",)
+    visionpulse_settings: tuple[str, ...] = ("10pct", "5pct")
     include_unpruned: bool = True
     # prune point K of the in-LLM pruners (FastV, SparseVLM); None: their default, depth-scaled (K=1 of ShiftBench's 16)
     prune_layer: int | None = None
@@ -60,7 +66,8 @@ def _variants(cfg: BenchConfig) -> list[tuple[str, str, DSTPConfig | None]]:
         if s == "none":
             out.append(("none", "vanilla", None))
         elif s == "dstp":
-            out.append(("dstp", "+DSTP", cfg.dstp))
+            if "dstp" in cfg.policies:
+                out.append(("dstp", "+DSTP", cfg.dstp))
         else:
             raise ConfigError(f"unknown shift {s!r}")
     return out
@@ -105,7 +112,7 @@ def run_config(pipe: Pipeline, data: TaskData, prune: PruneConfig | None, shift:
             steps = tr.steps[: max(0, tr.new_tokens[b] - 1)]
             vis.append(float(np.mean([int(st.visual_attended[b]) for st in steps])) if steps else
                        float(len(tr.kept[b]) if tr.kept[b] else tr.n_visual[b]))
-            if shift is not None:
+            if isinstance(shift, DSTPConfig):
                 shifts_per_answer.append(sum(bool(st.shift[b]) for st in steps))
         prefill_flops += tr.prefill_flops
         decode_flops += tr.decode_flops
@@ -156,6 +163,10 @@ def check_config(cfg: BenchConfig) -> None:
             raise ConfigError(f"unknown method {m!r}; known: none, {', '.join(sorted(PRUNERS))}")
     for r in cfg.retentions:
         check_retention(r)
+    for p in cfg.policies:
+        check_policy(p)
+    for name in cfg.visionpulse_settings:
+        VisionPulseConfig.setting(name)
     if cfg.n < 1 or cfg.batch_size < 1:
         raise ConfigError(f"--n and --batch-size must be >= 1, got {cfg.n} and {cfg.batch_size}")
 
@@ -168,6 +179,8 @@ def check_model(pipe: Pipeline, cfg: BenchConfig) -> None:
     for m in cfg.methods:
         if m != "none":
             get_pruner(_prune_config(cfg, m, cfg.retentions[0]), pipe.adapter.n_layers)
+    if "visionpulse" in cfg.policies:
+        make_policy(VisionPulseConfig(), None, pipe.adapter.n_layers)
 
 
 def _prune_config(cfg: BenchConfig, method: str, retention: float) -> PruneConfig:
@@ -179,7 +192,12 @@ def _jobs(cfg: BenchConfig) -> list[tuple]:
     """(task, method or None, variant or None, retention) for every run, the unpruned ones first."""
     methods = [m for m in cfg.methods if m != "none"]
     jobs = [(t, None, None, 1.0) for t in cfg.tasks] if cfg.include_unpruned or not methods else []
-    return jobs + [(t, m, v, r) for t in cfg.tasks for m in methods for v in _variants(cfg) for r in cfg.retentions]
+    jobs += [(t, m, v, r) for t in cfg.tasks for m in methods for v in _variants(cfg) for r in cfg.retentions]
+    if "visionpulse" in cfg.policies:  # retention: the setting's largest budget per step
+        for name in cfg.visionpulse_settings:
+            vp = VisionPulseConfig.setting(name)
+            jobs += [(t, None, ("visionpulse", f"VisionPulse {name}", vp), vp.budget_max) for t in cfg.tasks]
+    return jobs
 
 
 def run_bench(cfg: BenchConfig, console: Console | None = None, pipe: Pipeline | None = None,
@@ -215,7 +233,7 @@ def _run_job(pipe: Pipeline, d: TaskData, cfg: BenchConfig, method, variant, ret
     shift_name = "none" if variant is None else variant[0]
     prune = _prune_config(cfg, method, retention) if method else None
     out = run_config(pipe, d, prune, None if variant is None else variant[2], cfg.seed)
-    if method is None:
+    if method is None and variant is None:
         rvis_events(pipe, d, out["texts"])
     rec = dict(task=d.task, method=method or "none", shift=shift_name, retention=retention, n=len(d.samples),
                accuracy=out["accuracy"], rvis_events_mean=float(np.mean(d.events)) if d.events else None,
@@ -226,8 +244,12 @@ def _run_job(pipe: Pipeline, d: TaskData, cfg: BenchConfig, method, variant, ret
                seed=cfg.seed, correct=out["correct"], events=d.events,
                hops=[s.hops for s in d.samples], prune_layer=None if method is None else
                get_pruner(prune, pipe.adapter.n_layers).layer)
-    if variant is not None and variant[2] is not None:
+    if variant is not None and isinstance(variant[2], DSTPConfig):
         rec["dstp"] = asdict(variant[2])
+    if variant is not None and isinstance(variant[2], VisionPulseConfig):
+        rec["visionpulse"] = asdict(variant[2])
+        rec["setting"] = variant[1].split()[-1]
+        rec["anchor_layer"] = check_anchor(variant[2], pipe.adapter.n_layers)
     return rec
 
 
@@ -252,7 +274,7 @@ def markdown(records: list[dict]) -> str:
     lines = ["| task | method | shift | " + "".join(f"{100 * r:.1f}% | " for r in rets)
              + f"GFLOPs/sample at {100 * mid:.1f}% |", "|---|---|---|" + "---|" * (len(rets) + 1)]
     for r in records:
-        if r["method"] == "none":
+        if r["method"] == "none" and r["shift"] == "none":
             lines.append(f"| {r['task']} | unpruned | - | " + "".join(f"{r['accuracy']:.3f} | " for _ in rets)
                          + f"{_gflops(r)} |")
     groups: dict = {}
@@ -262,6 +284,20 @@ def markdown(records: list[dict]) -> str:
     for (task, method, shift), by in groups.items():
         cells = "".join(f"{by[x]['accuracy']:.3f} | " if x in by else "- | " for x in rets)
         lines.append(f"| {task} | {method} | {shift} | {cells}{_gflops(by[mid]) if mid in by else '-'} |")
+    return "\n".join(lines) + "\n" + policy_markdown(records)
+
+
+def policy_markdown(records: list[dict]) -> str:
+    """Every record by visual tokens attended per decoding step (the axis DSTP and VisionPulse are compared on)."""
+    if not any(r["shift"] == "visionpulse" for r in records):
+        return ""
+    lines = ["", "| task | method | policy | retention | visual tokens/step | accuracy | GFLOPs/sample |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(records, key=lambda r: (r["task"], r["visual_tokens_per_step"])):
+        policy = f"visionpulse {r['setting']}" if r["shift"] == "visionpulse" else r["shift"]
+        method = "unpruned" if r["method"] == "none" else r["method"]
+        lines.append(f"| {r['task']} | {method} | {policy} | {100 * r['retention']:.1f}% | "
+                     f"{r['visual_tokens_per_step']:.1f} | {r['accuracy']:.3f} | {_gflops(r)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -35,6 +35,9 @@ def add_parser(sub) -> None:
     b.add_argument("--quick", action="store_true",
                    help="a one-minute version: --n 24 --methods fastv,divprune --retentions 0.333 (flags given "
                         "override these), written to results/quick/")
+    b.add_argument("--policies", type=csv_list, default=None,
+                   help="decode-time policies compared (default dstp): dstp on top of each pruner, visionpulse on the "
+                        "unpruned prefill at its authors' 10pct and 5pct settings")
     b.add_argument("--ablation", action="store_true", help="DSTP variants and tau/window sweeps on walk at 33.3%%")
     b.set_defaults(run=run)
 
@@ -51,7 +54,8 @@ def bench_config(args) -> BenchConfig:
         bad = [t for t in args.tasks if t not in TASKS]
         if bad:
             raise ConfigError(f"unknown task {bad[0]!r}; known: {', '.join(TASKS)}")
-    explicit = dict(methods=args.methods, tasks=args.tasks, retentions=args.retentions, n=args.n)
+    explicit = dict(methods=args.methods, tasks=args.tasks, retentions=args.retentions, n=args.n,
+                    policies=args.policies)
     cfg = replace(cfg, **{k: tuple(v) if isinstance(v, list) else v for k, v in explicit.items() if v is not None})
     check_config(cfg)
     check_flag_combinations(args, cfg)
@@ -77,6 +81,10 @@ def check_flag_combinations(args, cfg: BenchConfig) -> None:
                           f"--methods {','.join(methods)}")
     if not methods and args.retentions is not None:
         raise ConfigError("--retentions has no effect with --methods none (unpruned runs keep every token)")
+    if args.policies is not None and args.ablation:
+        raise ConfigError("--ablation compares DSTP's own variants; --policies has no effect there")
+    if args.policies is not None and "dstp" in cfg.policies and not methods:
+        raise ConfigError("--policies dstp runs DSTP on top of pruners: --methods needs at least one pruner")
     if not methods and args.ablation:
         raise ConfigError("--ablation compares DSTP variants on pruners: --methods needs at least one pruner")
     inside = [m for m in methods if PRUNERS[m].default_layer > 0]

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 
 import dstp
-from dstp.config import DSTPConfig, PruneConfig
+from dstp.config import DSTPConfig, PruneConfig, VisionPulseConfig
 from dstp.errors import ConfigError, InputError
 from dstp.lab.cli.common import default_model, open_image
 from dstp.lab.shiftbench.inputs import relevant_mask
+from dstp.policy import check_policy
 from dstp.pruners import check_method
 
 
@@ -28,6 +29,11 @@ def add_parser(sub) -> None:
     g.add_argument("--tau", type=float, default=None, help="DSTP shift threshold (needs --dstp; default 0.75)")
     g.add_argument("--window", type=int, default=None, help="DSTP revival window (needs --dstp; default 20)")
     g.add_argument("--source", default=None, help="DSTP revived K/V: recompute or store (needs --dstp)")
+    g.add_argument("--policy", default=None, help="decode-time policy: dstp (as --dstp) or visionpulse (no --prune)")
+    g.add_argument("--visionpulse-setting", default=None, help="VisionPulse's authors' setting: 10pct (default), 5pct")
+    g.add_argument("--anchor-layer", type=int, default=None,
+                   help="VisionPulse anchor layer (default: 17 of 36, depth-scaled)")
+    g.add_argument("--fixed-budget", type=float, default=None, help="VisionPulse constant budget in (0, 1]")
     g.add_argument("--dtype", default="auto", help="auto, bfloat16, float16, float32")
     g.add_argument("--device", default="cpu")
     g.add_argument("--max-new-tokens", type=int, default=64)
@@ -36,8 +42,27 @@ def add_parser(sub) -> None:
     g.set_defaults(run=run)
 
 
-def configs(args) -> tuple[PruneConfig | None, DSTPConfig | None]:
-    """PruneConfig / DSTPConfig from the flags; a flag without the option it belongs to is an error."""
+def configs(args) -> tuple[PruneConfig | None, DSTPConfig | VisionPulseConfig | None]:
+    """PruneConfig / the decode-time policy's config from the flags; a flag without the option it belongs to is an
+    error."""
+    vp = {"anchor_layer": args.anchor_layer, "fixed_budget": args.fixed_budget}
+    if args.policy is not None:
+        check_policy(args.policy)
+        if args.dstp and args.policy != "dstp":
+            raise ConfigError(f"--dstp and --policy {args.policy} disagree: pick one")
+        args.dstp = args.policy == "dstp"
+    if args.policy == "visionpulse":
+        if args.prune is not None:
+            raise ConfigError("VisionPulse's rule has no prefill pruner: drop --prune")
+        for flag, value in (("--tau", args.tau), ("--window", args.window), ("--source", args.source)):
+            if value is not None:
+                raise ConfigError(f"{flag} is a DSTP setting, not VisionPulse's")
+        setting = args.visionpulse_setting or "10pct"
+        return None, VisionPulseConfig.setting(setting, **{k: v for k, v in vp.items() if v is not None})
+    for flag, value in (("--visionpulse-setting", args.visionpulse_setting), ("--anchor-layer", args.anchor_layer),
+                        ("--fixed-budget", args.fixed_budget)):
+        if value is not None:
+            raise ConfigError(f"{flag} needs --policy visionpulse")
     if args.prune is None:
         for flag, value in (("--retention", args.retention), ("--layer", args.layer)):
             if value is not None:

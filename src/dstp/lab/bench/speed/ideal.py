@@ -12,7 +12,8 @@ from dstp.lab.bench.speed.config import SpeedConfig
 def decode_bytes(cfg: SpeedConfig, adapter, engine, trace, source: str | None) -> float:
     """Bytes a run's decoding steps need: per step the weights once (shared by the batch) and, per row, the K/V
     slots it attends (layers < P: every prompt token and the generated ones; layers >= P: text, the active visual
-    set, generated ones); per step that revives, for `recompute`, the weights of layers >= P once more."""
+    set, generated ones; VisionPulse: P is its anchor layer, and it reads the anchor's keys of every slot once to
+    select); per step that revives, for `recompute`, the weights of layers >= P once more."""
     a, L, B = adapter, cfg.layers, cfg.batch
     eb = torch.finfo(a.dtype).bits // 8
     slot = 2 * a.n_kv_heads * a.head_dim * eb
@@ -26,6 +27,8 @@ def decode_bytes(cfg: SpeedConfig, adapter, engine, trace, source: str | None) -
         seen = t + 1  # generated tokens in the cache, this one included
         for b in range(B):
             total += slot * (P * (T + seen) + (L - P) * (T - N + int(step.visual_attended[b]) + seen))
+            if step.selected_mask is not None:  # VisionPulse selects from the anchor layer's keys of every slot
+                total += slot // 2 * (T + seen)
         if source is not None and step.revived is not None:
             revived = sum(len(r) for r in step.revived)
             if source == "recompute" and revived:

@@ -20,6 +20,7 @@ def profile_run(fn, path: str, engine, policy):
 
     labels = [(engine, "prefill", "engine.prefill"), (engine, "decode_step", "engine.decode_step"),
               (policy, "step", "dstp.step"), (policy, "_recompute", "dstp.recompute")]
+    labels = [(obj, attr, name) for obj, attr, name in labels if hasattr(obj, attr)]  # VisionPulse: no recompute
     for obj, attr, name in labels:
         label(obj, attr, name)
     cuda = torch.cuda.is_available()

@@ -1,6 +1,7 @@
 """The rows of `dstp speed` (ROWS), every row of a scenario (`run_scenario`) and the whole command's result
-(`run_speed`): the transformers baselines (baselines.py) and the engine unpruned, FastV and FastV + DSTP with each
-source, each timed, its peak memory measured and its decode time set against the byte-proportional ideal."""
+(`run_speed`): the transformers baselines (baselines.py) and the engine unpruned, FastV, FastV + DSTP with each
+source and VisionPulse (its authors' 10% setting, reading the selected tokens' K/V gathered), each timed, its peak
+memory measured and its decode time set against the byte-proportional ideal."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from dstp.api import first_line, resolve_device, resolve_dtype
-from dstp.config import DSTPConfig, EngineConfig, GenerationConfig, PruneConfig
+from dstp.config import DSTPConfig, EngineConfig, GenerationConfig, PruneConfig, VisionPulseConfig
 from dstp.engine.engine import Engine
 from dstp.engine.step_compiler import check_backend
 from dstp.errors import ConfigError
@@ -29,11 +30,11 @@ from dstp.lab.bench.speed.real import REAL_IMAGE, build_real_batch, build_real_m
 from dstp.lab.bench.speed.report import targets
 from dstp.lab.bench.speed.syncs import count_host_syncs
 from dstp.models.registry import adapter_for_model
+from dstp.policy import make_policy
 from dstp.pruners import get_pruner
 from dstp.pruners.base import budget
-from dstp.shift import ShiftPolicy
 
-ENGINE_ROWS = ("engine_unpruned", "fastv", "fastv_dstp_store", "fastv_dstp_recompute")
+ENGINE_ROWS = ("engine_unpruned", "fastv", "fastv_dstp_store", "fastv_dstp_recompute", "visionpulse")
 # transformers' generate() (dynamic cache, eager; static cache, compiled), then the engine's rows eager and compiled
 ROWS = ("hf_generate", "hf_generate_static", *ENGINE_ROWS, *(f"{name}_compiled" for name in ENGINE_ROWS))
 
@@ -50,7 +51,8 @@ def engine_run(adapter, engine, batch, gen, pruner, policy, retention, device):
 
 
 def engine_variants(cfg: SpeedConfig, n_layers: int) -> dict:
-    """Row name -> (pruner, DSTPConfig) of the engine rows."""
+    """Row name -> (pruner, decode-time policy config) of the engine rows. VisionPulse: its authors' 10% setting on
+    the unpruned prefill."""
     fastv = get_pruner(PruneConfig(method="fastv", retention=cfg.retention, layer=cfg.prune_layer), n_layers)
     dstp = dict(force_every=cfg.shift_every, window=cfg.window, variant="random")
     # recompute keeps at most one shift's revived tokens (k); unbounded, random targets would soon have computed
@@ -58,7 +60,8 @@ def engine_variants(cfg: SpeedConfig, n_layers: int) -> dict:
     k = int(budget(torch.tensor([cfg.visual_tokens]), cfg.retention))
     return {"engine_unpruned": (None, None), "fastv": (fastv, None),
             "fastv_dstp_store": (fastv, DSTPConfig(source="store", **dstp)),
-            "fastv_dstp_recompute": (fastv, DSTPConfig(source="recompute", cache_tokens=k, **dstp))}
+            "fastv_dstp_recompute": (fastv, DSTPConfig(source="recompute", cache_tokens=k, **dstp)),
+            "visionpulse": (None, VisionPulseConfig.setting("10pct"))}
 
 
 @torch.no_grad()
@@ -92,7 +95,7 @@ def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=Fals
             reported, policy = hf_cache_bytes(cfg, static, dtype), None
         else:
             pruner, shift = variants[name.removesuffix("_compiled")]
-            policy = ShiftPolicy(shift, pruner.layer) if shift is not None else None
+            policy = make_policy(shift, pruner, adapter.n_layers) if shift is not None else None
             if compiled:  # a fresh compile per row: its first (tracked) run is the warm-up
                 torch._dynamo.reset()
                 engine = Engine(adapter, EngineConfig(compile=True, compile_backend=compile_backend))
@@ -141,7 +144,7 @@ def run_scenario(cfg: SpeedConfig, device, dtype, progress=None, sync_debug=Fals
         if trace is not None:
             row.update(memory_bytes=trace.memory_bytes, prefill_flops=trace.prefill_flops,
                        decode_flops=trace.decode_flops,
-                       decode_bytes=decode_bytes(cfg, adapter, engine, trace, shift and shift.source),
+                       decode_bytes=decode_bytes(cfg, adapter, engine, trace, getattr(shift, "source", None)),
                        visual_tokens_per_step=sum(float(s.visual_attended.float().mean()) for s in trace.steps)
                        / max(1, len(trace.steps)))
             if sync_debug and not compiled:  # the counter sees eager ops; the compiled step is the same code
