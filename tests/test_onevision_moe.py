@@ -43,7 +43,7 @@ def test_every_pruner_with_dstp_runs(family, source):
     depends on its scores, which are near-uniform on a random model)."""
     name, adapter, engine, prepared = family
     n, revived = prepared.n_visual, 0
-    for method in sorted(PRUNERS):
+    for method in sorted(m for m in PRUNERS if not PRUNERS[m].video_only):  # evs: tests/test_evs.py
         pruner = get_pruner(PruneConfig(method, 0.3, seed=1), adapter.n_layers)
         policy = ShiftPolicy(DSTPConfig(force_every=2, window=3, source=source), pruner.layer)
         out = engine.generate(prepared, GenerationConfig(max_new_tokens=5), pruner=pruner, shift=policy,

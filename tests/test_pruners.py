@@ -20,7 +20,7 @@ from dstp.pruners.divprune import max_min_diverse
 from dstp.models.vision import VisionInternals, consecutive_slots, pad_views
 from dstp.lab.bench import tiny_models as tm
 
-METHODS = sorted(m for m in PRUNERS if m != "evs")  # evs prunes video tokens only: tests/test_evs.py
+METHODS = sorted(m for m in PRUNERS if not PRUNERS[m].video_only)  # evs: tests/test_evs.py
 SINGLE_STAGE = [m for m in METHODS if not PRUNERS[m].multi_stage]  # multi-stage rules: test_pruner_rules_sparse.py
 D = 8
 

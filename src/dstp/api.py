@@ -65,7 +65,7 @@ class Pipeline:
 
     def embed(self, batch, vision_scores: bool | None = None):
         check_prompt_length(batch, self.adapter)
-        if getattr(self.pruner, "video_only", False) and video_tokens(batch, self.adapter) == 0:
+        if self.pruner is not None and self.pruner.video_only and video_tokens(batch, self.adapter) == 0:
             raise ConfigError(f"{self.pruner.name} prunes video tokens only (frame against frame) and these inputs "
                               f"hold no video; use another method for images")
         wanted = self.needs_vision_scores if vision_scores is None else vision_scores

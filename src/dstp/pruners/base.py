@@ -61,6 +61,7 @@ class Pruner:
     default_layer: int = 0  # of a 32-layer model; scaled to the model's depth (depth_scaled_layer)
     needs: tuple[str, ...] = ()
     multi_stage: bool = False  # True: `stage_layers` is set, `select` runs once per stage
+    video_only: bool = False  # True: it prunes video tokens only (evs); a batch without video is refused
     stage_layers: tuple[int, ...] | None = None  # multi-stage pruners: the prune points, `layer` the first
 
     def __init__(self, config: PruneConfig, n_layers: int):
