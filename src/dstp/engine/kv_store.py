@@ -26,10 +26,15 @@ NEVER = torch.iinfo(torch.long).max  # order tag of an empty slot
 GROW_CHUNK = 256  # slots added per growth step
 
 
-def allowed_keys(order: torch.Tensor, valid: torch.Tensor, query_order: torch.Tensor) -> torch.Tensor:
+def allowed_keys(order: torch.Tensor, valid: torch.Tensor, query_order: torch.Tensor,
+                 window: int | None = None) -> torch.Tensor:
     """Boolean attention mask [B, 1, Tq, S] of queries at original indices `query_order` [B, Tq] over keys tagged
-    `order` [B, S]: the valid keys at or before each query's index."""
+    `order` [B, S]: the valid keys at or before each query's index (and, with a sliding `window`, after its index
+    - window: original indices, so a pruned or revived token is in a query's window exactly when it would be in
+    the unpruned run)."""
     allowed = valid[:, None, :] & (order[:, None, :] <= query_order[:, :, None])
+    if window is not None:
+        allowed &= order[:, None, :] > query_order[:, :, None] - window
     # A padding query sees nothing; let it see itself so no row is all -inf (NaN would leak into V).
     allowed |= order[:, None, :] == query_order[:, :, None]
     return allowed[:, None]
@@ -90,9 +95,9 @@ class KVStore:
     def scatter_view(self, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own") -> "ScatterView":
         return ScatterView(self, slots, rows, returns)
 
-    def mask_upto(self, end: int, query_order: torch.Tensor) -> torch.Tensor:
-        """Mask [B, 1, Tq, end] of queries over slots [0, end)."""
-        return allowed_keys(self.order[:, :end], self.valid[:, :end], query_order)
+    def mask_upto(self, end: int, query_order: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """Mask [B, 1, Tq, end] of queries over slots [0, end) (within a sliding `window`, if given)."""
+        return allowed_keys(self.order[:, :end], self.valid[:, :end], query_order, window)
 
     def plain_causal(self, start: int, query_order: torch.Tensor) -> bool:
         """True when the queries fill every slot attention reads, in increasing order with no padding: then a plain
@@ -148,10 +153,13 @@ class KVStore:
         self.valid.index_fill_(1, slot, True)
         return SlotView(self, slot, self.capacity if end is None else end)
 
-    def decode_mask(self, end: int | None = None) -> torch.Tensor:
+    def decode_mask(self, end: int | None = None, query_order: torch.Tensor | None = None,
+                    window: int | None = None) -> torch.Tensor:
         """[B, 1, 1, end]: what one new token per row attends to among slots [0, end), every valid one (all of
-        them come before it)."""
-        return self.valid[:, None, None, :end]
+        them come before it); with a sliding `window`, only those tagged after `query_order` [B, 1] - window."""
+        if window is None:
+            return self.valid[:, None, None, :end]
+        return (self.valid[:, :end] & (self.order[:, :end] > query_order - window))[:, None, None, :]
 
     def reads_all(self, end: int | None) -> bool:
         """True when a decoding step reading slots [0, end) may attend to every one of them without a mask: the end
@@ -184,13 +192,15 @@ class KVStore:
     def prompt_tags(self, n: int) -> torch.Tensor:
         return self.order[:, self.reserve:self.reserve + n]
 
-    def prompt_mask(self, query_order: torch.Tensor, prompt_valid: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    def prompt_mask(self, query_order: torch.Tensor, prompt_valid: torch.Tensor, own: torch.Tensor,
+                    window: int | None = None) -> torch.Tensor:
         """Mask [B, 1, Q, capacity] of queries at original indices `query_order` [B, Q] that attend causally to the
-        prompt slots valid in `prompt_valid` [B, n] (the first n front slots) and to their own slot `own` [B, Q]."""
+        prompt slots valid in `prompt_valid` [B, n] (the first n front slots; within a sliding `window`, if given)
+        and to their own slot `own` [B, Q]."""
         keys_valid = torch.zeros_like(self.valid)
         keys_valid[:, self.front:self.front + prompt_valid.shape[1]] = prompt_valid
         slot = torch.arange(self.capacity, device=own.device)[None, None, :] == own[:, :, None]
-        return allowed_keys(self.order, keys_valid, query_order) | slot[:, None]
+        return allowed_keys(self.order, keys_valid, query_order, window) | slot[:, None]
 
     def reserve_nbytes(self) -> tuple[int, int]:
         """(bytes of the front, bytes of the reserve) as allocated: the slot axis divides every buffer."""

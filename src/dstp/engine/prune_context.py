@@ -124,6 +124,9 @@ class PruneContext:
         scores = (q.float() @ k.float().transpose(-1, -2)) * a.attention_scale(self.layer)
         order, valid = self._slot_order, self._slot_valid
         allowed = valid[:, None, None, :] & (order[:, None, None, :] <= query_pos[:, None, :, None])
+        window = a.sliding_window(self.layer)
+        if window is not None:
+            allowed &= order[:, None, None, :] > query_pos[:, None, :, None] - window
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
         return self._to_positions(probs, order)
 

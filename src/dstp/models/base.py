@@ -11,6 +11,7 @@ Families with extra per-layer inputs (Qwen3-VL's DeepStack) override `after_laye
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -197,6 +198,27 @@ class Adapter:
     def decode_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
         """Position ids `[B, 1]` (or `[3, B, 1]`) for one new token per row at `positions` `[B]`."""
         return positions[:, None]
+
+    def sliding_window(self, layer_idx: int) -> int | None:
+        """The window of layer `layer_idx` if it is a sliding-window layer (a key at original index k is seen by a
+        query at index q when q - window < k <= q, as transformers' `sliding_window_overlay`), else None. From the
+        text config: `layer_types[i] == "sliding_attention"` (Qwen2/Qwen3 with `use_sliding_window`, Gemma), or
+        every layer when `sliding_window` is set without `layer_types` (Mistral)."""
+        cfg = self.text_config
+        window = getattr(cfg, "sliding_window", None)
+        if not window:
+            return None
+        types = getattr(cfg, "layer_types", None)
+        return window if types is None or types[layer_idx] == "sliding_attention" else None
+
+    @cached_property
+    def window(self) -> int | None:
+        """The sliding window of the model's sliding layers (one size per model), None if it has none."""
+        sizes = {w for w in map(self.sliding_window, range(self.n_layers)) if w is not None}
+        if len(sizes) > 1:
+            raise InputError(f"this model's sliding-window layers use several window sizes {sorted(sizes)}; dstp "
+                             f"supports one per model")
+        return sizes.pop() if sizes else None
 
     def rotary(self, x: torch.Tensor, position_ids: torch.Tensor):
         return self.language_model.rotary_emb(x, position_ids)
