@@ -99,10 +99,15 @@ def llava_next_batch(image_sizes: list[tuple[int, int]], prefix: list[int], suff
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
 
 
-def tiny_qwen2_5_vl(seed: int = 0, layers: int = 4):
+def sliding(window: int | None) -> dict:
+    """Qwen2/Qwen3 text-config keys for a sliding window on every layer but the first (None: none)."""
+    return {} if window is None else dict(use_sliding_window=True, sliding_window=window, max_window_layers=1)
+
+
+def tiny_qwen2_5_vl(seed: int = 0, layers: int = 4, window: int | None = None):
     cfg = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **sliding(window),
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
@@ -164,13 +169,13 @@ def qwen3_vl_batch(grids: list[tuple[int, int]], prefix: list[int], suffix: int 
     return qwen_batch(grids, prefix, suffix, seed)
 
 
-def tiny_internvl(seed: int = 0, layers: int = 4):
+def tiny_internvl(seed: int = 0, layers: int = 4, window: int | None = None):
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   image_size=32, patch_size=4)
     text = dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                 max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, **sliding(window))
     cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                          image_seq_length=INTERNVL_TILE_TOKENS, downsample_ratio=0.5,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
