@@ -340,7 +340,8 @@ class ShiftPolicy:
             attention = Attention(mask=mask)
             if adapter.window is not None:  # sliding layers: the prompt slots in the token's window (original index)
                 attention = attention.with_sliding(Attention(
-                    mask=s.prompt_mask(order, base, slots, adapter.window) | ~live[:, None, :, None]))
+                    mask=s.prompt_mask(order, base, slots, adapter.window, state.prepared.attention_blocks)
+                    | ~live[:, None, :, None]))
             h, _ = run_layers(adapter, stage.layers, h, attention, cos, sin,
                               s.scatter_view(slots, rows=live, returns="all"), torch.where(live, pos, -1),
                               state.prepared.extras)

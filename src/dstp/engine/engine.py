@@ -93,23 +93,24 @@ def prune_points(pruner) -> tuple[int, ...]:
     return points
 
 
-def prefill_attention(store: KVStore, start: int, query_order: torch.Tensor,
-                      window: int | None = None) -> tuple[Attention, int]:
+def prefill_attention(store: KVStore, start: int, query_order: torch.Tensor, window: int | None = None,
+                      blocks: torch.Tensor | None = None) -> tuple[Attention, int]:
     """How a prefill's queries attend to store slots [0, start + Q), and how many query-key pairs that is (at full
-    layers). `window`: the model's sliding window (the variant its sliding layers use is built too)."""
+    layers). `window`: the model's sliding window (the variant its sliding layers use is built too, seeing
+    `blocks` both ways: `allowed_keys`)."""
     end = start + query_order.shape[1]
     if store.plain_causal(start, query_order):
         n = query_order.shape[1]
         attention, pairs = CAUSAL, query_order.shape[0] * n * (n + 1) // 2  # SDPA's fused causal kernel
         # the queries are every slot, in increasing order: the window binds only if a row spans more than it
-        if window is not None and int((query_order[:, -1] - query_order[:, 0]).max()) < window:
+        if window is not None and blocks is None and int((query_order[:, -1] - query_order[:, 0]).max()) < window:
             return attention.with_sliding(CAUSAL), pairs
     else:
         mask = store.mask_upto(end, query_order)
         attention, pairs = Attention(mask=mask), int(mask.sum())
     if window is None:
         return attention, pairs
-    return attention.with_sliding(Attention(mask=store.mask_upto(end, query_order, window))), pairs
+    return attention.with_sliding(Attention(mask=store.mask_upto(end, query_order, window, blocks))), pairs
 
 
 class Engine:
@@ -131,11 +132,12 @@ class Engine:
         generated tokens now, grown by chunks as they come."""
         a = self.adapter
         first = min(max_new_tokens, GROW_CHUNK)
-        return KVStore(layers, batch, a.n_kv_heads, a.head_dim, prompt_slots + first, a.dtype, a.device,
+        return KVStore(layers, batch, [a.kv_heads(i) for i in layers], [a.kv_head_dim(i) for i in layers],
+                       prompt_slots + first, a.dtype, a.device,
                        prompt_slots + max_new_tokens, reserve)
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        return self.adapter.lm_head(self.adapter.final_norm(h_last))[:, -1].float()
+        return self.adapter.logits(h_last)[:, -1].float()
 
     def attention_rows(self, layer: int, layer_input: torch.Tensor, query_pos: torch.Tensor, store: KVStore,
                        cos, sin) -> torch.Tensor:
@@ -147,7 +149,8 @@ class Engine:
         cq = cos.gather(1, query_pos[..., None].expand(-1, -1, hd))
         sq = sin.gather(1, query_pos[..., None].expand(-1, -1, hd))
         q = a.query(layer, hq, cq, sq)  # [B, H, Q, hd]
-        keys = store.layer_keys(layer, store.filled).repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+        keys = store.layer_keys(layer, store.filled)
+        keys = keys.repeat_interleave(a.n_heads // keys.shape[1], dim=1)
         scores = (q.float() @ keys.float().transpose(-1, -2)) * a.attention_scale(layer)
         order = store.prompt_tags(store.filled - store.front).gather(1, query_pos)
         allowed = store.mask_upto(store.filled, order, a.sliding_window(layer))  # [B, 1, Q, filled]
@@ -162,7 +165,7 @@ class Engine:
         store = self.new_store(range(0, self.adapter.n_layers), B, T, 0)
         store.claim(0, order, prepared.attention_mask)
         cos, sin = self.adapter.rotary(h, prepared.position_ids)
-        attention, _ = prefill_attention(store, 0, order, self.window)
+        attention, _ = prefill_attention(store, 0, order, self.window, prepared.attention_blocks)
         captured = {}
         for i in range(self.adapter.n_layers):
             if i in capture:
@@ -213,7 +216,7 @@ class Engine:
         order = torch.arange(T, device=h.device).expand(B, T)
         state.full = self.new_store(range(0, P), B, T, max_new_tokens)
         state.full.claim(0, order, prepared.attention_mask)
-        attention, pairs = prefill_attention(state.full, 0, order, self.window)
+        attention, pairs = prefill_attention(state.full, 0, order, self.window, prepared.attention_blocks)
         captured, view = {}, state.full.prefill_view(0)
         for i in range(P):
             if i in (P - 1, probe):
@@ -276,9 +279,10 @@ class Engine:
             hk = h_at.gather(1, idx[..., None].expand(-1, -1, D))
             ck = state.cos.gather(1, idx[..., None].expand(-1, -1, state.cos.shape[-1]))
             sk = state.sin.gather(1, idx[..., None].expand(-1, -1, state.cos.shape[-1]))
-            attention, pairs = prefill_attention(store, 0, korder, self.window) if reserve == 0 else \
+            blocks = prepared.attention_blocks
+            attention, pairs = prefill_attention(store, 0, korder, self.window, blocks) if reserve == 0 else \
                 (self._masked(store.mask_upto(reserve + Tk, korder),
-                              lambda: store.mask_upto(reserve + Tk, korder, self.window)), None)
+                              lambda: store.mask_upto(reserve + Tk, korder, self.window, blocks)), None)
             hk, cap = run_layers(self.adapter, range(Ps, stop), hk, attention, ck, sk,
                                  store.prefill_view(reserve), torch.where(kvalid, idx, -1), prepared.extras,
                                  capture=None if last else stop - 1)
@@ -318,8 +322,9 @@ class Engine:
             attention = Attention(mask=allowed_keys(order, valid, order))
             pairs = int((attention.mask[:, 0] & valid[:, :, None]).sum())
         if self.window is not None:
-            sliding = CAUSAL if attention.causal and T <= self.window else \
-                Attention(mask=allowed_keys(order, valid, order, self.window))
+            blocks = prepared.attention_blocks
+            sliding = CAUSAL if attention.causal and T <= self.window and blocks is None else \
+                Attention(mask=allowed_keys(order, valid, order, self.window, blocks))
             attention = attention.with_sliding(sliding)
         for stage in state.stages:
             slots = self._store_slots(state, stage)

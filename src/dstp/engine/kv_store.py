@@ -27,29 +27,38 @@ GROW_CHUNK = 256  # slots added per growth step
 
 
 def allowed_keys(order: torch.Tensor, valid: torch.Tensor, query_order: torch.Tensor,
-                 window: int | None = None) -> torch.Tensor:
+                 window: int | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean attention mask [B, 1, Tq, S] of queries at original indices `query_order` [B, Tq] over keys tagged
     `order` [B, S]: the valid keys at or before each query's index (and, with a sliding `window`, after its index
     - window: original indices, so a pruned or revived token is in a query's window exactly when it would be in
-    the unpruned run)."""
+    the unpruned run). `blocks` [B, T] (block id of each prompt index, -1: none): a query also sees the valid keys
+    after it in its own block (Gemma 4's sliding layers attend both ways inside an image)."""
     allowed = valid[:, None, :] & (order[:, None, :] <= query_order[:, :, None])
     if window is not None:
         allowed &= order[:, None, :] > query_order[:, :, None] - window
+    if blocks is not None:
+        T = blocks.shape[1]
+        block_of = lambda i: torch.where((i >= 0) & (i < T), blocks.gather(1, i.clamp(0, T - 1)), -1)  # noqa: E731
+        bq, bk = block_of(query_order), block_of(order)
+        same = (bq[:, :, None] == bk[:, None, :]) & (bq[:, :, None] >= 0)
+        allowed |= same & valid[:, None, :] & (order[:, None, :] > query_order[:, :, None])
     # A padding query sees nothing; let it see itself so no row is all -inf (NaN would leak into V).
     allowed |= order[:, None, :] == query_order[:, :, None]
     return allowed[:, None]
 
 
 class KVStore:
-    def __init__(self, layers: range, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
+    def __init__(self, layers: range, batch: int, n_kv_heads, head_dim, capacity: int,
                  dtype: torch.dtype, device: torch.device, limit: int | None = None, reserve: int = 0):
         """`capacity` front slots (+ `reserve` reserve slots) are allocated now; the front may grow to `limit` slots
-        (None: it never grows)."""
+        (None: it never grows). `n_kv_heads`, `head_dim`: one int, or one per layer (Gemma 4's global layers have
+        other head counts and sizes than its sliding ones)."""
         self.layers = layers
         self.limit = capacity if limit is None else limit
-        shape = (batch, n_kv_heads, reserve + capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        per_layer = lambda x: list(x) if isinstance(x, (list, tuple)) else [x] * len(layers)  # noqa: E731
+        shapes = [(batch, h, reserve + capacity, d) for h, d in zip(per_layer(n_kv_heads), per_layer(head_dim))]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.order = torch.full((batch, reserve + capacity), NEVER, dtype=torch.long, device=device)
         self.valid = torch.zeros((batch, reserve + capacity), dtype=torch.bool, device=device)
         self.reserve = reserve  # slots [0, reserve)
@@ -95,9 +104,11 @@ class KVStore:
     def scatter_view(self, slots: torch.Tensor, rows: torch.Tensor | None = None, returns: str = "own") -> "ScatterView":
         return ScatterView(self, slots, rows, returns)
 
-    def mask_upto(self, end: int, query_order: torch.Tensor, window: int | None = None) -> torch.Tensor:
-        """Mask [B, 1, Tq, end] of queries over slots [0, end) (within a sliding `window`, if given)."""
-        return allowed_keys(self.order[:, :end], self.valid[:, :end], query_order, window)
+    def mask_upto(self, end: int, query_order: torch.Tensor, window: int | None = None,
+                  blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask [B, 1, Tq, end] of queries over slots [0, end) (within a sliding `window`, if given; `blocks`:
+        `allowed_keys`)."""
+        return allowed_keys(self.order[:, :end], self.valid[:, :end], query_order, window, blocks)
 
     def plain_causal(self, start: int, query_order: torch.Tensor) -> bool:
         """True when the queries fill every slot attention reads, in increasing order with no padding: then a plain
@@ -193,14 +204,14 @@ class KVStore:
         return self.order[:, self.reserve:self.reserve + n]
 
     def prompt_mask(self, query_order: torch.Tensor, prompt_valid: torch.Tensor, own: torch.Tensor,
-                    window: int | None = None) -> torch.Tensor:
+                    window: int | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """Mask [B, 1, Q, capacity] of queries at original indices `query_order` [B, Q] that attend causally to the
         prompt slots valid in `prompt_valid` [B, n] (the first n front slots; within a sliding `window`, if given)
         and to their own slot `own` [B, Q]."""
         keys_valid = torch.zeros_like(self.valid)
         keys_valid[:, self.front:self.front + prompt_valid.shape[1]] = prompt_valid
         slot = torch.arange(self.capacity, device=own.device)[None, None, :] == own[:, :, None]
-        return allowed_keys(self.order, keys_valid, query_order, window) | slot[:, None]
+        return allowed_keys(self.order, keys_valid, query_order, window, blocks) | slot[:, None]
 
     def reserve_nbytes(self) -> tuple[int, int]:
         """(bytes of the front, bytes of the reserve) as allocated: the slot axis divides every buffer."""

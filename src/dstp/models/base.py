@@ -32,6 +32,9 @@ class PreparedInputs:
     extras: dict = field(default_factory=dict)  # family-specific per-token inputs (e.g. DeepStack)
     input_ids: torch.Tensor | None = None  # [B, T] the prompt's token ids (repetition penalty)
     vision: "VisionInternals | None" = None  # encoder internals before the projector (VisionZip), if asked for
+    # [B, T] long: the block of each prompt token that sliding-window layers attend to both ways (Gemma 4: each
+    # image), -1 outside any; None: causal everywhere
+    attention_blocks: torch.Tensor | None = None
 
     @property
     def n_visual(self) -> torch.Tensor:
@@ -71,6 +74,11 @@ class Adapter:
             if not any(name in config for name in names):
                 return " or ".join(repr(n) for n in names)
         return None
+
+    @classmethod
+    def check_config(cls, config: dict):
+        """Refuse (UnsupportedModelError, one line) a checkpoint whose raw config.json asks for what the adapter
+        cannot run; called before the weights load."""
 
     @classmethod
     def load_processor(cls, path, **hub_kwargs):
@@ -147,6 +155,17 @@ class Adapter:
     def head_dim(self) -> int:
         cfg = self.text_config
         return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    def kv_heads(self, layer_idx: int) -> int:
+        """K/V heads of layer `layer_idx` (the same at every layer but in Gemma 4)."""
+        return self.n_kv_heads
+
+    def kv_head_dim(self, layer_idx: int) -> int:
+        return self.head_dim
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM logits of the last layer's output (final norm, LM head; Gemma also soft-caps them)."""
+        return self.lm_head(self.final_norm(hidden))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -232,15 +251,19 @@ class Adapter:
     def _attn(self, layer_idx: int):
         return self.layers[layer_idx].self_attn
 
+    def layer_rotary(self, layer_idx: int, cos, sin):
+        """The part of `rotary`'s tables layer `layer_idx` uses (all of them but in Gemma 4)."""
+        return cos, sin
+
     def _project(self, proj: nn.Module, norm: nn.Module | None, layer_idx, hidden, cos, sin):
         layer = self.layers[layer_idx]
         x = layer.input_layernorm(hidden)
         B, T, _ = x.shape
-        y = proj(x).view(B, T, -1, self.head_dim)
+        y = proj(x).view(B, T, -1, self.kv_head_dim(layer_idx))
         if norm is not None:
             y = norm(y)
         y = y.transpose(1, 2)
-        return hf_compat.rotate(y, cos, sin)
+        return hf_compat.rotate(y, *self.layer_rotary(layer_idx, cos, sin))
 
     def query(self, layer_idx: int, hidden: torch.Tensor, cos, sin) -> torch.Tensor:
         """Rotated queries `[B, H, T, hd]` of layer `layer_idx` from that layer's input hidden states."""

@@ -117,10 +117,11 @@ def _cache_kwarg(layer) -> str:
     return _CACHE_KWARG[kind]
 
 
-def call_decoder_layer(layer, hidden, attention, position_embeddings, cache):
-    """Run one transformers decoder layer with the engine's cache view and `Attention`."""
+def call_decoder_layer(layer, hidden, attention, position_embeddings, cache, **family_kwargs):
+    """Run one transformers decoder layer with the engine's cache view and `Attention` (and the keywords a family's
+    layer needs besides, e.g. Gemma 4's `shared_kv_states`)."""
     out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, use_cache=True,
-                **{_cache_kwarg(layer): cache, ENGINE_KWARG: attention})
+                **{_cache_kwarg(layer): cache, ENGINE_KWARG: attention}, **family_kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 

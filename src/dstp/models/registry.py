@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 
 from dstp.errors import UnsupportedModelError
 from dstp.models.base import Adapter
+from dstp.models.gemma4 import Gemma4Adapter
 from dstp.models.internvl import InternVLAdapter
 from dstp.models.llava import LlavaAdapter
 from dstp.models.llava_next import LlavaNextAdapter
@@ -24,7 +25,7 @@ def register(adapter: type[Adapter]) -> type[Adapter]:
     return adapter
 
 
-for _a in (LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter):
+for _a in (LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, Gemma4Adapter):
     register(_a)
 
 

@@ -200,3 +200,69 @@ def internvl_batch(tiles: list[int], prefix: list[int], suffix: int = 5, seed: i
     ids, mask = left_pad(rows)
     pixels = torch.randn(sum(tiles), 3, 32, 32, generator=g)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+GEMMA4_IDS = dict(image_token_id=100, video_token_id=101, boi_token_id=102, eoi_token_id=103, audio_token_id=104,
+                  boa_token_id=105, eoa_token_index=106)
+
+
+def tiny_gemma4(seed: int = 0, window: int = 8, moe: bool = False):
+    """Gemma 4's layout at a tiny width: five sliding layers (a window of `window` tokens) then one global layer with
+    its own head size and K/V heads (keys are values), proportional partial rotary on the global layer, soft-capped
+    logits, images attended both ways at sliding layers; `moe`: the 26B-A4B's MoE block beside the MLP."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                attention_k_eq_v=True, sliding_window=window, final_logit_softcapping=30.0,
+                use_bidirectional_attention="vision", hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+                vocab_size_per_layer_input=VOCAB, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+                bos_token_id=2,
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                 "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                    "rope_theta": 1000000.0}})
+    if moe:
+        text.update(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, **GEMMA4_IDS)
+    cfg._attn_implementation = "sdpa"
+    model = Gemma4ForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return _init(model, seed)
+
+
+def gemma4_image_processor():
+    """Gemma 4's own image processor at the tiny tower's patch size: at most 70 soft tokens per image."""
+    from transformers import Gemma4ImageProcessor
+
+    return Gemma4ImageProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=2)
+
+
+def gemma4_batch(sizes: list[list[tuple[int, int]]], prefix: list[int], suffix: int = 4, seed: int = 0):
+    """Left-padded Gemma 4 inputs: row b = prefix[b] text tokens, then per image <boi> + its soft tokens + <eoi> and
+    one text token, then `suffix` text tokens; images of sizes (h, w) from Gemma 4's image processor (a row may
+    have none)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+              for row in sizes for h, w in row]
+    pixels = gemma4_image_processor()(images, return_tensors="pt") if images else {}
+    counts = iter(pixels.get("num_soft_tokens_per_image", []))
+    ids = GEMMA4_IDS
+    rows = []
+    for row, n in zip(sizes, prefix):
+        parts = [torch.randint(3, 90, (n,), generator=g)]
+        for _ in row:
+            parts += [torch.tensor([ids["boi_token_id"]]), torch.full((int(next(counts)),), ids["image_token_id"]),
+                      torch.tensor([ids["eoi_token_id"]]), torch.randint(3, 90, (1,), generator=g)]
+        parts.append(torch.randint(3, 90, (suffix,), generator=g))
+        rows.append(torch.cat(parts))
+    input_ids, mask = left_pad(rows)
+    batch = {"input_ids": input_ids, "attention_mask": mask,
+             "mm_token_type_ids": (input_ids == ids["image_token_id"]).long()}
+    if images:
+        batch.update(pixel_values=pixels["pixel_values"], image_position_ids=pixels["image_position_ids"])
+    return batch
