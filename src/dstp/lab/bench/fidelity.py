@@ -22,6 +22,7 @@ CASES = {
     "qwen3_vl": (tm.tiny_qwen3_vl, lambda: tm.qwen3_vl_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
     "internvl": (tm.tiny_internvl, lambda: tm.internvl_batch([1, 3, 2], [4, 1, 6])),
     "llava_next": (tm.tiny_llava_next, lambda: tm.llava_next_batch([(30, 55), (60, 40), (45, 45)], [3, 7, 1])),
+    "gemma4": (tm.tiny_gemma4, lambda: tm.gemma4_batch([[(32, 32)], [(24, 40), (40, 24)], []], [3, 1, 6])),
 }
 
 
