@@ -30,14 +30,18 @@ class Attention:
     mask: torch.Tensor | None = None
     causal: bool = False
     sliding: "Attention | None" = None  # what sliding-window layers use (None: built for a model without them)
+    first_key: int = 0  # keys before this one are not read, `mask` covers the rest (an eager step's window)
 
     def __post_init__(self):
         if self.causal and self.mask is not None:
             raise ValueError("Attention: give a mask or causal=True, not both")
+        if self.first_key and self.causal:
+            raise ValueError("Attention: first_key reads a suffix of the keys, not causally")
 
     def with_sliding(self, sliding: "Attention") -> "Attention":
         """This attention for full layers, `sliding` (itself without a variant) for sliding-window layers."""
-        return Attention(self.mask, self.causal, Attention(sliding.mask, sliding.causal))
+        return Attention(self.mask, self.causal, Attention(sliding.mask, sliding.causal, first_key=sliding.first_key),
+                         first_key=self.first_key)
 
     def at_layer(self, sliding: bool) -> "Attention":
         """The attention a layer uses: `sliding` says whether it is a sliding-window layer."""
@@ -52,6 +56,8 @@ class Attention:
         if self.causal and key.shape[2] != query.shape[2]:
             raise ValueError(f"causal attention needs one key per query, got {query.shape[2]} queries and "
                              f"{key.shape[2]} keys")
+        if self.first_key:
+            key, value = key[:, :, self.first_key:], value[:, :, self.first_key:]
         groups = query.shape[1] // key.shape[1]
         if groups > 1:
             key = key.repeat_interleave(groups, dim=1)

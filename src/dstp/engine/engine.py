@@ -369,7 +369,7 @@ class Engine:
             q_probe = a.query(0, h, cos, sin)
         if P > 0:
             h, captured = self._decode_layers(state.full, range(0, P), h, t, t_host, order, cos, sin, probe,
-                                              state.T)
+                                              state.T, in_order=True)
             flops = flops + self.flops(P, B, state.full.valid.sum())
             if probe is not None:
                 q_probe = a.query(probe, captured, cos, sin)
@@ -389,16 +389,24 @@ class Engine:
         return self._logits(h), flops, step_trace
 
     def _decode_layers(self, store: KVStore, layers: range, h, t, t_host, order, cos, sin, capture=None,
-                       T: int = 0):
-        """`order` [B, 1]: the new token's original index (T + t; T the padded prompt length)."""
+                       T: int = 0, in_order: bool = False):
+        """`order` [B, 1]: the new token's original index (T + t; T the padded prompt length). `in_order`: slot s
+        holds the token of original index s (the store of layers < P)."""
         end = None if t_host is None else store.filled + t_host + 1
         view = store.append(store.filled + t, order, end)
         attention = UNMASKED if store.reads_all(end) else Attention(mask=store.decode_mask(end))
         if self.window is not None:
             # eagerly the host knows whether the window reaches past index 0 yet; compiled, it is always masked
             binds = t_host is None or T + t_host >= self.window
-            attention = attention.with_sliding(Attention(mask=store.decode_mask(end, order, self.window))
-                                               if binds else attention)
+            if not binds:
+                sliding = attention
+            elif in_order and end is not None:  # the window is the last `window` slots: read only those, as
+                first = end - self.window  # transformers' sliding cache holds only them
+                sliding = Attention(mask=None if store.dense else store.valid[:, None, None, first:end],
+                                    first_key=first)
+            else:
+                sliding = Attention(mask=store.decode_mask(end, order, self.window))
+            attention = attention.with_sliding(sliding)
         return run_layers(self.adapter, layers, h, attention, cos, sin, view, None, NO_EXTRAS, capture)
 
     def _masked(self, mask: torch.Tensor, sliding_mask) -> Attention:
