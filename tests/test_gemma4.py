@@ -205,3 +205,63 @@ def test_audio_and_video_inputs_are_refused(gemma):
     model, adapter, batch = gemma
     with pytest.raises(Exception, match="takes images only; these inputs hold audio"):
         adapter.prepare({**batch, "input_features": torch.zeros(1, 4, 8)})
+
+
+# -- the hub-shaped fixture ------------------------------------------------------------------------------------
+RICH = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                     {"type": "text", "text": "What is in the image?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+        {"role": "user", "content": "And the second?"}]
+RENDERED = ("<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\n<|image|><|image|>What is in the image?<turn|>\n"
+            "<|turn>model\nA cat.<turn|>\n<|turn>user\nAnd the second?<turn|>\n<|turn>model\n"
+            "<|channel>thought\n<channel|>")
+
+
+def test_hub_fixture_has_gemma_4s_classes_tokens_and_template(hub_models):
+    import copy
+
+    from transformers import AutoProcessor, AutoTokenizer
+    import hub_fixtures as H
+
+    repo = hub_models["gemma4"]
+    processor = AutoProcessor.from_pretrained(repo)
+    assert [type(x).__name__ for x in (processor, processor.image_processor, processor.video_processor,
+                                       processor.feature_extractor, processor.tokenizer)] == [
+        "Gemma4Processor", "Gemma4ImageProcessor", "Gemma4VideoProcessor", "Gemma4AudioFeatureExtractor",
+        "GemmaTokenizer"]
+    tok, built = AutoTokenizer.from_pretrained(repo), H._tokenizer("gemma4")
+    assert tok.convert_tokens_to_ids(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]) == [0, 1, 2, 3, 4]
+    assert (tok.image_token, tok.boi_token, tok.eoi_token, tok.eot_token) == ("<|image|>", "<|image>", "<image|>",
+                                                                             "<turn|>")
+    for text in ("Hello world, what is in the picture?", "café, naïve, 東京 🙂", "a\ttab and a new\nline "):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == built.encode(text, add_special_tokens=False) and tok.decode(ids) == text
+    for special in ("<|turn>", "<turn|>", "<|image|>", "<|image>", "<image|>", "<|video|>", "<|channel>"):
+        assert tok.encode(special, add_special_tokens=False) == [tok.convert_tokens_to_ids(special)]
+    assert processor.apply_chat_template(copy.deepcopy(RICH), tokenize=False, add_generation_prompt=True) == RENDERED
+    image = H.sample_images(1, 3, [(40, 40)])
+    inputs = processor.apply_chat_template([H.conversation(image, "Describe it.")], add_generation_prompt=True,
+                                           tokenize=True, return_dict=True, return_tensors="pt")
+    ids, image_id = inputs["input_ids"][0].tolist(), tok.image_token_id
+    first = ids.index(image_id)
+    assert ids[first - 1] == tok.convert_tokens_to_ids("<|image>") and 0 < ids.count(image_id) <= 70
+    assert ids[first + ids.count(image_id)] == tok.convert_tokens_to_ids("<image|>")
+
+
+def test_an_e2b_style_checkpoint_is_refused_before_its_weights_load(hub_models, tmp_path):
+    import json
+    import shutil
+
+    import dstp
+    import hub_fixtures as H
+    from conftest import HF_HUB_CACHE
+
+    copy_dir = tmp_path / "e2b-like"
+    shutil.copytree(H.snapshot_dir(HF_HUB_CACHE, hub_models["gemma4"]), copy_dir)
+    config = json.loads((copy_dir / "config.json").read_text())
+    config["text_config"]["hidden_size_per_layer_input"] = 256
+    (copy_dir / "config.json").write_text(json.dumps(config))
+    (copy_dir / "model.safetensors").unlink()  # no weights: the refusal must come first
+    with pytest.raises(UnsupportedModelError, match="per-layer embeddings"):
+        dstp.load(str(copy_dir))
