@@ -59,7 +59,7 @@ def test_equals_generate_bfloat16():
     batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
     out, tokens, logits = generate_both(model, adapter_for_model(model), batch, n=12)
     assert torch.equal(out.tokens, tokens)
-    assert (out.logits - logits).abs().max() < 0.1  # bf16 rounding: the five families' bf16 tolerance
+    assert (out.logits - logits).abs().max() < 0.05  # bf16 rounding (0.008 measured)
 
 
 def test_mixture_of_experts_equals_generate():

@@ -281,8 +281,8 @@ class Engine:
             sk = state.sin.gather(1, idx[..., None].expand(-1, -1, state.cos.shape[-1]))
             blocks = prepared.attention_blocks
             attention, pairs = prefill_attention(store, 0, korder, self.window, blocks) if reserve == 0 else \
-                (self._masked(store.mask_upto(reserve + Tk, korder),
-                              lambda: store.mask_upto(reserve + Tk, korder, self.window, blocks)), None)
+                (self._masked(store.mask_upto(reserve + Tk, korder), None if self.window is None else
+                              store.mask_upto(reserve + Tk, korder, self.window, blocks)), None)
             hk, cap = run_layers(self.adapter, range(Ps, stop), hk, attention, ck, sk,
                                  store.prefill_view(reserve), torch.where(kvalid, idx, -1), prepared.extras,
                                  capture=None if last else stop - 1)
@@ -409,10 +409,11 @@ class Engine:
             attention = attention.with_sliding(sliding)
         return run_layers(self.adapter, layers, h, attention, cos, sin, view, None, NO_EXTRAS, capture)
 
-    def _masked(self, mask: torch.Tensor, sliding_mask) -> Attention:
-        """Attention by `mask`, with the sliding variant `sliding_mask()` when the model has a window."""
+    @staticmethod
+    def _masked(mask: torch.Tensor, sliding_mask: torch.Tensor | None) -> Attention:
+        """Attention by `mask`, with the sliding variant by `sliding_mask` when the model has a window."""
         attention = Attention(mask=mask)
-        return attention if self.window is None else attention.with_sliding(Attention(mask=sliding_mask()))
+        return attention if sliding_mask is None else attention.with_sliding(Attention(mask=sliding_mask))
 
     def step(self, state: State, logits, finished, lengths, seen, stop_ids, config: GenerationConfig, uniform,
              policy=None, pstate=None, noise=None, t_host: int | None = None):
