@@ -11,7 +11,8 @@ The kernel is PyTorch's `scaled_dot_product_attention`, with K/V repeated per qu
 
 Sliding-window layers (docs/sliding-window.md): an `Attention` built for a model with a window carries the variant
 its sliding layers use (`sliding`), whose mask also drops the keys at or before `query index - window` (original
-indices); `at_layer` picks it, and refuses a sliding layer an attention built without its window.
+indices); `at_layer` picks it, and refuses a sliding layer an attention built without its window. An eager decoding
+step whose slots are in index order may read only the window's slots instead (`first_key`).
 """
 from __future__ import annotations
 

@@ -223,12 +223,15 @@ class Adapter:
         query at index q when q - window < k <= q, as transformers' `sliding_window_overlay`), else None. From the
         text config: `layer_types[i] == "sliding_attention"` (Qwen2/Qwen3 with `use_sliding_window`, Gemma), or
         every layer when `sliding_window` is set without `layer_types` (Mistral)."""
+        return self._layer_windows[layer_idx]
+
+    @cached_property
+    def _layer_windows(self) -> tuple:
         cfg = self.text_config
         window = getattr(cfg, "sliding_window", None)
-        if not window:
-            return None
         types = getattr(cfg, "layer_types", None)
-        return window if types is None or types[layer_idx] == "sliding_attention" else None
+        return tuple(window if window and (types is None or types[i] == "sliding_attention") else None
+                     for i in range(self.n_layers))
 
     @cached_property
     def window(self) -> int | None:
