@@ -18,7 +18,7 @@ from test_shift import kept_sets
 from dstp.lab.bench import tiny_models as tm
 
 pytestmark = pytest.mark.skipif(not hasattr(transformers, "Gemma4ForConditionalGeneration"),
-                                reason=f"transformers {transformers.__version__} has no Gemma 4 (added in 5.5)")
+                                reason=f"transformers {transformers.__version__} has no Gemma 4 (5.17, the floor, has it)")
 
 ROWS = ([[(32, 32)], [(24, 40), (40, 24)], []], [3, 1, 6])  # one image; two of other shapes; text only
 
