@@ -8,7 +8,7 @@ import torch
 import transformers
 from dstp.config import DSTPConfig, EngineConfig, GenerationConfig, PruneConfig
 from dstp.engine.engine import Engine
-from dstp.errors import ConfigError, UnsupportedModelError
+from dstp.errors import UnsupportedModelError
 from dstp.models.gemma4 import Gemma4Adapter, image_blocks
 from dstp.models.registry import adapter_for_model
 from dstp.pruners import PRUNERS, get_pruner
@@ -148,14 +148,14 @@ def test_store_source_reviving_every_token_equals_unpruned(gemma):
 
 
 # -- every pruner, DSTP with both sources, the compiled step ----------------------------------------------------
-RUNS = [m for m in sorted(PRUNERS) if m not in ("visionzip", "oracle")]
+RUNS = [m for m in sorted(PRUNERS) if m != "oracle"]
 
 
 @pytest.mark.parametrize("method", RUNS)
 @pytest.mark.parametrize("source", [None, "store", "recompute"])
 def test_every_pruner_and_dstp_source_runs(gemma, method, source):
     model, adapter, batch = gemma
-    prepared = adapter.prepare(batch, vision_scores=False)
+    prepared = adapter.prepare(batch, vision_scores=method == "visionzip")
     pruner = get_pruner(PruneConfig(method, 0.333), adapter.n_layers)
     policy = ShiftPolicy(DSTPConfig(source=source, force_every=2, window=2, variant="random"), pruner.layer) \
         if source else None
@@ -166,11 +166,27 @@ def test_every_pruner_and_dstp_source_runs(gemma, method, source):
         assert any(bool(s.shift[:2].any()) for s in out.trace.steps)
 
 
-def test_visionzip_is_refused_in_one_line(gemma):
+def test_vision_scores_are_the_towers_own_attention(gemma):
+    """VisionZip's stand-in for CLS attention: the mean attention each pooled token's patches receive in the last
+    encoder layer, equal to what the tower itself returns with output_attentions (eager attention)."""
     model, adapter, batch = gemma
-    pruner = get_pruner(PruneConfig("visionzip", 0.333), adapter.n_layers)
-    with pytest.raises(ConfigError, match="visionzip needs the vision encoder's internals .* gemma4 family"):
-        Engine(adapter).generate(adapter.prepare(batch), GenerationConfig(max_new_tokens=2), pruner=pruner)
+    vision = adapter.prepare(batch).vision
+    tower, positions = model.model.vision_tower, batch["image_position_ids"]
+    tower.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            attentions = tower(pixel_values=batch["pixel_values"], pixel_position_ids=positions,
+                               output_attentions=True).attentions[-1]  # [images, H, P, P]
+    finally:
+        tower.config._attn_implementation = "sdpa"
+    valid, units = (positions != -1).all(-1), adapter.patch_units(positions)
+    for i in range(attentions.shape[0]):
+        received = attentions[i][:, valid[i]][:, :, valid[i]].mean((0, 1))
+        u = units[i][valid[i]]
+        n = int(vision.valid[i].sum())
+        expected = torch.zeros(n).index_add_(0, u, received) / torch.zeros(n).index_add_(0, u, torch.ones_like(received))
+        assert n == int(u.max()) + 1 and torch.allclose(vision.scores[i, :n], expected, atol=1e-6)
+    assert vision.hidden.shape[-1] == model.config.vision_config.hidden_size
 
 
 def test_compiled_step_is_one_graph(gemma):

@@ -16,15 +16,20 @@ Kept exactly as transformers computes it (its own modules run; the adapter only 
 
 Refused in one line, before any model work: per-layer embeddings (`hidden_size_per_layer_input` > 0) and K/V shared
 across layers (`num_kv_shared_layers` > 0), the E2B/E4B checkpoints' features, which dstp's engine does not drive;
-`use_bidirectional_attention="all"`; audio and video inputs. VisionZip (no encoder internals here) is refused by
-the pruner."""
+`use_bidirectional_attention="all"`; audio and video inputs.
+
+Vision internals (VisionZip; the ViT has no CLS token), one view per image, one unit per pooled LLM token (its k x k
+patches): the embedder's input (the tower's pooled output), and as the stand-in for CLS attention the mean attention
+its patches receive in the last encoder layer (head mean, over the image's patches), as for Qwen; its key is its
+patches' mean head-mean key (before rotary). Computed from that layer's own q/k norms and rotary, hooked."""
 from __future__ import annotations
 
 import torch
 
 from dstp.errors import InputError, UnsupportedModelError
 from dstp.models import hf_compat
-from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, text_positions
+from dstp.models.base import Adapter, PreparedInputs, check_image_tokens, scores_by_row, text_positions
+from dstp.models.vision import VisionInternals, consecutive_slots, pad_views, received_attention
 
 
 def unsupported_feature(text_config: dict) -> str | None:
@@ -52,6 +57,7 @@ class Gemma4Adapter(Adapter):
     model_type = "gemma4"
     example_id = "google/gemma-4-31B-it"
     config_fields = ("vision_config", "text_config", "image_token_id")
+    vision_internals = True
 
     @classmethod
     def check_config(cls, config: dict):
@@ -111,6 +117,51 @@ class Gemma4Adapter(Adapter):
         cap = self.text_config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    # -- vision internals (VisionZip) --------------------------------------------------------------
+    def features_and_internals(self, pixel_values, position_ids, internals: bool = True):
+        """(features [n_tokens, D], VisionInternals or None), in placeholder order."""
+        mm = self.model.model
+        call = lambda: mm.get_image_features(pixel_values, position_ids)  # noqa: E731
+        if not internals:
+            return hf_compat.pooled_features(call()), None
+        layer = mm.vision_tower.encoder.layers[-1]
+        attn, seen = layer.self_attn, {}
+        hooks = [layer.register_forward_pre_hook(lambda m, a, kw: seen.update(rope=kw["position_embeddings"]),
+                                                 with_kwargs=True),
+                 attn.q_norm.register_forward_hook(lambda m, a, out: seen.update(q=out)),
+                 attn.k_norm.register_forward_hook(lambda m, a, out: seen.update(k=out))]
+        try:
+            out = call()
+        finally:
+            for h in hooks:
+                h.remove()
+        counts = [int(f.shape[0]) for f in out.pooler_output]  # pooled tokens per image
+        valid = (position_ids != -1).all(-1)  # [n, P] real patches
+        cos, sin = seen["rope"]
+        q, k = (hf_compat.gemma4_vision_rope(seen[x], cos, sin, position_ids) for x in ("q", "k"))
+        bounds = [0] + valid.sum(-1).cumsum(0).tolist()
+        received = received_attention(q[valid], k[valid], bounds, attn.scaling)  # [real patches]
+        keys = seen["k"][valid].float().mean(1)  # [real patches, hd]
+        unit = self.patch_units(position_ids)[valid]
+        split = lambda t: list(torch.split(t, [b - a for a, b in zip(bounds, bounds[1:])]))  # noqa: E731
+        scores, unit_keys = [], []
+        for n, u, r, kk in zip(counts, split(unit), split(received), split(keys)):
+            size = torch.zeros(n, device=u.device).index_add_(0, u, torch.ones_like(r))
+            scores.append(torch.zeros(n, device=u.device).index_add_(0, u, r) / size)
+            unit_keys.append(torch.zeros(n, kk.shape[-1], device=u.device).index_add_(0, u, kk) / size[:, None])
+        vision = VisionInternals(hidden=pad_views(list(torch.split(out.last_hidden_state, counts))),
+                                 keys=pad_views(unit_keys), scores=pad_views(scores),
+                                 slot=consecutive_slots(counts, pixel_values.device), project=mm.embed_vision)
+        return hf_compat.pooled_features(out), vision
+
+    def patch_units(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """[n, P] the pooled token each patch is averaged into (its k x k cell, row-major over the image), as the
+        tower's pooler groups them."""
+        k = self.model.config.vision_config.pooling_kernel_size
+        pos = position_ids.clamp(min=0)
+        width = pos[..., 0].max(-1, keepdim=True).values + 1
+        return pos[..., 0] // k + (width // k) * (pos[..., 1] // k)
+
     # -- inputs ------------------------------------------------------------------------------------
     @torch.no_grad()
     def prepare(self, batch, vision_scores: bool = True) -> PreparedInputs:
@@ -123,14 +174,15 @@ class Gemma4Adapter(Adapter):
         mask = batch["attention_mask"].to(self.device).bool()
         visual = input_ids == cfg.image_token_id
         embeds = self.embed_tokens(input_ids)
+        scores = vision = None
         if batch.get("pixel_values") is not None:
             if batch.get("image_position_ids") is None:
                 raise InputError("gemma4 inputs have pixel_values but no image_position_ids: pass the processor's "
                                  "whole output")
-            out = self.model.model.get_image_features(batch["pixel_values"].to(self.device, self.dtype),
-                                                      batch["image_position_ids"].to(self.device))
-            feats = hf_compat.pooled_features(out)
+            feats, vision = self.features_and_internals(batch["pixel_values"].to(self.device, self.dtype),
+                                                        batch["image_position_ids"].to(self.device), vision_scores)
             check_image_tokens(input_ids, cfg.image_token_id, feats.shape[0])
+            scores = None if vision is None else vision.token_scores(feats.shape[0])
             embeds = embeds.masked_scatter(visual[..., None], feats.to(embeds.dtype))
         else:
             check_image_tokens(input_ids, cfg.image_token_id, 0)
@@ -141,6 +193,8 @@ class Gemma4Adapter(Adapter):
             position_ids=text_positions(mask),
             next_position=mask.long().sum(-1),
             visual_mask=visual,
+            vision_scores=None if scores is None else scores_by_row(visual, scores),
             input_ids=input_ids,
+            vision=vision,
             attention_blocks=image_blocks(visual) if bidirectional and bool(visual.any()) else None,
         )

@@ -152,6 +152,13 @@ def vision_window_index(visual, grid) -> torch.Tensor:
                                    window_size=visual.window_size, patch_size=visual.patch_size)[0]
 
 
+def gemma4_vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor):
+    """Gemma 4's ViT rotary (one rotary block per image axis), as its attention applies it to [n, S, H, hd]."""
+    from transformers.models.gemma4.modeling_gemma4 import apply_multidimensional_rope
+
+    return apply_multidimensional_rope(x, cos, sin, position_ids)
+
+
 # -- rotary --------------------------------------------------------------------------------------------------------
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
