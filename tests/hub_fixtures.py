@@ -54,6 +54,9 @@ import uuid
 import numpy as np
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision", "qwen3_vl_moe")
+# fixtures whose own checks (classes, tokenizer, template) live in the family's test file (tests/test_gemma4.py);
+# test_chat_hub.py runs them with the others
+MORE_FAMILIES = ("gemma4",)
 
 REPO_IDS: dict[str, str] = {
     "llava": "dstp-fixtures/tiny-llava-1.5",
@@ -63,6 +66,7 @@ REPO_IDS: dict[str, str] = {
     "internvl": "dstp-fixtures/tiny-internvl3.5",
     "llava_onevision": "dstp-fixtures/tiny-llava-onevision-qwen2",
     "qwen3_vl_moe": "dstp-fixtures/tiny-qwen3-vl-moe",
+    "gemma4": "dstp-fixtures/tiny-gemma-4",
     "qwen2_5_vl_sampling": "dstp-fixtures/tiny-qwen2.5-vl-sampling",
 }
 
@@ -72,7 +76,7 @@ QWEN2_5_VL_SAMPLING = {"do_sample": True, "top_k": 1, "top_p": 0.001, "temperatu
 
 WEIGHT_STD = 0.2  # HF-FIXTURES: 0.02-0.08 makes a tiny random model answer the same for every image
 SEEDS = {"llava": 11, "llava_next": 12, "qwen2_5_vl": 13, "qwen3_vl": 14, "internvl": 15, "llava_onevision": 16,
-         "qwen3_vl_moe": 17}
+         "qwen3_vl_moe": 17, "gemma4": 16}
 LLM_LAYERS = 4
 
 # Special tokens per family (in id order, appended after the trained vocabulary).
@@ -88,9 +92,10 @@ LLAMA_SPECIAL = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2, as in Llama; "<image>" 
 # feature in input_ids (InternVL also wraps each image's run in <img> ... </img>).
 IMAGE_TOKEN = {"llava": "<image>", "llava_next": "<image>", "qwen2_5_vl": "<|image_pad|>",
                "qwen3_vl": "<|image_pad|>", "internvl": "<IMG_CONTEXT>", "llava_onevision": "<image>",
-               "qwen3_vl_moe": "<|image_pad|>"}
+               "qwen3_vl_moe": "<|image_pad|>", "gemma4": "<|image|>"}
 VIDEO_TOKEN = {"qwen2_5_vl": "<|video_pad|>", "qwen3_vl": "<|video_pad|>", "internvl": "<video>",
-               "llava_onevision": "<video>", "qwen3_vl_moe": "<|video_pad|>"}
+               "llava_onevision": "<video>", "qwen3_vl_moe": "<|video_pad|>",
+               "gemma4": "<|video|>"}
 
 _CORPUS = """\
 The picture shows a red square on the left and a blue circle on the right.
@@ -255,9 +260,29 @@ LLAVA_ONEVISION_TEMPLATE = _IMAGES_MACRO + (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
 )
 
+# Gemma 4: "<bos><|turn>system\n...<turn|>\n<|turn>user\n<|image|>text<turn|>\n<|turn>model\n" and, unless
+# enable_thinking, an empty thought channel (as google/gemma-4-*-it's template); the assistant role is "model"
+GEMMA4_TEMPLATE = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] | trim -}}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] | trim -}}"
+    "{%- elif part['type'] == 'image' -%}{{- '<|image|>' -}}"
+    "{%- elif part['type'] == 'video' -%}{{- '<|video|>' -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{{- '<turn|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|turn>model\n' -}}"
+    "{%- if not enable_thinking | default(false) -%}{{- '<|channel>thought\n<channel|>' -}}{%- endif -%}"
+    "{%- endif -%}"
+)
+
 CHAT_TEMPLATES = {"llava": LLAVA_TEMPLATE, "llava_next": LLAVA_NEXT_TEMPLATE, "qwen2_5_vl": QWEN2_5_VL_TEMPLATE,
                   "qwen3_vl": QWEN3_VL_TEMPLATE, "internvl": INTERNVL_TEMPLATE,
-                  "llava_onevision": LLAVA_ONEVISION_TEMPLATE, "qwen3_vl_moe": QWEN3_VL_TEMPLATE}
+                  "llava_onevision": LLAVA_ONEVISION_TEMPLATE, "qwen3_vl_moe": QWEN3_VL_TEMPLATE,
+                  "gemma4": GEMMA4_TEMPLATE}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -324,7 +349,43 @@ def _llama_style_tokenizer(chat_template: str, n_pieces: int = 200):
     return t
 
 
+# google/gemma-4-*'s tokenizer_config.json: these names for these tokens (the processor reads them)
+GEMMA4_SPECIAL = {"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                  "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>",
+                  "sot_token": "<|turn>", "eot_token": "<turn|>", "soc_token": "<|channel>",
+                  "eoc_token": "<channel|>", "think_token": "<|think|>"}
+
+
+def _gemma_tokenizer(chat_template: str, n_pieces: int = 200):
+    """GemmaTokenizer (SentencePiece-style BPE with byte fallback, spaces as \u2581): <pad> <eos> <bos> <unk>
+    <mask> (ids 0-4, as in Gemma), <0x00>..<0xFF>, the trained pieces, then Gemma 4's turn, image, audio and
+    video tokens."""
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import AddedToken, GemmaTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=n_pieces, special_tokens=[], show_progress=False)
+    tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    model = json.loads(tok.to_str())["model"]
+    vocab = {s: i for i, s in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for piece, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]):
+        if piece not in vocab:
+            vocab[piece] = len(vocab)
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    t = GemmaTokenizer(vocab=vocab, merges=merges, extra_special_tokens=dict(GEMMA4_SPECIAL),
+                       padding_side="left", add_bos_token=False, model_max_length=4096)
+    t.add_tokens([AddedToken(s, special=True, normalized=False)
+                  for s in [*GEMMA4_SPECIAL.values(), "<|video|>"]], special_tokens=True)
+    t.chat_template = chat_template
+    return t
+
+
 def _tokenizer(family: str):
+    if family == "gemma4":
+        return _gemma_tokenizer(CHAT_TEMPLATES[family])
     if family == "llava" or family == "llava_next":
         return _llama_style_tokenizer(CHAT_TEMPLATES[family])
     if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
@@ -361,10 +422,19 @@ ONEVISION_PINPOINTS = [[ONEVISION_VIEW * h, ONEVISION_VIEW * w] for h in (1, 2, 
 ONEVISION_ASPECT = "anyres_max_9"
 
 
+GEMMA4_PATCH, GEMMA4_POOL, GEMMA4_MAX_TOKENS = 4, 2, 70  # at most 70 soft tokens an image (the smallest budget)
+
+
 def _processor(family: str, tokenizer):
     import transformers as tf
 
     template = CHAT_TEMPLATES[family]
+    if family == "gemma4":
+        geom = dict(patch_size=GEMMA4_PATCH, pooling_kernel_size=GEMMA4_POOL, max_soft_tokens=GEMMA4_MAX_TOKENS)
+        return tf.Gemma4Processor(feature_extractor=tf.Gemma4AudioFeatureExtractor(),
+                                  image_processor=tf.Gemma4ImageProcessor(**geom),
+                                  video_processor=tf.Gemma4VideoProcessor(**geom), tokenizer=tokenizer,
+                                  image_seq_length=GEMMA4_MAX_TOKENS, chat_template=template)
     if family == "llava":
         ip = tf.CLIPImageProcessor(size={"shortest_edge": LLAVA_IMAGE},
                                    crop_size={"height": LLAVA_IMAGE, "width": LLAVA_IMAGE},
@@ -511,6 +581,31 @@ def _config(family: str, tok):
                                       vision_feature_select_strategy="full", vision_aspect_ratio=ONEVISION_ASPECT,
                                       image_grid_pinpoints=ONEVISION_PINPOINTS, tie_word_embeddings=False)
         gen = dict(bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot)
+    elif family == "gemma4":
+        pad, eos, bos, turn_end = _ids(tok, ["<pad>", "<eos>", "<bos>", "<turn|>"])
+        ids = dict(zip(("image_token_id", "boi_token_id", "eoi_token_id", "audio_token_id", "boa_token_id",
+                        "eoa_token_index", "video_token_id"),
+                       _ids(tok, ["<|image|>", "<|image>", "<image|>", "<|audio|>", "<|audio>", "<audio|>",
+                                  "<|video|>"])))
+        # the released layout (google/gemma-4-31B-it) at a tiny width: five sliding layers to one global one with
+        # its own head size and K/V heads (keys are values), proportional partial rotary there, soft-capped
+        # logits, images attended both ways at sliding layers; a window of 8 tokens, shorter than every prompt
+        text = dict(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                    num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=8,
+                    final_logit_softcapping=30.0, use_bidirectional_attention="vision",
+                    hidden_size_per_layer_input=0, num_kv_shared_layers=0, vocab_size_per_layer_input=V,
+                    max_position_embeddings=2048, tie_word_embeddings=False, pad_token_id=pad, eos_token_id=eos,
+                    bos_token_id=bos,
+                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                     "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                        "rope_theta": 1000000.0}})
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, head_dim=8, patch_size=GEMMA4_PATCH, pooling_kernel_size=GEMMA4_POOL,
+                      position_embedding_size=64)
+        cfg = tf.Gemma4Config(text_config=text, vision_config=vision, audio_config=None, tie_word_embeddings=False,
+                              **ids)
+        gen = dict(bos_token_id=bos, eos_token_id=[eos, turn_end], pad_token_id=pad)
     else:
         raise KeyError(family)
     return cfg, gen
@@ -520,7 +615,8 @@ MODEL_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaN
                   "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                   "qwen3_vl": "Qwen3VLForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
                   "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-                  "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+                  "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+                  "gemma4": "Gemma4ForConditionalGeneration"}
 
 
 def _randomize(model, seed: int):
@@ -545,7 +641,7 @@ def _randomize(model, seed: int):
 
 def never_emitted_ids(tok, vocab_size: int) -> list[int]:
     """Rows of the LM head zeroed: every special token except the eos tokens, and the unused padded rows."""
-    eos = {"<|im_end|>", "</s>"}
+    eos = {"<|im_end|>", "</s>", "<eos>", "<turn|>"}
     ids = [tok.convert_tokens_to_ids(t) for t in tok.all_special_tokens + list(tok.get_added_vocab())
            if t not in eos]
     return sorted({i for i in ids if i is not None and i >= 0} | set(range(len(tok), vocab_size)))
@@ -671,7 +767,7 @@ def build_hub_cache(hub_cache: pathlib.Path) -> dict[str, str]:
     complete for this builder version are skipped. Returns REPO_IDS."""
     hub_cache = pathlib.Path(hub_cache)
     hub_cache.mkdir(parents=True, exist_ok=True)
-    for family in FAMILIES:
+    for family in FAMILIES + MORE_FAMILIES:
         _build_repo(hub_cache, family)
     _build_repo(hub_cache, "qwen2_5_vl", sampling=True)
     return dict(REPO_IDS)

@@ -17,7 +17,8 @@ def hf_layer(layer, h, mask, cos, sin):
 
 @torch.no_grad()
 def masked_reference_logits(adapter, prepared, P: int, dropped: torch.Tensor, steps: int):
-    """Greedy logits [B, steps, V]. `dropped` [B, T] marks visual tokens removed from layers >= P."""
+    """Greedy logits [B, steps, V]. `dropped` [B, T] marks visual tokens removed from layers >= P. Sliding-window
+    layers (the adapter's `sliding_window`) see only the keys within their window (sequence index)."""
     h0 = prepared.inputs_embeds
     B, T, _ = h0.shape
     valid = prepared.attention_mask
@@ -40,11 +41,15 @@ def masked_reference_logits(adapter, prepared, P: int, dropped: torch.Tensor, st
         base = causal[None] & v[:, None, :]
         base |= torch.eye(n, dtype=torch.bool)[None]
         pruned_mask = base & ~d[:, None, :]
+        index_diff = torch.arange(n)[:, None] - torch.arange(n)[None, :]  # query index - key index
         cos, sin = adapter.rotary(h, p)
         index = torch.arange(n).expand(B, n)
         index = torch.where(index < T, index, -1)
         for i, layer in enumerate(adapter.layers):
             m = (base if i < P else pruned_mask)[:, None]
+            window = adapter.sliding_window(i)
+            if window is not None:  # a sliding layer: keys within the window by sequence index, as transformers'
+                m = m & (index_diff < window)
             h = hf_layer(layer, h, m, cos, sin)
             h = adapter.after_layer(i, h, index, prepared.extras)
         lg = adapter.lm_head(adapter.final_norm(h[:, -1:]))[:, -1].float()

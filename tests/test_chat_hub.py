@@ -10,7 +10,7 @@ import torch
 
 import dstp
 from dstp import ConfigError, InputError, PruneConfig, DSTPConfig
-from hub_fixtures import FAMILIES, conversation, sample_images
+from hub_fixtures import FAMILIES, MORE_FAMILIES, conversation, sample_images
 
 NEW = 12
 
@@ -39,7 +39,7 @@ def cases():
     }
 
 
-@pytest.fixture(scope="module", params=[(f, d) for f in FAMILIES for d in ("float32", "bfloat16")],
+@pytest.fixture(scope="module", params=[(f, d) for f in FAMILIES + MORE_FAMILIES for d in ("float32", "bfloat16")],
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def pipe(request, hub_models):
     family, dtype = request.param

@@ -209,3 +209,23 @@ def test_visionpulse_compiles_to_one_graph(llava, family):
     for e, c in zip(eager.trace.steps, compiled.trace.steps):
         assert torch.equal(e.selected_mask, c.selected_mask) and torch.equal(e.visual_attended, c.visual_attended)
     assert len({tuple(s.visual_attended.tolist()) for s in eager.trace.steps}) > 1  # the budget moved
+
+
+@pytest.mark.parametrize("source", [None, "store", "recompute"])
+def test_sliding_window_compiles_to_one_graph(source):
+    """A window of 8 on Qwen2.5-VL's layers 1-3 (prompts of 15-25 tokens): the compiled step masks its sliding layers
+    by the new token's original index (a tensor), compiles to one graph and gives the eager step's tokens, which
+    equal generate()'s unpruned."""
+    model = tm.tiny_qwen2_5_vl(window=8)
+    adapter = adapter_for_model(model)
+    batch = tm.qwen_batch([(8, 8), (4, 8)], [3, 1])
+    prepared = adapter.prepare(batch)
+    method = "fastv" if source else None
+    counter = CompileCounter()
+    eager = run(adapter, prepared, EngineConfig(), method, source, n=10)
+    compiled = run(adapter, prepared, EngineConfig(compile=True, compile_backend=counter), method, source, n=10)
+    assert counter.frame_count == 1
+    assert torch.equal(eager.tokens, compiled.tokens) and (eager.logits - compiled.logits).abs().max() < 1e-5
+    if source is None:
+        hf = model.generate(**batch, max_new_tokens=10, do_sample=False)
+        assert torch.equal(compiled.tokens, hf[:, batch["input_ids"].shape[1]:])

@@ -257,6 +257,7 @@ def check_config_fields(source: str, hub: dict, adapter_cls):
     missing = adapter_cls.missing_config_field(raw)
     if missing is not None:
         raise InputError(f"{source}: config.json has no {missing}, which dstp's {adapter_cls.family} adapter needs")
+    adapter_cls.check_config(raw)
 
 
 def check_one_device(placements):

@@ -343,7 +343,12 @@ class ShiftPolicy:
             # keys: the stage's kept prompt (causally) and the query's own slot; a query that computes nothing may
             # see anything (no empty row)
             mask = s.prompt_mask(order, base, slots) | ~live[:, None, :, None]
-            h, _ = run_layers(adapter, stage.layers, h, Attention(mask=mask), cos, sin,
+            attention = Attention(mask=mask)
+            if adapter.window is not None:  # sliding layers: the prompt slots in the token's window (original index)
+                attention = attention.with_sliding(Attention(
+                    mask=s.prompt_mask(order, base, slots, adapter.window, state.prepared.attention_blocks)
+                    | ~live[:, None, :, None]))
+            h, _ = run_layers(adapter, stage.layers, h, attention, cos, sin,
                               s.scatter_view(slots, rows=live, returns="all"), torch.where(live, pos, -1),
                               state.prepared.extras)
             pairs = (mask[:, 0] & live[:, :, None]).sum()

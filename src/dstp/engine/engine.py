@@ -93,13 +93,24 @@ def prune_points(pruner) -> tuple[int, ...]:
     return points
 
 
-def prefill_attention(store: KVStore, start: int, query_order: torch.Tensor) -> tuple[Attention, int]:
-    """How a prefill's queries attend to store slots [0, start + Q), and how many query-key pairs that is."""
+def prefill_attention(store: KVStore, start: int, query_order: torch.Tensor, window: int | None = None,
+                      blocks: torch.Tensor | None = None) -> tuple[Attention, int]:
+    """How a prefill's queries attend to store slots [0, start + Q), and how many query-key pairs that is (at full
+    layers). `window`: the model's sliding window (the variant its sliding layers use is built too, seeing
+    `blocks` both ways: `allowed_keys`)."""
+    end = start + query_order.shape[1]
     if store.plain_causal(start, query_order):
         n = query_order.shape[1]
-        return CAUSAL, query_order.shape[0] * n * (n + 1) // 2  # SDPA's fused causal kernel
-    mask = store.mask_upto(start + query_order.shape[1], query_order)
-    return Attention(mask=mask), int(mask.sum())
+        attention, pairs = CAUSAL, query_order.shape[0] * n * (n + 1) // 2  # SDPA's fused causal kernel
+        # the queries are every slot, in increasing order: the window binds only if a row spans more than it
+        if window is not None and blocks is None and int((query_order[:, -1] - query_order[:, 0]).max()) < window:
+            return attention.with_sliding(CAUSAL), pairs
+    else:
+        mask = store.mask_upto(end, query_order)
+        attention, pairs = Attention(mask=mask), int(mask.sum())
+    if window is None:
+        return attention, pairs
+    return attention.with_sliding(Attention(mask=store.mask_upto(end, query_order, window, blocks))), pairs
 
 
 class Engine:
@@ -110,6 +121,7 @@ class Engine:
         self.hidden_size = cfg.hidden_size
         self.vocab_size = cfg.vocab_size
         self.linear_params = adapter.linear_params_per_layer()
+        self.window = adapter.window  # the sliding window of the model's sliding layers, None without any
         step = self.step
         self._step = compile_step(step, self.config, adapter.device) if self.config.compile else step
         self.compiled = self._step is not step  # False: eager (asked for, or the fallback)
@@ -120,11 +132,12 @@ class Engine:
         generated tokens now, grown by chunks as they come."""
         a = self.adapter
         first = min(max_new_tokens, GROW_CHUNK)
-        return KVStore(layers, batch, a.n_kv_heads, a.head_dim, prompt_slots + first, a.dtype, a.device,
-                       prompt_slots + max_new_tokens, reserve, frozenset(a.linear_layers))
+        return KVStore(layers, batch, [a.kv_heads(i) for i in layers], [a.kv_head_dim(i) for i in layers],
+                       prompt_slots + first, a.dtype, a.device, prompt_slots + max_new_tokens, reserve,
+                       frozenset(a.linear_layers))
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        return self.adapter.lm_head(self.adapter.final_norm(h_last))[:, -1].float()
+        return self.adapter.logits(h_last)[:, -1].float()
 
     def attention_rows(self, layer: int, layer_input: torch.Tensor, query_pos: torch.Tensor, store: KVStore,
                        cos, sin) -> torch.Tensor:
@@ -136,10 +149,11 @@ class Engine:
         cq = cos.gather(1, query_pos[..., None].expand(-1, -1, hd))
         sq = sin.gather(1, query_pos[..., None].expand(-1, -1, hd))
         q = a.query(layer, hq, cq, sq)  # [B, H, Q, hd]
-        keys = store.layer_keys(layer, store.filled).repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+        keys = store.layer_keys(layer, store.filled)
+        keys = keys.repeat_interleave(a.n_heads // keys.shape[1], dim=1)
         scores = (q.float() @ keys.float().transpose(-1, -2)) * a.attention_scale(layer)
         order = store.prompt_tags(store.filled - store.front).gather(1, query_pos)
-        allowed = store.mask_upto(store.filled, order)  # [B, 1, Q, filled]
+        allowed = store.mask_upto(store.filled, order, a.sliding_window(layer))  # [B, 1, Q, filled]
         return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
 
     def run_prompt(self, prepared: PreparedInputs, capture) -> tuple[KVStore, torch.Tensor, torch.Tensor, dict]:
@@ -151,7 +165,7 @@ class Engine:
         store = self.new_store(range(0, self.adapter.n_layers), B, T, 0)
         store.claim(0, order, prepared.attention_mask)
         cos, sin = self.adapter.rotary(h, prepared.position_ids)
-        attention, _ = prefill_attention(store, 0, order)
+        attention, _ = prefill_attention(store, 0, order, self.window, prepared.attention_blocks)
         captured = {}
         for i in range(self.adapter.n_layers):
             if i in capture:
@@ -204,7 +218,7 @@ class Engine:
         order = torch.arange(T, device=h.device).expand(B, T)
         state.full = self.new_store(range(0, P), B, T, max_new_tokens)
         state.full.claim(0, order, prepared.attention_mask)
-        attention, pairs = prefill_attention(state.full, 0, order)
+        attention, pairs = prefill_attention(state.full, 0, order, self.window, prepared.attention_blocks)
         captured, view = {}, state.full.prefill_view(0)
         for i in range(P):
             if i in (P - 1, probe):
@@ -267,8 +281,10 @@ class Engine:
             hk = h_at.gather(1, idx[..., None].expand(-1, -1, D))
             ck = state.cos.gather(1, idx[..., None].expand(-1, -1, state.cos.shape[-1]))
             sk = state.sin.gather(1, idx[..., None].expand(-1, -1, state.cos.shape[-1]))
-            attention, pairs = prefill_attention(store, 0, korder) if reserve == 0 else \
-                (Attention(mask=store.mask_upto(reserve + Tk, korder)), None)
+            blocks = prepared.attention_blocks
+            attention, pairs = prefill_attention(store, 0, korder, self.window, blocks) if reserve == 0 else \
+                (self._masked(store.mask_upto(reserve + Tk, korder), None if self.window is None else
+                              store.mask_upto(reserve + Tk, korder, self.window, blocks)), None)
             hk, cap = run_layers(self.adapter, range(Ps, stop), hk, attention, ck, sk,
                                  store.prefill_view(reserve), torch.where(kvalid, idx, -1), prepared.extras,
                                  capture=None if last else stop - 1)
@@ -307,6 +323,11 @@ class Engine:
         if not bool(valid.all()):
             attention = Attention(mask=allowed_keys(order, valid, order))
             pairs = int((attention.mask[:, 0] & valid[:, :, None]).sum())
+        if self.window is not None:
+            blocks = prepared.attention_blocks
+            sliding = CAUSAL if attention.causal and T <= self.window and blocks is None else \
+                Attention(mask=allowed_keys(order, valid, order, self.window, blocks))
+            attention = attention.with_sliding(sliding)
         for stage in state.stages:
             slots = self._store_slots(state, stage)
             h, _ = run_layers(a, stage.layers, h, attention, state.cos, state.sin,
@@ -349,7 +370,8 @@ class Engine:
         if probe == 0 and P == 0:
             q_probe = a.query(0, h, cos, sin)
         if P > 0:
-            h, captured = self._decode_layers(state.full, range(0, P), h, t, t_host, order, cos, sin, probe)
+            h, captured = self._decode_layers(state.full, range(0, P), h, t, t_host, order, cos, sin, probe,
+                                              state.T, in_order=True)
             flops = flops + self.flops(P, B, state.full.valid.sum())
             if probe is not None:
                 q_probe = a.query(probe, captured, cos, sin)
@@ -362,18 +384,39 @@ class Engine:
             else:
                 step_trace = StepTrace(visual_attended=state.kept.sum(-1))
             for stage in state.stages:
-                h, _ = self._decode_layers(stage.store, stage.layers, h, t, t_host, order, cos, sin)
+                h, _ = self._decode_layers(stage.store, stage.layers, h, t, t_host, order, cos, sin, None, state.T)
                 flops = flops + self.flops(len(stage.layers), B, stage.store.valid.sum())
         else:
             step_trace = StepTrace(visual_attended=state.prepared.n_visual)
         state.step.add_(1)
         return self._logits(h), flops, step_trace
 
-    def _decode_layers(self, store: KVStore, layers: range, h, t, t_host, order, cos, sin, capture=None):
+    def _decode_layers(self, store: KVStore, layers: range, h, t, t_host, order, cos, sin, capture=None,
+                       T: int = 0, in_order: bool = False):
+        """`order` [B, 1]: the new token's original index (T + t; T the padded prompt length). `in_order`: slot s
+        holds the token of original index s (the store of layers < P)."""
         end = None if t_host is None else store.filled + t_host + 1
         view = store.append(store.filled + t, order, end)
         attention = UNMASKED if store.reads_all(end) else Attention(mask=store.decode_mask(end))
+        if self.window is not None:
+            # eagerly the host knows whether the window reaches past index 0 yet; compiled, it is always masked
+            binds = t_host is None or T + t_host >= self.window
+            if not binds:
+                sliding = attention
+            elif in_order and end is not None:  # the window is the last `window` slots: read only those, as
+                first = end - self.window  # transformers' sliding cache holds only them
+                sliding = Attention(mask=None if store.dense else store.valid[:, None, None, first:end],
+                                    first_key=first)
+            else:
+                sliding = Attention(mask=store.decode_mask(end, order, self.window))
+            attention = attention.with_sliding(sliding)
         return run_layers(self.adapter, layers, h, attention, cos, sin, view, None, NO_EXTRAS, capture)
+
+    @staticmethod
+    def _masked(mask: torch.Tensor, sliding_mask: torch.Tensor | None) -> Attention:
+        """Attention by `mask`, with the sliding variant by `sliding_mask` when the model has a window."""
+        attention = Attention(mask=mask)
+        return attention if sliding_mask is None else attention.with_sliding(Attention(mask=sliding_mask))
 
     def step(self, state: State, logits, finished, lengths, seen, stop_ids, config: GenerationConfig, uniform,
              policy=None, pstate=None, noise=None, t_host: int | None = None):

@@ -28,27 +28,42 @@ NEVER = torch.iinfo(torch.long).max  # order tag of an empty slot
 GROW_CHUNK = 256  # slots added per growth step
 
 
-def allowed_keys(order: torch.Tensor, valid: torch.Tensor, query_order: torch.Tensor) -> torch.Tensor:
+def allowed_keys(order: torch.Tensor, valid: torch.Tensor, query_order: torch.Tensor,
+                 window: int | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean attention mask [B, 1, Tq, S] of queries at original indices `query_order` [B, Tq] over keys tagged
-    `order` [B, S]: the valid keys at or before each query's index."""
+    `order` [B, S]: the valid keys at or before each query's index (and, with a sliding `window`, after its index
+    - window: original indices, so a pruned or revived token is in a query's window exactly when it would be in
+    the unpruned run). `blocks` [B, T] (block id of each prompt index, -1: none): a query also sees the valid keys
+    after it in its own block (Gemma 4's sliding layers attend both ways inside an image)."""
     allowed = valid[:, None, :] & (order[:, None, :] <= query_order[:, :, None])
+    if window is not None:
+        allowed &= order[:, None, :] > query_order[:, :, None] - window
+    if blocks is not None:
+        T = blocks.shape[1]
+        block_of = lambda i: torch.where((i >= 0) & (i < T), blocks.gather(1, i.clamp(0, T - 1)), -1)  # noqa: E731
+        bq, bk = block_of(query_order), block_of(order)
+        same = (bq[:, :, None] == bk[:, None, :]) & (bq[:, :, None] >= 0)
+        allowed |= same & valid[:, None, :] & (order[:, None, :] > query_order[:, :, None])
     # A padding query sees nothing; let it see itself so no row is all -inf (NaN would leak into V).
     allowed |= order[:, None, :] == query_order[:, :, None]
     return allowed[:, None]
 
 
 class KVStore:
-    def __init__(self, layers: range, batch: int, n_kv_heads: int, head_dim: int, capacity: int,
+    def __init__(self, layers: range, batch: int, n_kv_heads, head_dim, capacity: int,
                  dtype: torch.dtype, device: torch.device, limit: int | None = None, reserve: int = 0,
                  no_kv: frozenset = frozenset()):
         """`capacity` front slots (+ `reserve` reserve slots) are allocated now; the front may grow to `limit` slots
-        (None: it never grows). Layers in `no_kv` (linear attention) keep no K/V: an empty buffer that never grows."""
+        (None: it never grows). `n_kv_heads`, `head_dim`: one int, or one per layer (Gemma 4's global layers have
+        other head counts and sizes than its sliding ones). Layers in `no_kv` (linear attention) keep no K/V: an
+        empty buffer that never grows."""
         self.layers = layers
         self.limit = capacity if limit is None else limit
-        shape = (batch, n_kv_heads, reserve + capacity, head_dim)
-        empty = (batch, n_kv_heads, 0, head_dim)
-        self.k = [torch.zeros(empty if i in no_kv else shape, dtype=dtype, device=device) for i in layers]
-        self.v = [torch.zeros(empty if i in no_kv else shape, dtype=dtype, device=device) for i in layers]
+        per_layer = lambda x: list(x) if isinstance(x, (list, tuple)) else [x] * len(layers)  # noqa: E731
+        shapes = [(batch, h, 0 if i in no_kv else reserve + capacity, d)
+                  for i, h, d in zip(layers, per_layer(n_kv_heads), per_layer(head_dim))]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.order = torch.full((batch, reserve + capacity), NEVER, dtype=torch.long, device=device)
         self.valid = torch.zeros((batch, reserve + capacity), dtype=torch.bool, device=device)
         self.reserve = reserve  # slots [0, reserve)
@@ -100,9 +115,11 @@ class KVStore:
                      prefill_valid: torch.Tensor | None = None) -> "ScatterView":
         return ScatterView(self, slots, rows, returns, prefill_valid)
 
-    def mask_upto(self, end: int, query_order: torch.Tensor) -> torch.Tensor:
-        """Mask [B, 1, Tq, end] of queries over slots [0, end)."""
-        return allowed_keys(self.order[:, :end], self.valid[:, :end], query_order)
+    def mask_upto(self, end: int, query_order: torch.Tensor, window: int | None = None,
+                  blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask [B, 1, Tq, end] of queries over slots [0, end) (within a sliding `window`, if given; `blocks`:
+        `allowed_keys`)."""
+        return allowed_keys(self.order[:, :end], self.valid[:, :end], query_order, window, blocks)
 
     def plain_causal(self, start: int, query_order: torch.Tensor) -> bool:
         """True when the queries fill every slot attention reads, in increasing order with no padding: then a plain
@@ -162,14 +179,20 @@ class KVStore:
             return GatherView(self, slot, self.capacity if end is None else end)
         return SlotView(self, slot, self.capacity if end is None else end)
 
-    def decode_mask(self, end: int | None = None) -> torch.Tensor:
+    def decode_mask(self, end: int | None = None, query_order: torch.Tensor | None = None,
+                    window: int | None = None) -> torch.Tensor:
         """[B, 1, 1, end]: what one new token per row attends to among slots [0, end), every valid one (all of
-        them come before it). With a read set: over the gathered prompt slots, then the generated ones."""
+        them come before it); with a sliding `window`, only those tagged after `query_order` [B, 1] - window. With a
+        read set: over the gathered prompt slots, then the generated ones."""
         if self.read_index is not None:
             end = self.capacity if end is None else end
-            gathered = self.valid.gather(1, self.read_index) & self.read_mask
-            return torch.cat([gathered, self.valid[:, self.filled:end]], 1)[:, None, None]
-        return self.valid[:, None, None, :end]
+            valid = torch.cat([self.valid.gather(1, self.read_index) & self.read_mask, self.valid[:, self.filled:end]], 1)
+            order = torch.cat([self.order.gather(1, self.read_index), self.order[:, self.filled:end]], 1)
+        else:
+            valid, order = self.valid[:, :end], self.order[:, :end]
+        if window is not None:
+            valid = valid & (order > query_order - window)
+        return valid[:, None, None, :]
 
     def read_prompt(self, index: torch.Tensor, mask: torch.Tensor):
         """From now on a decoding step reads only the prompt slots `index` [B, W] (those in `mask` [B, W] count) and
@@ -209,13 +232,15 @@ class KVStore:
     def prompt_tags(self, n: int) -> torch.Tensor:
         return self.order[:, self.reserve:self.reserve + n]
 
-    def prompt_mask(self, query_order: torch.Tensor, prompt_valid: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    def prompt_mask(self, query_order: torch.Tensor, prompt_valid: torch.Tensor, own: torch.Tensor,
+                    window: int | None = None, blocks: torch.Tensor | None = None) -> torch.Tensor:
         """Mask [B, 1, Q, capacity] of queries at original indices `query_order` [B, Q] that attend causally to the
-        prompt slots valid in `prompt_valid` [B, n] (the first n front slots) and to their own slot `own` [B, Q]."""
+        prompt slots valid in `prompt_valid` [B, n] (the first n front slots; within a sliding `window`, if given)
+        and to their own slot `own` [B, Q]."""
         keys_valid = torch.zeros_like(self.valid)
         keys_valid[:, self.front:self.front + prompt_valid.shape[1]] = prompt_valid
         slot = torch.arange(self.capacity, device=own.device)[None, None, :] == own[:, :, None]
-        return allowed_keys(self.order, keys_valid, query_order) | slot[:, None]
+        return allowed_keys(self.order, keys_valid, query_order, window, blocks) | slot[:, None]
 
     def reserve_nbytes(self) -> tuple[int, int]:
         """(bytes of the front, bytes of the reserve) as allocated: the slot axis divides every buffer."""

@@ -120,10 +120,14 @@ class PruneContext:
         D, hd = h.shape[-1], self._cos.shape[-1]
         pick = lambda x, d: x.gather(1, slots[..., None].expand(-1, -1, d))
         q = a.query(self.layer, pick(h, D), pick(self._cos, hd), pick(self._sin, hd))  # [B, H, Q, hd]
-        k = a.key(self.layer, h, self._cos, self._sin).repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+        k = a.key(self.layer, h, self._cos, self._sin)
+        k = k.repeat_interleave(a.n_heads // k.shape[1], dim=1)
         scores = (q.float() @ k.float().transpose(-1, -2)) * a.attention_scale(self.layer)
         order, valid = self._slot_order, self._slot_valid
         allowed = valid[:, None, None, :] & (order[:, None, None, :] <= query_pos[:, None, :, None])
+        window = a.sliding_window(self.layer)
+        if window is not None:
+            allowed &= order[:, None, None, :] > query_pos[:, None, :, None] - window
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
         return self._to_positions(probs, order)
 

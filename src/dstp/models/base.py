@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ class PreparedInputs:
     input_ids: torch.Tensor | None = None  # [B, T] the prompt's token ids (repetition penalty)
     vision: "VisionInternals | None" = None  # encoder internals before the projector (VisionZip), if asked for
     video: "VideoLayout | None" = None  # where each video token sits in its clip (None: no video in the batch)
+    # [B, T] long: the block of each prompt token that sliding-window layers attend to both ways (Gemma 4: each
+    # image), -1 outside any; None: causal everywhere
+    attention_blocks: torch.Tensor | None = None
 
     @property
     def n_visual(self) -> torch.Tensor:
@@ -79,6 +83,11 @@ class Adapter:
             if not any(name in config for name in names):
                 return " or ".join(repr(n) for n in names)
         return None
+
+    @classmethod
+    def check_config(cls, config: dict):
+        """Refuse (UnsupportedModelError, one line) a checkpoint whose raw config.json asks for what the adapter
+        cannot run; called before the weights load."""
 
     @classmethod
     def load_processor(cls, path, **hub_kwargs):
@@ -161,6 +170,17 @@ class Adapter:
         cfg = self.text_config
         return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
+    def kv_heads(self, layer_idx: int) -> int:
+        """K/V heads of layer `layer_idx` (the same at every layer but in Gemma 4)."""
+        return self.n_kv_heads
+
+    def kv_head_dim(self, layer_idx: int) -> int:
+        return self.head_dim
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM logits of the last layer's output (final norm, LM head; Gemma also soft-caps them)."""
+        return self.lm_head(self.final_norm(hidden))
+
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
@@ -215,6 +235,30 @@ class Adapter:
         """Position ids `[B, 1]` (or `[3, B, 1]`) for one new token per row at `positions` `[B]`."""
         return positions[:, None]
 
+    def sliding_window(self, layer_idx: int) -> int | None:
+        """The window of layer `layer_idx` if it is a sliding-window layer (a key at original index k is seen by a
+        query at index q when q - window < k <= q, as transformers' `sliding_window_overlay`), else None. From the
+        text config: `layer_types[i] == "sliding_attention"` (Qwen2/Qwen3 with `use_sliding_window`, Gemma), or
+        every layer when `sliding_window` is set without `layer_types` (Mistral)."""
+        return self._layer_windows[layer_idx]
+
+    @cached_property
+    def _layer_windows(self) -> tuple:
+        cfg = self.text_config
+        window = getattr(cfg, "sliding_window", None)
+        types = getattr(cfg, "layer_types", None)
+        return tuple(window if window and (types is None or types[i] == "sliding_attention") else None
+                     for i in range(self.n_layers))
+
+    @cached_property
+    def window(self) -> int | None:
+        """The sliding window of the model's sliding layers (one size per model), None if it has none."""
+        sizes = {w for w in map(self.sliding_window, range(self.n_layers)) if w is not None}
+        if len(sizes) > 1:
+            raise InputError(f"this model's sliding-window layers use several window sizes {sorted(sizes)}; dstp "
+                             f"supports one per model")
+        return sizes.pop() if sizes else None
+
     def rotary(self, x: torch.Tensor, position_ids: torch.Tensor):
         return self.language_model.rotary_emb(x, position_ids)
 
@@ -227,15 +271,19 @@ class Adapter:
     def _attn(self, layer_idx: int):
         return self.layers[layer_idx].self_attn
 
+    def layer_rotary(self, layer_idx: int, cos, sin):
+        """The part of `rotary`'s tables layer `layer_idx` uses (all of them but in Gemma 4)."""
+        return cos, sin
+
     def _project(self, proj: nn.Module, norm: nn.Module | None, layer_idx, hidden, cos, sin):
         layer = self.layers[layer_idx]
         x = layer.input_layernorm(hidden)
         B, T, _ = x.shape
-        y = proj(x).view(B, T, -1, self.head_dim)
+        y = proj(x).view(B, T, -1, self.kv_head_dim(layer_idx))
         if norm is not None:
             y = norm(y)
         y = y.transpose(1, 2)
-        return hf_compat.rotate(y, cos, sin)
+        return hf_compat.rotate(y, *self.layer_rotary(layer_idx, cos, sin))
 
     def query(self, layer_idx: int, hidden: torch.Tensor, cos, sin) -> torch.Tensor:
         """Rotated queries `[B, H, T, hd]` of layer `layer_idx` from that layer's input hidden states."""

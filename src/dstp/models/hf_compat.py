@@ -117,10 +117,11 @@ def _cache_kwarg(layer) -> str:
     return _CACHE_KWARG[kind]
 
 
-def call_decoder_layer(layer, hidden, attention, position_embeddings, cache):
-    """Run one transformers decoder layer with the engine's cache view and `Attention`."""
+def call_decoder_layer(layer, hidden, attention, position_embeddings, cache, **family_kwargs):
+    """Run one transformers decoder layer with the engine's cache view and `Attention` (and the keywords a family's
+    layer needs besides, e.g. Gemma 4's `shared_kv_states`)."""
     out = layer(hidden, attention_mask=None, position_embeddings=position_embeddings, use_cache=True,
-                **{_cache_kwarg(layer): cache, ENGINE_KWARG: attention})
+                **{_cache_kwarg(layer): cache, ENGINE_KWARG: attention}, **family_kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -227,6 +228,13 @@ def vision_window_index(visual, grid) -> torch.Tensor:
         return visual.get_window_index(grid)[0]
     return get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
                                    window_size=visual.window_size, patch_size=visual.patch_size)[0]
+
+
+def gemma4_vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position_ids: torch.Tensor):
+    """Gemma 4's ViT rotary (one rotary block per image axis), as its attention applies it to [n, S, H, hd]."""
+    from transformers.models.gemma4.modeling_gemma4 import apply_multidimensional_rope
+
+    return apply_multidimensional_rope(x, cos, sin, position_ids)
 
 
 # -- rotary --------------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from importlib.metadata import entry_points
 
 from dstp.errors import UnsupportedModelError
 from dstp.models.base import Adapter
+from dstp.models.gemma4 import Gemma4Adapter
 from dstp.models.internvl import InternVLAdapter
 from dstp.models.llava import LlavaAdapter
 from dstp.models.llava_next import LlavaNextAdapter
@@ -28,7 +29,7 @@ def register(adapter: type[Adapter]) -> type[Adapter]:
 
 
 for _a in (LlavaAdapter, LlavaNextAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, Qwen35Adapter,
-           Qwen35MoeAdapter):
+           Qwen35MoeAdapter, Gemma4Adapter):
     register(_a)
 for _a in (LlavaOnevisionAdapter, Qwen3VLMoeAdapter):
     register(_a)

@@ -28,6 +28,7 @@ CASES = {
     "qwen3_vl_moe": (tm.tiny_qwen3_vl_moe, lambda: tm.qwen3_vl_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
     "qwen3_5": (tm.tiny_qwen3_5, lambda: tm.qwen_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
     "qwen3_5_moe": (lambda: tm.tiny_qwen3_5(moe=True), lambda: tm.qwen_batch([(8, 8), (4, 8), (8, 4)], [3, 1, 6])),
+    "gemma4": (tm.tiny_gemma4, lambda: tm.gemma4_batch([[(32, 32)], [(24, 40), (40, 24)], []], [3, 1, 6])),
 }
 
 

@@ -104,10 +104,15 @@ def llava_next_batch(image_sizes: list[tuple[int, int]], prefix: list[int], suff
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": sizes}
 
 
-def tiny_qwen2_5_vl(seed: int = 0, layers: int = 4):
+def sliding(window: int | None) -> dict:
+    """Qwen2/Qwen3 text-config keys for a sliding window on every layer but the first (None: none)."""
+    return {} if window is None else dict(use_sliding_window=True, sliding_window=window, max_window_layers=1)
+
+
+def tiny_qwen2_5_vl(seed: int = 0, layers: int = 4, window: int | None = None):
     cfg = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **sliding(window),
                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                           "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
@@ -169,13 +174,13 @@ def qwen3_vl_batch(grids: list[tuple[int, int]], prefix: list[int], suffix: int 
     return qwen_batch(grids, prefix, suffix, seed)
 
 
-def tiny_internvl(seed: int = 0, layers: int = 4):
+def tiny_internvl(seed: int = 0, layers: int = 4, window: int | None = None):
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   image_size=32, patch_size=4)
     text = dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                 num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                 max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, **sliding(window))
     cfg = InternVLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                          image_seq_length=INTERNVL_TILE_TOKENS, downsample_ratio=0.5,
                          vision_feature_layer=-1, vision_feature_select_strategy="default")
@@ -291,3 +296,69 @@ def tiny_qwen3_5(seed: int = 0, layers: int = 4, moe: bool = False):
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = None
     return _init(model, seed)
+
+
+GEMMA4_IDS = dict(image_token_id=100, video_token_id=101, boi_token_id=102, eoi_token_id=103, audio_token_id=104,
+                  boa_token_id=105, eoa_token_index=106)
+
+
+def tiny_gemma4(seed: int = 0, window: int = 8, moe: bool = False):
+    """Gemma 4's layout at a tiny width: five sliding layers (a window of `window` tokens) then one global layer with
+    its own head size and K/V heads (keys are values), proportional partial rotary on the global layer, soft-capped
+    logits, images attended both ways at sliding layers; `moe`: the 26B-A4B's MoE block beside the MLP."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
+                attention_k_eq_v=True, sliding_window=window, final_logit_softcapping=30.0,
+                use_bidirectional_attention="vision", hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+                vocab_size_per_layer_input=VOCAB, max_position_embeddings=512, pad_token_id=0, eos_token_id=1,
+                bos_token_id=2,
+                rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                 "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                    "rope_theta": 1000000.0}})
+    if moe:
+        text.update(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, head_dim=8, patch_size=4, pooling_kernel_size=2, position_embedding_size=64)
+    cfg = Gemma4Config(text_config=text, vision_config=vision, audio_config=None, **GEMMA4_IDS)
+    cfg._attn_implementation = "sdpa"
+    model = Gemma4ForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return _init(model, seed)
+
+
+def gemma4_image_processor():
+    """Gemma 4's own image processor at the tiny tower's patch size: at most 70 soft tokens per image."""
+    from transformers import Gemma4ImageProcessor
+
+    return Gemma4ImageProcessor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=2)
+
+
+def gemma4_batch(sizes: list[list[tuple[int, int]]], prefix: list[int], suffix: int = 4, seed: int = 0):
+    """Left-padded Gemma 4 inputs: row b = prefix[b] text tokens, then per image <boi> + its soft tokens + <eoi> and
+    one text token, then `suffix` text tokens; images of sizes (h, w) from Gemma 4's image processor (a row may
+    have none)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+              for row in sizes for h, w in row]
+    pixels = gemma4_image_processor()(images, return_tensors="pt") if images else {}
+    counts = iter(pixels.get("num_soft_tokens_per_image", []))
+    ids = GEMMA4_IDS
+    rows = []
+    for row, n in zip(sizes, prefix):
+        parts = [torch.randint(3, 90, (n,), generator=g)]
+        for _ in row:
+            parts += [torch.tensor([ids["boi_token_id"]]), torch.full((int(next(counts)),), ids["image_token_id"]),
+                      torch.tensor([ids["eoi_token_id"]]), torch.randint(3, 90, (1,), generator=g)]
+        parts.append(torch.randint(3, 90, (suffix,), generator=g))
+        rows.append(torch.cat(parts))
+    input_ids, mask = left_pad(rows)
+    batch = {"input_ids": input_ids, "attention_mask": mask,
+             "mm_token_type_ids": (input_ids == ids["image_token_id"]).long()}
+    if images:
+        batch.update(pixel_values=pixels["pixel_values"], image_position_ids=pixels["image_position_ids"])
+    return batch
