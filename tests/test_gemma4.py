@@ -148,7 +148,7 @@ def test_store_source_reviving_every_token_equals_unpruned(gemma):
 
 
 # -- every pruner, DSTP with both sources, the compiled step ----------------------------------------------------
-RUNS = [m for m in sorted(PRUNERS) if m != "oracle"]
+RUNS = [m for m in sorted(PRUNERS) if m != "oracle" and not PRUNERS[m].video_only]  # evs: tests/test_evs.py
 
 
 @pytest.mark.parametrize("method", RUNS)

@@ -192,9 +192,12 @@ def test_cache_layout(hub_models):
 
 
 def _digests(root: pathlib.Path) -> dict[str, str]:
-    """Every file of the fixture repos under `root` (the session cache also holds tests/real_checkpoints.py's)."""
+    """Every file of build_hub_cache's repos under `root` (the session cache also holds tests/real_checkpoints.py's
+    stand-ins and the fixtures other test modules build, such as tests/hub_fixture_qwen3_5.py's)."""
+    repos = {H._repo_folder(root, repo_id).name for repo_id in H.REPO_IDS.values()}
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for repo in sorted(root.glob("models--dstp-fixtures--*")) for p in sorted(repo.rglob("*")) if p.is_file()}
+            for repo in sorted(root.glob("models--dstp-fixtures--*")) if repo.name in repos
+            for p in sorted(repo.rglob("*")) if p.is_file()}
 
 
 def test_build_is_deterministic_and_idempotent(hub_models, tmp_path):

@@ -73,6 +73,15 @@ def test_video_in_bfloat16_equals_transformers_generate(hub_models, family):
     assert torch.equal(out.tokens, reference_tokens(pipe, conversations))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_qwen3_vl_moe_video_equals_transformers_generate(hub_models, dtype):
+    """Qwen3-VL-MoE takes video through Qwen3-VL's adapter: the same clips, the same tokens as generate()."""
+    pipe = dstp.load(hub_models["qwen3_vl_moe"], dtype=dtype)
+    conversations = frames_batch()
+    out = pipe.chat(conversations, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(out.tokens, reference_tokens(pipe, conversations))
+
+
 def test_video_file_equals_generate_on_its_decoded_frames(pipe, tmp_path):
     path = write_clip(moving_square(16, seed=5, red_frame=7), tmp_path / "clip.mp4", fps=4)
     frames, metadata = decode_video(path)

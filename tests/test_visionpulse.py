@@ -52,6 +52,12 @@ def family(name):
     elif name == "llava_next":
         model = tm.tiny_llava_next(layers=4)
         batch = tm.llava_next_batch([(30, 60), (60, 60), (60, 30)], [3, 1, 4])
+    elif name == "qwen3_vl_moe":
+        model = tm.tiny_qwen3_vl_moe(layers=4)
+        batch = tm.qwen3_vl_batch([(4, 6), (6, 6), (4, 4)], [2, 5, 1])
+    elif name == "llava_onevision":
+        model = tm.tiny_llava_onevision(layers=4)
+        batch = tm.llava_onevision_batch([[(30, 55)], [(40, 40), (20, 20)], []], [3, 7, 4])
     elif name == "internvl":
         model = tm.tiny_internvl(layers=4)
         batch = tm.internvl_batch([1, 2, 1], [3, 1, 4])
@@ -65,7 +71,8 @@ CONFIGS = [VisionPulseConfig.setting("10pct", anchor_layer=2), VisionPulseConfig
            VisionPulseConfig(anchor_layer=1, visual_mass_tau=1.0, budget_min=0.02, budget_max=0.98)]
 
 
-@pytest.mark.parametrize("name", ["qwen3_vl", "internvl", "llava", "qwen2_5_vl", "llava_next"])
+@pytest.mark.parametrize("name", ["qwen3_vl", "internvl", "llava", "qwen2_5_vl", "llava_next", "qwen3_vl_moe",
+                                  "llava_onevision"])
 def test_selection_is_the_authors_rule(name):
     model, batch = family(name)
     adapter = adapter_for_model(model)
@@ -172,6 +179,10 @@ def test_bad_input_is_one_line():
         VisionPulseConfig.setting("20pct")
     with pytest.raises(ConfigError, match="shift= takes a decode-time policy config"):
         dstp.from_model(model, shift="visionpulse")
+    with pytest.raises(ConfigError) as e:  # a sliding window hides the visual tokens the rule selects among
+        dstp.from_model(tm.tiny_qwen2_5_vl(window=8), shift=VisionPulseConfig(anchor_layer=2))
+    assert str(e.value) == ("VisionPulse is not supported on qwen2_5_vl: layers [1, 2, 3] are sliding-window layers, "
+                            "where its selection among every visual token is not defined (docs/visionpulse.md)")
 
 
 @pytest.mark.parametrize("args,needle", [

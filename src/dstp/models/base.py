@@ -17,7 +17,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-from dstp.errors import InputError
+from dstp.errors import ConfigError, InputError
 from dstp.models import hf_compat
 from dstp.models.video import VideoLayout, decode_video
 from dstp.models.vision import VisionInternals  # noqa: F401 (the type of PreparedInputs.vision)
@@ -72,8 +72,15 @@ class Adapter:
 
     @classmethod
     def check_methods(cls, config, pruner=None, policy_config=None):
-        """A one-line ConfigError for a pruner or DSTP configuration this family cannot run (before any model work);
-        every method runs on a family whose every layer is attention."""
+        """A one-line ConfigError for a pruner or decode-time policy this family cannot run (before any model work).
+        Every method runs on a family whose every layer is full attention; VisionPulse's rule (a per-step selection
+        among every visual token) is not defined for sliding-window layers, which see none outside their window."""
+        if type(policy_config).__name__ == "VisionPulseConfig":
+            sliding = [i for i, w in enumerate(layer_windows(config.get_text_config())) if w is not None]
+            if sliding:
+                raise ConfigError(f"VisionPulse is not supported on {cls.family}: layers {sliding} are sliding-window "
+                                  f"layers, where its selection among every visual token is not defined "
+                                  f"(docs/visionpulse.md)")
 
     @classmethod
     def missing_config_field(cls, config: dict) -> str | None:
@@ -244,11 +251,7 @@ class Adapter:
 
     @cached_property
     def _layer_windows(self) -> tuple:
-        cfg = self.text_config
-        window = getattr(cfg, "sliding_window", None)
-        types = getattr(cfg, "layer_types", None)
-        return tuple(window if window and (types is None or types[i] == "sliding_attention") else None
-                     for i in range(self.n_layers))
+        return layer_windows(self.text_config, self.n_layers)
 
     @cached_property
     def window(self) -> int | None:
@@ -354,3 +357,13 @@ def scores_by_row(visual_mask: torch.Tensor, flat: torch.Tensor) -> torch.Tensor
 def text_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """1-D positions that skip left padding, as transformers' generate() builds them."""
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(~attention_mask, 0)
+
+
+def layer_windows(text_config, n_layers: int | None = None) -> tuple:
+    """Each LLM layer's sliding window (None: full attention), from a text config: `layer_types[i] ==
+    "sliding_attention"` (Qwen2/Qwen3 with `use_sliding_window`, Gemma), or every layer when `sliding_window` is set
+    without `layer_types` (Mistral)."""
+    window = getattr(text_config, "sliding_window", None)
+    types = getattr(text_config, "layer_types", None)
+    return tuple(window if window and (types is None or types[i] == "sliding_attention") else None
+                 for i in range(text_config.num_hidden_layers if n_layers is None else n_layers))
