@@ -9,7 +9,7 @@ VisionZip (per frame) and DSTP `store` after FastV at 4 run on video.
 LLaVA-OneVision (hub fixture of tests/hub_fixtures.py): tokens equal `generate()` (float32 and bfloat16; a clip
 alone, a clip beside an image; its processor stacks a batch's clips, so they share one frame count), each video's
 newline placeholder lies on no frame, evs keeps vLLM's rule on the pooled frames, every other pruner and DSTP run
-on video tokens, VisionZip and clips of different lengths are refused in one line."""
+on video tokens, VisionZip and clips of different lengths are refused in one line; `dstp analyze --video` runs."""
 import pytest
 import torch
 
@@ -169,3 +169,20 @@ def test_onevision_refusals_are_one_line(onevision):
     with pytest.raises(InputError) as e:
         onevision.chat([user(video_item(moving_square(6, seed=0))), user(video_item(moving_square(4, seed=1)))])
     assert "different frame counts [6, 4]" in one_line(e)
+
+
+def test_onevision_analyze_video_reads_every_frame(hub_models, tmp_path):
+    """`dstp analyze --video`: a frame-by-step heatmap over the clip's 12 input frames (the newline on none)."""
+    import json
+
+    from dstp.lab.cli.main import main
+    from video_clips import write_clip
+
+    clip = write_clip(moving_square(12, seed=3, red_frame=5), tmp_path / "clip.mp4", fps=4)
+    argv = ["analyze", "--model", hub_models["llava_onevision"], "--video", clip, "--prompt", "which frame",
+            "--max-new-tokens", "4", "--layer", "2", "--out", str(tmp_path / "an")]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "an" / "rvis.json").read_text())
+    steps = len(result["frame_relevance"])
+    assert steps >= 1 and {len(row) for row in result["frame_relevance"]} == {12}
+    assert len(result["read_frame"]) == steps

@@ -30,7 +30,7 @@ def add_parser(sub) -> None:
     a.add_argument("--model", default=None)
     a.add_argument("--image", default=None, help="image file (default: a ShiftBench walk sample)")
     a.add_argument("--video", default=None, help="video file instead of an image (Qwen2.5-VL, Qwen3-VL, "
-                   "Qwen3.5, LLaVA-OneVision): a frame-by-step heatmap of where the model reads")
+                   "LLaVA-OneVision): a frame-by-step heatmap of where the model reads")
     a.add_argument("--prompt", default=None)
     a.add_argument("--seed", type=int, default=None, help="seed of the ShiftBench sample (default 7; only without --image)")
     a.add_argument("--steps", type=int_list, default=None,
