@@ -59,7 +59,7 @@ def check_message(message, where: str, placeholder: str | None, video_family: st
         elif kind == "video":
             if video_family is not None:
                 raise InputError(f"{where}, item {i}: dstp's {video_family} adapter takes no video input (video "
-                                 f"families: Qwen2.5-VL, Qwen3-VL)")
+                                 f"families: Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA-OneVision)")
             if any(key in item for key in ("video_start", "video_end")):
                 raise InputError(f"{where}, item {i}: video_start / video_end (a time range of the clip) are not "
                                  f"supported: pass the clip's frames or a trimmed file")

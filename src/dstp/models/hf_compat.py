@@ -213,6 +213,15 @@ def pooled_features(out) -> torch.Tensor:
     return feats.flatten(0, -2)
 
 
+def video_features_with_newline(out, newline: torch.Tensor, tokens_per_video: int) -> torch.Tensor:
+    """[n_videos * (tokens_per_video + 1), D]: LLaVA-OneVision's video features, each video followed by the
+    model's newline embedding: transformers 5.25's `get_video_features` appends it, 5.17's forward does."""
+    feats = getattr(out, "pooler_output", out)
+    if feats.shape[1] == tokens_per_video:
+        feats = torch.cat([feats, newline.to(feats)[None, None].expand(feats.shape[0], 1, -1)], dim=1)
+    return feats.flatten(0, 1)
+
+
 def deepstack_features(out) -> list[torch.Tensor]:
     """Qwen3-VL's DeepStack features, one [n_tokens, D] tensor per LLM layer that receives them: each layer's entry
     is one tensor (5.17) or per-image tensors to join (5.25)."""

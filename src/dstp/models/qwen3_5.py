@@ -28,7 +28,7 @@ class Qwen35Adapter(Qwen25VLAdapter):
     model_type = "qwen3_5"
     example_id = "Qwen/Qwen3.5-2B"
     config_fields = ("vision_config", "text_config", "image_token_id")
-    takes_video = False  # its image path only (visual_inputs below); chat refuses a video item in one line
+    takes_video = True  # its video features come from the image path of the vision tower, as Qwen3-VL's
 
     # -- what a hybrid LLM can run (docs/hybrid.md) --------------------------------------------------------------
     @classmethod
@@ -79,8 +79,9 @@ class Qwen35Adapter(Qwen25VLAdapter):
         return self.text_config.layer_types[layer_idx] == LINEAR
 
     # -- inputs ---------------------------------------------------------------------------------------------------
-    def visual_inputs(self, pixel_values, grid, visual, embeds, internals: bool = True):
-        call = lambda: self.model.model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid)  # noqa: E731
+    def visual_inputs(self, pixel_values, grid, visual, embeds, internals: bool = True, video: bool = False):
+        # transformers' get_video_features is its get_image_features on the video's pixels and grid (no DeepStack)
+        call = self.vision_call(pixel_values, grid, video)
         out, vision = self.with_internals(call, grid) if internals else (call(), None)
         feats = hf_compat.pooled_features(out)
         check_image_tokens(visual.long(), 1, feats.shape[0])

@@ -16,6 +16,8 @@ Departures and what dstp adds, one line each:
   before any model work (and here, for inputs prepared elsewhere).
 - kept tokens keep their original positions (vLLM recomputes the M-RoPE positions of the kept ones: the same).
 - cosine in float32 (vLLM: in the embeddings' dtype); Qwen3-VL: the main merger output, DeepStack features unused.
+- LLaVA-OneVision: a frame is one input frame's pooled tokens (2x2 bilinear); each video's newline token,
+  on no frame, is kept as images are.
 """
 from __future__ import annotations
 

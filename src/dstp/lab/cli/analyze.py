@@ -29,8 +29,8 @@ def add_parser(sub) -> None:
     a = sub.add_parser("analyze", help="RVIS analysis of one image + prompt: shift curve and heatmaps")
     a.add_argument("--model", default=None)
     a.add_argument("--image", default=None, help="image file (default: a ShiftBench walk sample)")
-    a.add_argument("--video", default=None, help="video file instead of an image (Qwen2.5-VL, Qwen3-VL): a "
-                   "frame-by-step heatmap of where the model reads")
+    a.add_argument("--video", default=None, help="video file instead of an image (Qwen2.5-VL, Qwen3-VL, "
+                   "LLaVA-OneVision): a frame-by-step heatmap of where the model reads")
     a.add_argument("--prompt", default=None)
     a.add_argument("--seed", type=int, default=None, help="seed of the ShiftBench sample (default 7; only without --image)")
     a.add_argument("--steps", type=int_list, default=None,
@@ -74,7 +74,7 @@ def check_against_model(args, pipe) -> None:
         raise InputError(f"--layer {args.layer} is outside the model's {layers} layers (0..{layers - 1})")
     if args.video is not None and not pipe.adapter.takes_video:
         raise InputError(f"--video: dstp's {pipe.adapter.family} adapter takes no video input (video families: "
-                         f"Qwen2.5-VL, Qwen3-VL)")
+                         f"Qwen2.5-VL, Qwen3-VL, Qwen3.5, LLaVA-OneVision)")
     if args.image is None and args.video is None and pipe.adapter.family != "shiftbench":
         raise InputError(f"without --image, analyze runs a ShiftBench sample, which a {pipe.adapter.family} model "
                          "cannot read: pass --image FILE --prompt TEXT")
