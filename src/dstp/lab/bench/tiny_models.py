@@ -3,6 +3,8 @@
 Used by the tests (exactness against transformers) and by `dstp fidelity`."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
                           LlavaNextConfig, LlavaNextForConditionalGeneration,
@@ -149,6 +151,13 @@ INTERNVL_TILE_TOKENS = 16  # 32x32 tile, patch 4 -> 8x8 patches, pixel shuffle 0
 IMG_START, IMG_END = 102, 103
 
 
+# Qwen3-VL's tiny vision tower and M-RoPE (shared by the dense and MoE tiny models)
+QWEN3_VL_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64, patch_size=4,
+                       spatial_merge_size=2, temporal_patch_size=2, in_channels=3, num_position_embeddings=16,
+                       deepstack_visual_indexes=[0, 1, 2])
+QWEN3_VL_ROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+
+
 def tiny_qwen3_vl(seed: int = 0, layers: int = 4):
     """head_dim 32 so the interleaved M-RoPE sections [6, 5, 5] have the real model's layout; DeepStack
     from vision blocks 0, 1, 2 into LLM layers 0, 1, 2 (so it straddles a prune point at layer 2)."""
@@ -156,12 +165,9 @@ def tiny_qwen3_vl(seed: int = 0, layers: int = 4):
         text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                          pad_token_id=0,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [6, 5, 5], "mrope_interleaved": True}),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
-                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2]),
-        image_token_id=IMAGE_TOKEN, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
+                         rope_parameters=copy.deepcopy(QWEN3_VL_ROPE)),
+        vision_config=copy.deepcopy(QWEN3_VL_VISION), image_token_id=IMAGE_TOKEN, video_token_id=101,
+        vision_start_token_id=102, vision_end_token_id=103)
     cfg._attn_implementation = "sdpa"
     model = Qwen3VLForConditionalGeneration(cfg)
     model.generation_config.pad_token_id = 0
@@ -260,12 +266,9 @@ def tiny_qwen3_vl_moe(seed: int = 0, layers: int = 4):
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                          pad_token_id=0, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                          decoder_sparse_step=1, mlp_only_layers=[1],
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [6, 5, 5], "mrope_interleaved": True}),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64,
-                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
-                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1, 2]),
-        image_token_id=IMAGE_TOKEN, video_token_id=101, vision_start_token_id=102, vision_end_token_id=103)
+                         rope_parameters=copy.deepcopy(QWEN3_VL_ROPE)),
+        vision_config=copy.deepcopy(QWEN3_VL_VISION), image_token_id=IMAGE_TOKEN, video_token_id=101,
+        vision_start_token_id=102, vision_end_token_id=103)
     cfg._attn_implementation = "sdpa"
     model = Qwen3VLMoeForConditionalGeneration(cfg)
     model.generation_config.pad_token_id = 0
