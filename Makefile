@@ -69,7 +69,7 @@ test-real-floor: setup-floor
 INSTALL_VENV := .venv-install
 WHEEL_DIR    := $(INSTALL_VENV)/wheel
 test-install:
-	rm -rf $(INSTALL_VENV)
+	rm -rf $(INSTALL_VENV) build  # build/: setuptools' leftovers of an earlier wheel would go into this one
 	$(PYTHON) -m venv $(INSTALL_VENV)
 	$(INSTALL_VENV)/bin/pip wheel -q --disable-pip-version-check --no-deps -w $(WHEEL_DIR) .
 	$(INSTALL_VENV)/bin/$(PIP) "$$(ls $(WHEEL_DIR)/dstp-*.whl)[eval,test]"
