@@ -157,22 +157,11 @@ def test_compile_refused_where_torch_cannot_compile(llava, monkeypatch):
     assert step_compiler.check_can_compile(torch.device("cpu"), "eager") is None  # other backends need none
 
 
-def test_qwen3_vl_compiles_with_m_rope_and_deepstack():
-    """Qwen3-VL (3-axis M-RoPE positions, DeepStack features in early layers): FastV + DSTP recompute compiles to one
-    graph and gives the eager step's tokens."""
-    adapter = adapter_for_model(tm.tiny_qwen3_vl())
-    prepared = adapter.prepare(tm.qwen3_vl_batch([(8, 8), (4, 8)], [3, 1]))
-    counter = CompileCounter()
-    eager = run(adapter, prepared, EngineConfig(), "fastv", "recompute", n=8)
-    compiled = run(adapter, prepared, EngineConfig(compile=True, compile_backend=counter), "fastv", "recompute", n=8)
-    assert counter.frame_count == 1
-    assert torch.equal(eager.tokens, compiled.tokens) and (eager.logits - compiled.logits).abs().max() < 1e-5
-
-
-def test_qwen3_vl_moe_compiles_with_routed_experts():
-    """Qwen3-VL-MoE (top-k experts in every LLM layer but one): FastV + DSTP recompute compiles to one graph and gives
-    the eager step's tokens."""
-    adapter = adapter_for_model(tm.tiny_qwen3_vl_moe())
+@pytest.mark.parametrize("make", [tm.tiny_qwen3_vl, tm.tiny_qwen3_vl_moe], ids=["qwen3_vl", "qwen3_vl_moe"])
+def test_qwen3_vl_compiles_with_m_rope_and_deepstack(make):
+    """Qwen3-VL (3-axis M-RoPE positions, DeepStack features in early layers) and Qwen3-VL-MoE (top-k experts in
+    every LLM layer but one): FastV + DSTP recompute compiles to one graph and gives the eager step's tokens."""
+    adapter = adapter_for_model(make())
     prepared = adapter.prepare(tm.qwen3_vl_batch([(8, 8), (4, 8)], [3, 1]))
     counter = CompileCounter()
     eager = run(adapter, prepared, EngineConfig(), "fastv", "recompute", n=8)
